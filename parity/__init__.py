@@ -1,0 +1,1 @@
+"""ViT Mirror, framework-neutral core: configs, the shared weight layer, the parity harness."""

@@ -1,0 +1,233 @@
+"""The model config: one frozen dataclass for both frameworks, and the official variants.
+
+`ViTConfig` holds exactly what the official `VisionTransformer` is built from
+(`vit_jax/configs/models.py` in google-research/vision_transformer), flattened, plus
+the resolution the model is built at. JSON files use the official field layout
+(`hidden_size`, `patches.size`, `transformer.*`, `classifier`, `representation_size`,
+`resnet.*`, `num_classes`), so a config written here drops into the official code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional
+
+from parity.errors import UserError
+
+CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of one Vision Transformer, framework-neutral.
+
+    `resnet_num_layers` is None for a plain ViT; a tuple (possibly empty, the stem
+    alone) makes it a hybrid whose ResNet feeds the patch embedding.
+    `num_classes` 0 builds no head (the model returns pre-logits features).
+    """
+
+    name: Optional[str]
+    patch_size: tuple[int, int]
+    hidden_size: int
+    num_layers: int
+    mlp_dim: int
+    num_heads: int
+    classifier: str = 'token'
+    representation_size: Optional[int] = None
+    resnet_num_layers: Optional[tuple[int, ...]] = None
+    resnet_width_factor: float = 1.0
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    num_classes: int = 1000
+    image_size: int = 224
+
+    def __post_init__(self):
+        where = f'config {self.name or "(unnamed)"}'
+        if self.classifier not in CLASSIFIERS:
+            raise UserError(f'{where}: classifier {self.classifier!r} is not one of {", ".join(CLASSIFIERS)}')
+        if self.hidden_size % self.num_heads:
+            raise UserError(f'{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}')
+        if self.resnet_num_layers is not None and self.resnet_width % 32:
+            raise UserError(f'{where}: ResNet width 64*{self.resnet_width_factor} = {self.resnet_width} '
+                            'must be a multiple of 32 (GroupNorm uses 32 groups)')
+        if min(self.patch_size) < 1 or min(self.hidden_size, self.num_layers, self.mlp_dim, self.num_heads) < 1:
+            raise UserError(f'{where}: patch size, width, depth, MLP size and heads must be positive')
+
+    # Derived quantities, so no caller recomputes them its own way.
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.resnet_num_layers is not None
+
+    @property
+    def resnet_width(self) -> int:
+        return int(64 * self.resnet_width_factor)
+
+    @property
+    def stem_stride(self) -> int:
+        """Downscaling before the patch embedding: root conv and max-pool, then one per later stage."""
+        if not self.is_hybrid:
+            return 1
+        return 4 * 2 ** max(len(self.resnet_num_layers) - 1, 0)
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.classifier in ('token', 'token_unpooled')
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (h, w) at `image_size`; raises when the size does not divide."""
+        return self.grid_for(self.image_size)
+
+    def grid_for(self, image_size: int) -> tuple[int, int]:
+        sh, sw = (self.stem_stride * p for p in self.patch_size)
+        if image_size % sh or image_size % sw:
+            raise UserError(f'image size {image_size} is not divisible by the effective patch size '
+                            f'{sh}x{sw} of config {self.name or "(unnamed)"}; pick a multiple of it')
+        return image_size // sh, image_size // sw
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.grid_size
+        return h * w + int(self.has_cls_token)
+
+    def replace(self, **changes: Any) -> 'ViTConfig':
+        return dataclasses.replace(self, **changes)
+
+    def same_architecture(self, other: 'ViTConfig') -> bool:
+        """True when both build the same trunk (heads and resolution aside)."""
+        keys = ('patch_size', 'hidden_size', 'num_layers', 'mlp_dim', 'num_heads', 'classifier',
+                'resnet_num_layers', 'resnet_width_factor')
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
+
+    # The official JSON layout.
+    def to_official_dict(self) -> dict:
+        """The config as the official code's ConfigDict would print it (no extra fields)."""
+        d = {
+            'model_name': self.name,
+            'hidden_size': self.hidden_size,
+            'patches': {'size': list(self.patch_size)},
+            'transformer': {
+                'mlp_dim': self.mlp_dim,
+                'num_heads': self.num_heads,
+                'num_layers': self.num_layers,
+                'attention_dropout_rate': self.attention_dropout_rate,
+                'dropout_rate': self.dropout_rate,
+            },
+            'classifier': self.classifier,
+            'representation_size': self.representation_size,
+            'resnet': None if not self.is_hybrid else {
+                'num_layers': list(self.resnet_num_layers),
+                'width_factor': self.resnet_width_factor,
+            },
+            'num_classes': self.num_classes,
+        }
+        return d
+
+    @classmethod
+    def from_official_dict(cls, d: dict, where: str = 'config') -> 'ViTConfig':
+        """Reads the official field layout; `image_size` is accepted as an extension."""
+        try:
+            t = d['transformer']
+            resnet = d.get('resnet')
+            patch = d['patches']['size']
+            return cls(
+                name=d.get('model_name') or d.get('name'),
+                patch_size=(int(patch[0]), int(patch[1])),
+                hidden_size=int(d['hidden_size']),
+                num_layers=int(t['num_layers']),
+                mlp_dim=int(t['mlp_dim']),
+                num_heads=int(t['num_heads']),
+                classifier=d.get('classifier', 'token'),
+                representation_size=(None if d.get('representation_size') is None
+                                     else int(d['representation_size'])),
+                resnet_num_layers=None if resnet is None else tuple(int(n) for n in resnet['num_layers']),
+                resnet_width_factor=1.0 if resnet is None else float(resnet.get('width_factor', 1)),
+                dropout_rate=float(t.get('dropout_rate', 0.0)),
+                attention_dropout_rate=float(t.get('attention_dropout_rate', 0.0)),
+                num_classes=int(d.get('num_classes') or 0),
+                image_size=int(d.get('image_size', 224)),
+            )
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f'{where}: not an official ViT config ({type(e).__name__}: {e}); '
+                            'expected hidden_size, patches.size, transformer.{mlp_dim,num_heads,num_layers}') from None
+
+
+def _v(name, patch, width, depth, mlp, heads, **kw) -> ViTConfig:
+    return ViTConfig(name, (patch, patch), width, depth, mlp, heads, **kw)
+
+
+_R = dict(patch=1)  # hybrids embed the ResNet output 1x1
+
+# The official variant table (google-research/vision_transformer, configs/models.py).
+# Columns: name, patch, width, depth, MLP, heads; counts at 224x224 with 1000 classes.
+OFFICIAL_CONFIGS: dict[str, ViTConfig] = {c.name: c for c in (
+    _v('testing', 16, 10, 1, 10, 2, dropout_rate=0.1),                              # 21K params
+    _v('testing-unpooled', 16, 10, 1, 10, 2, dropout_rate=0.1, classifier='unpooled'),  # 21K params
+    _v('ViT-Ti_16', 16, 192, 12, 768, 3),                                          # 5.7M params
+    _v('ViT-S_16', 16, 384, 12, 1536, 6),                                          # 22M params
+    _v('ViT-S_32', 32, 384, 12, 1536, 6),                                          # 23M params
+    _v('ViT-B_8', 8, 768, 12, 3072, 12),                                           # 87M params
+    _v('ViT-B_16', 16, 768, 12, 3072, 12),                                         # 86M params
+    _v('ViT-B_32', 32, 768, 12, 3072, 12),                                         # 88M params
+    _v('ViT-L_16', 16, 1024, 24, 4096, 16, dropout_rate=0.1),                      # 304M params
+    _v('ViT-L_32', 32, 1024, 24, 4096, 16),                                        # 307M params
+    _v('ViT-H_14', 14, 1280, 32, 5120, 16, dropout_rate=0.1),                      # 632M params
+    _v('ViT-S_16-gap-norep', 16, 384, 12, 1536, 6, classifier='gap'),              # 22M params
+    _v('ViT-B_16-gap-norep', 16, 768, 12, 3072, 12, classifier='gap'),             # 86M params
+    _v('ViT-S_32-gap-norep', 32, 384, 12, 1536, 6, classifier='gap'),              # 23M params
+    _v('ViT-B_32-gap-norep', 32, 768, 12, 3072, 12, classifier='gap'),             # 88M params
+    # Hybrids: the ResNet root (stride 4) and stages (stride 2 after the first).
+    _v('R+ViT-Ti_16', 8, 192, 12, 768, 3, resnet_num_layers=()),                   # 6.3M params
+    _v('R50+ViT-B_16', 1, 768, 12, 3072, 12, resnet_num_layers=(3, 4, 9),
+       dropout_rate=0.1),                                                          # 99M params
+    _v('R26+ViT-B_32', 1, 768, 12, 3072, 12, resnet_num_layers=(2, 2, 2, 2)),      # 101M params
+    _v('R26+ViT-S_32', 1, 384, 12, 1536, 6, resnet_num_layers=(2, 2, 2, 2)),       # 36M params
+    _v('R50+ViT-L_32', 1, 1024, 24, 4096, 16, resnet_num_layers=(3, 4, 6, 3),
+       dropout_rate=0.1),                                                          # 329M params
+)}
+
+
+def load_config(name_or_path: str) -> ViTConfig:
+    """An official config by name, or a JSON file in the official field layout."""
+    if name_or_path in OFFICIAL_CONFIGS:
+        return OFFICIAL_CONFIGS[name_or_path]
+    if not (name_or_path.endswith('.json') or os.path.exists(name_or_path)):
+        raise UserError(f'--config {name_or_path!r}: not an official config name nor a JSON file; '
+                        f'names are: {", ".join(OFFICIAL_CONFIGS)}')
+    try:
+        with open(name_or_path) as f:
+            d = json.load(f)
+    except OSError as e:
+        raise UserError(f'--config {name_or_path}: cannot read it ({e.strerror})') from None
+    except json.JSONDecodeError as e:
+        raise UserError(f'--config {name_or_path}: not valid JSON ({e})') from None
+    if not isinstance(d, dict):
+        raise UserError(f'--config {name_or_path}: expected a JSON object in the official config layout')
+    return ViTConfig.from_official_dict(d, where=f'--config {name_or_path}')
+
+
+def official_name_for(config: ViTConfig) -> Optional[str]:
+    """The official variant with the same trunk as `config`, if any."""
+    for name, c in OFFICIAL_CONFIGS.items():
+        if c.same_architecture(config):
+            return name
+    return None
+
+
+def heads_for_width(width: int) -> Optional[int]:
+    """Heads of the official variants of this width (all agree), or None."""
+    heads = {c.num_heads for c in OFFICIAL_CONFIGS.values() if c.hidden_size == width}
+    return heads.pop() if len(heads) == 1 else None
+
+
+def is_square(n: int) -> bool:
+    return n >= 0 and math.isqrt(n) ** 2 == n

@@ -1,0 +1,220 @@
+"""Vision Transformer in Flax linen, parameter for parameter the official model.
+
+The parameter tree is the official one (google-research/vision_transformer), so
+released checkpoints drop in once `parity.weights` has put them in canonical form.
+`vit_torch/model.py` mirrors this file class for class; read them side by side.
+
+Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP size,
+h x w the patch grid, C channels. Images are NHWC in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from parity.config import ViTConfig
+
+Dtype = Any
+
+
+class MlpBlock(nn.Module):
+    """Dense, tanh-approximate GELU, Dense, with dropout after each."""
+
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic):
+        B, N, D = x.shape
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                                  bias_init=nn.initializers.normal(stddev=1e-6))
+        x = dense(self.mlp_dim, name='Dense_0')(x)  # (B, N, M)
+        x = nn.gelu(x, approximate=True)  # the official model's GELU is flax's default, the tanh form
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+        x = dense(D, name='Dense_1')(x)  # (B, N, D)
+        return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, by hand, with the parameters of flax's MultiHeadDotProductAttention."""
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic):
+        B, N, D = x.shape
+        H = self.num_heads
+        Dh = D // H
+        proj = functools.partial(nn.DenseGeneral, features=(H, Dh), dtype=self.dtype,
+                                 kernel_init=nn.initializers.xavier_uniform())
+        q = proj(name='query')(x)  # (B, N, H, Dh)
+        k = proj(name='key')(x)  # (B, N, H, Dh)
+        v = proj(name='value')(x)  # (B, N, H, Dh)
+        # Scale the queries rather than the logits, as flax does: same rounding as the official model.
+        q = q / jnp.sqrt(Dh).astype(q.dtype)
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)  # (B, H, N, N)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)  # (B, H, N, N)
+        weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
+        y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)  # (B, N, H, Dh)
+        return nn.DenseGeneral(features=D, axis=(-2, -1), dtype=self.dtype,
+                               kernel_init=nn.initializers.xavier_uniform(), name='out')(y)  # (B, N, D)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
+
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic):
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
+        y = Attention(num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+                      name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
+        y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+        x = x + y
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_1')(x)
+        y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
+                     name='MlpBlock_0')(y, deterministic=deterministic)
+        return x + y
+
+
+class AddPositionEmbs(nn.Module):
+    """Adds one learned embedding per token position."""
+
+    @nn.compact
+    def __call__(self, x):
+        B, N, D = x.shape
+        pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1, N, D))
+        return x + pe.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+    """Position embeddings, `num_layers` blocks, final LayerNorm."""
+
+    num_layers: int
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = AddPositionEmbs(name='posembed_input')(x)
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+        for i in range(self.num_layers):
+            x = EncoderBlock(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+                             attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+                             name=f'encoderblock_{i}')(x, deterministic=not train)
+        return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
+
+
+class StdConv(nn.Module):
+    """Convolution with weight standardisation, TF `SAME` padding, no bias."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        B, h, w, C = x.shape
+        k = self.param('kernel', nn.initializers.lecun_normal(),
+                       (self.kernel_size, self.kernel_size, C, self.features))
+        # Standardise over (kh, kw, in) per output channel; eps added to the std, not the variance.
+        k = (k - k.mean(axis=(0, 1, 2))) / (k.std(axis=(0, 1, 2)) + 1e-5)
+        return jax.lax.conv_general_dilated(
+            x, k.astype(self.dtype), (self.strides, self.strides), 'SAME',
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class ResidualUnit(nn.Module):
+    """Post-activation bottleneck: 1x1, 3x3 (strided), 1x1, each GroupNorm'd; projected residual."""
+
+    features: int
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        conv = functools.partial(StdConv, dtype=self.dtype)
+        norm = functools.partial(nn.GroupNorm, num_groups=32, epsilon=1e-6, dtype=self.dtype)
+        residual = x
+        if x.shape[-1] != self.features * 4 or self.strides != 1:
+            residual = conv(self.features * 4, 1, self.strides, name='conv_proj')(x)
+            residual = norm(name='gn_proj')(residual)
+        y = nn.relu(norm(name='gn1')(conv(self.features, 1, name='conv1')(x)))
+        y = nn.relu(norm(name='gn2')(conv(self.features, 3, self.strides, name='conv2')(y)))
+        # A zero scale starts each unit as the identity.
+        y = norm(name='gn3', scale_init=nn.initializers.zeros)(conv(self.features * 4, 1, name='conv3')(y))
+        return nn.relu(residual + y)
+
+
+class ResNetStage(nn.Module):
+    """`block_size` residual units; the first may stride."""
+
+    block_size: int
+    nout: int
+    first_stride: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = ResidualUnit(self.nout, self.first_stride, self.dtype, name='unit1')(x)
+        for i in range(1, self.block_size):
+            x = ResidualUnit(self.nout, 1, self.dtype, name=f'unit{i + 1}')(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """The official ViT (and R+ViT hybrid) for one `ViTConfig`.
+
+    `dtype` is the compute dtype (bfloat16 for speed); parameters stay float32 and the
+    head runs in float32. Call with `train=True` (and a 'dropout' rng) to enable dropout.
+    """
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False):
+        cfg = self.config
+        x = images.astype(self.dtype)  # (B, h, w, 3)
+        if cfg.is_hybrid:
+            W = cfg.resnet_width
+            x = StdConv(W, 7, 2, self.dtype, name='conv_root')(x)  # (B, h/2, w/2, W)
+            x = nn.relu(nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=self.dtype, name='gn_root')(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')  # (B, h/4, w/4, W)
+            for i, units in enumerate(cfg.resnet_num_layers):
+                x = ResNetStage(units, W * 2 ** i, 1 if i == 0 else 2, self.dtype, name=f'block{i + 1}')(x)
+        x = nn.Conv(cfg.hidden_size, cfg.patch_size, strides=cfg.patch_size, padding='VALID', dtype=self.dtype,
+                    name='embedding')(x)  # (B, h, w, D)
+        B, h, w, D = x.shape
+        x = x.reshape(B, h * w, D)  # (B, N, D)
+        if cfg.has_cls_token:
+            cls = self.param('cls', nn.initializers.zeros, (1, 1, D))
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (B, 1, 1)), x], axis=1)  # (B, N, D)
+        x = Encoder(cfg.num_layers, cfg.mlp_dim, cfg.num_heads, cfg.dropout_rate, cfg.attention_dropout_rate,
+                    self.dtype, name='Transformer')(x, train=train)
+        if cfg.classifier == 'token':
+            x = x[:, 0]  # (B, D)
+        elif cfg.classifier == 'gap':
+            x = x.mean(axis=1)  # (B, D)
+        if cfg.representation_size is not None:
+            x = jnp.tanh(nn.Dense(cfg.representation_size, dtype=self.dtype, name='pre_logits')(x))
+        if cfg.num_classes:
+            x = nn.Dense(cfg.num_classes, kernel_init=nn.initializers.zeros, name='head')(x.astype(jnp.float32))
+        return x

@@ -1,0 +1,29 @@
+"""Canonical params (see `parity.weights`) into and out of the PyTorch model."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from parity import weights
+from parity.config import ViTConfig
+from vit_torch.model import VisionTransformer
+
+
+def state_dict_from_params(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, torch.Tensor]:
+    """Canonical params as a PyTorch state dict for `VisionTransformer(cfg)`."""
+    return {k: torch.from_numpy(v) for k, v in weights.to_torch(params, cfg).items()}
+
+
+def params_from_state_dict(state: Mapping[str, torch.Tensor], cfg: ViTConfig, where: str = 'state dict'):
+    """A `VisionTransformer(cfg)` state dict back to canonical params (bit for bit)."""
+    return weights.from_torch({k: v.detach().cpu().numpy() for k, v in state.items()}, cfg, where)
+
+
+def build_model(cfg: ViTConfig, params: Mapping[str, np.ndarray], use_sdpa: bool = False) -> VisionTransformer:
+    """A `VisionTransformer` in eval mode holding `params` (already checked to fit `cfg`)."""
+    model = VisionTransformer(cfg, use_sdpa=use_sdpa)
+    model.load_state_dict(state_dict_from_params(params, cfg), strict=True)
+    return model.eval()

@@ -1,0 +1,277 @@
+"""Vision Transformer in PyTorch, the mirror of `vit_jax/model.py`.
+
+Same classes, same order, same submodule names as the Flax model, so every
+state-dict key is the official parameter name with '.' for '/' (the layouts are in
+`parity.weights.TORCH_LAYOUT`). Numerics follow the official code, not PyTorch
+habits: tanh GELU, LayerNorm eps 1e-6, weight-standardised convolutions with
+GroupNorm(32, 1e-6), TF `SAME` padding. For bf16 compute run under
+`torch.autocast`; the parameters stay float32.
+
+Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP size,
+h x w the patch grid, C channels. Images are NCHW in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parity.config import ViTConfig
+
+
+def lecun_normal_(w: torch.Tensor) -> torch.Tensor:
+    """flax's lecun_normal: truncated normal (2 std) with variance 1/fan_in."""
+    fan_in = w[0].numel()
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of a unit normal truncated at 2
+    return nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+
+
+def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """TF `SAME` padding: output size ceil(in / stride), any odd pixel padded at the end."""
+    h, w = x.shape[-2:]
+    ph = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
+    pw = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
+
+
+class MlpBlock(nn.Module):
+    """Dense, tanh-approximate GELU, Dense, with dropout after each."""
+
+    def __init__(self, dim: int, mlp_dim: int, dropout_rate: float = 0.0):
+        super().__init__()
+        self.Dense_0 = nn.Linear(dim, mlp_dim)
+        self.Dense_1 = nn.Linear(mlp_dim, dim)
+        self.dropout_rate = dropout_rate
+        for dense in (self.Dense_0, self.Dense_1):
+            nn.init.xavier_uniform_(dense.weight)
+            nn.init.normal_(dense.bias, std=1e-6)
+
+    def forward(self, x):
+        x = self.Dense_0(x)  # (B, N, M)
+        x = F.gelu(x, approximate='tanh')  # the official model's GELU is flax's default, the tanh form
+        x = F.dropout(x, self.dropout_rate, self.training)
+        x = self.Dense_1(x)  # (B, N, D)
+        return F.dropout(x, self.dropout_rate, self.training)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, by hand, or through `F.scaled_dot_product_attention` with `use_sdpa`."""
+
+    def __init__(self, dim: int, num_heads: int, dropout_rate: float = 0.0, use_sdpa: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout_rate = dropout_rate
+        self.use_sdpa = use_sdpa
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        for proj in (self.query, self.key, self.value, self.out):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        H = self.num_heads
+        Dh = D // H
+        q = self.query(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+        k = self.key(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+        v = self.value(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_rate if self.training else 0.0)
+        else:
+            # Scale the queries rather than the logits, as flax does: same rounding as the official model.
+            q = q / math.sqrt(Dh)
+            logits = q @ k.transpose(-2, -1)  # (B, H, N, N)
+            weights = logits.float().softmax(dim=-1).to(q.dtype)  # (B, H, N, N)
+            weights = F.dropout(weights, self.dropout_rate, self.training)
+            y = weights @ v  # (B, H, N, Dh)
+        y = y.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        return self.out(y)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, mlp_dim: int, num_heads: int, dropout_rate: float = 0.0,
+                 attention_dropout_rate: float = 0.0, use_sdpa: bool = False):
+        super().__init__()
+        self.LayerNorm_0 = nn.LayerNorm(dim, eps=1e-6)
+        self.MultiHeadDotProductAttention_0 = Attention(dim, num_heads, attention_dropout_rate, use_sdpa)
+        self.LayerNorm_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.MlpBlock_0 = MlpBlock(dim, mlp_dim, dropout_rate)
+        self.dropout_rate = dropout_rate
+
+    def forward(self, x):
+        y = self.LayerNorm_0(x)
+        y = self.MultiHeadDotProductAttention_0(y)
+        y = F.dropout(y, self.dropout_rate, self.training)
+        x = x + y
+        y = self.LayerNorm_1(x)
+        y = self.MlpBlock_0(y)
+        return x + y
+
+
+class AddPositionEmbs(nn.Module):
+    """Adds one learned embedding per token position."""
+
+    def __init__(self, num_tokens: int, dim: int):
+        super().__init__()
+        self.pos_embedding = nn.Parameter(torch.empty(1, num_tokens, dim))
+        nn.init.normal_(self.pos_embedding, std=0.02)
+
+    def forward(self, x):
+        return x + self.pos_embedding.to(x.dtype)
+
+
+class Encoder(nn.Module):
+    """Position embeddings, `num_layers` blocks, final LayerNorm."""
+
+    def __init__(self, num_tokens: int, dim: int, num_layers: int, mlp_dim: int, num_heads: int,
+                 dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0, use_sdpa: bool = False):
+        super().__init__()
+        self.posembed_input = AddPositionEmbs(num_tokens, dim)
+        self.num_layers = num_layers
+        self.dropout_rate = dropout_rate
+        for i in range(num_layers):
+            self.add_module(f'encoderblock_{i}', EncoderBlock(dim, mlp_dim, num_heads, dropout_rate,
+                                                              attention_dropout_rate, use_sdpa))
+        self.encoder_norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x):
+        x = self.posembed_input(x)
+        x = F.dropout(x, self.dropout_rate, self.training)
+        for i in range(self.num_layers):
+            x = getattr(self, f'encoderblock_{i}')(x)
+        return self.encoder_norm(x)
+
+
+class StdConv(nn.Module):
+    """Convolution with weight standardisation, TF `SAME` padding, no bias."""
+
+    def __init__(self, in_channels: int, features: int, kernel_size: int, strides: int = 1):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.weight = nn.Parameter(torch.empty(features, in_channels, kernel_size, kernel_size))
+        lecun_normal_(self.weight)
+
+    def forward(self, x):
+        w = self.weight
+        # Standardise over (in, kh, kw) per output channel; eps added to the std, not the variance.
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        w = (w - mean) / (std + 1e-5)
+        x = pad_same(x, self.kernel_size, self.strides)
+        return F.conv2d(x, w.to(x.dtype), stride=self.strides)
+
+
+class ResidualUnit(nn.Module):
+    """Post-activation bottleneck: 1x1, 3x3 (strided), 1x1, each GroupNorm'd; projected residual."""
+
+    def __init__(self, in_channels: int, features: int, strides: int = 1):
+        super().__init__()
+        self.needs_projection = in_channels != features * 4 or strides != 1
+        if self.needs_projection:
+            self.conv_proj = StdConv(in_channels, features * 4, 1, strides)
+            self.gn_proj = nn.GroupNorm(32, features * 4, eps=1e-6)
+        self.conv1 = StdConv(in_channels, features, 1)
+        self.gn1 = nn.GroupNorm(32, features, eps=1e-6)
+        self.conv2 = StdConv(features, features, 3, strides)
+        self.gn2 = nn.GroupNorm(32, features, eps=1e-6)
+        self.conv3 = StdConv(features, features * 4, 1)
+        self.gn3 = nn.GroupNorm(32, features * 4, eps=1e-6)
+        nn.init.zeros_(self.gn3.weight)  # a zero scale starts each unit as the identity
+
+    def forward(self, x):
+        residual = x
+        if self.needs_projection:
+            residual = self.gn_proj(self.conv_proj(x))
+        y = F.relu(self.gn1(self.conv1(x)))
+        y = F.relu(self.gn2(self.conv2(y)))
+        y = self.gn3(self.conv3(y))
+        return F.relu(residual + y)
+
+
+class ResNetStage(nn.Module):
+    """`block_size` residual units; the first may stride."""
+
+    def __init__(self, in_channels: int, block_size: int, nout: int, first_stride: int):
+        super().__init__()
+        self.block_size = block_size
+        self.unit1 = ResidualUnit(in_channels, nout, first_stride)
+        for i in range(1, block_size):
+            self.add_module(f'unit{i + 1}', ResidualUnit(nout * 4, nout, 1))
+
+    def forward(self, x):
+        for i in range(self.block_size):
+            x = getattr(self, f'unit{i + 1}')(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """The official ViT (and R+ViT hybrid) for one `ViTConfig`, built at `config.image_size`.
+
+    Takes NCHW images in [-1, 1]. `use_sdpa` switches attention to
+    `F.scaled_dot_product_attention` (fused kernels on GPU).
+    """
+
+    def __init__(self, config: ViTConfig, use_sdpa: bool = False):
+        super().__init__()
+        cfg = self.config = config
+        D = cfg.hidden_size
+        channels = 3
+        if cfg.is_hybrid:
+            W = cfg.resnet_width
+            self.conv_root = StdConv(3, W, 7, 2)
+            self.gn_root = nn.GroupNorm(32, W, eps=1e-6)
+            channels = W
+            for i, units in enumerate(cfg.resnet_num_layers):
+                self.add_module(f'block{i + 1}', ResNetStage(channels, units, W * 2 ** i, 1 if i == 0 else 2))
+                channels = W * 2 ** i * 4
+        self.embedding = nn.Conv2d(channels, D, cfg.patch_size, stride=cfg.patch_size)
+        lecun_normal_(self.embedding.weight)
+        nn.init.zeros_(self.embedding.bias)
+        if cfg.has_cls_token:
+            self.cls = nn.Parameter(torch.zeros(1, 1, D))
+        self.Transformer = Encoder(cfg.num_tokens, D, cfg.num_layers, cfg.mlp_dim, cfg.num_heads,
+                                   cfg.dropout_rate, cfg.attention_dropout_rate, use_sdpa)
+        features = D
+        if cfg.representation_size is not None:
+            self.pre_logits = nn.Linear(D, cfg.representation_size)
+            lecun_normal_(self.pre_logits.weight)
+            nn.init.zeros_(self.pre_logits.bias)
+            features = cfg.representation_size
+        if cfg.num_classes:
+            self.head = nn.Linear(features, cfg.num_classes)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, images):
+        cfg = self.config
+        x = images  # (B, 3, h, w)
+        if cfg.is_hybrid:
+            x = self.conv_root(x)  # (B, W, h/2, w/2)
+            x = F.relu(self.gn_root(x))
+            x = F.max_pool2d(pad_same(x, 3, 2, float('-inf')), 3, 2)  # (B, W, h/4, w/4)
+            for i in range(len(cfg.resnet_num_layers)):
+                x = getattr(self, f'block{i + 1}')(x)
+        x = self.embedding(x)  # (B, D, h, w)
+        B, D, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        if cfg.has_cls_token:
+            x = torch.cat([self.cls.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, N, D)
+        x = self.Transformer(x)
+        if cfg.classifier == 'token':
+            x = x[:, 0]  # (B, D)
+        elif cfg.classifier == 'gap':
+            x = x.mean(dim=1)  # (B, D)
+        if cfg.representation_size is not None:
+            x = torch.tanh(self.pre_logits(x))
+        if cfg.num_classes:
+            with torch.autocast(x.device.type, enabled=False):  # logits in float32, as in vit_jax
+                x = self.head(x.float())
+        return x
