@@ -145,9 +145,10 @@ def read_npz(path: str) -> Params:
     if os.path.isdir(path):
         raise UserError(f'{path}: is a directory, expected an .npz checkpoint')
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise UserError(f'{path}: is a single .npy array, not an .npz checkpoint')
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a plain .npy loads as an ndarray, no context manager
+            raise UserError(f'{path}: is a single .npy array, not an .npz checkpoint')
+        with z:
             out = {}
             for k in z.files:
                 try:
@@ -269,7 +270,11 @@ def infer_config(params: Mapping[str, np.ndarray], num_heads: Optional[int] = No
         representation_size=params['pre_logits/kernel'].shape[1] if 'pre_logits/kernel' in params else None,
         resnet_num_layers=None if resnet is None else tuple(resnet), resnet_width_factor=width,
         num_classes=params['head/kernel'].shape[1] if 'head/kernel' in params else 0)
-    cfg = cfg.replace(name=official_name_for(cfg))
+    name = official_name_for(cfg)
+    if name is not None:  # the official dropout rates come with the name
+        official = OFFICIAL_CONFIGS[name]
+        cfg = cfg.replace(name=name, dropout_rate=official.dropout_rate,
+                          attention_dropout_rate=official.attention_dropout_rate)
     return cfg.replace(image_size=checkpoint_image_size(params, cfg))
 
 
@@ -417,21 +422,32 @@ def from_torch(state: Mapping[str, np.ndarray], cfg: ViTConfig, where: str = 'st
     return out
 
 
-def infer_config_from_torch(state: Mapping[str, np.ndarray]) -> ViTConfig:
-    """The config of a PyTorch state dict, read off its shapes.
+def torch_shapes_as_canonical(state: Mapping[str, np.ndarray]) -> Params:
+    """Stand-ins (zero-memory arrays of the right shape) under canonical names for a PyTorch state dict.
 
-    Query weights are stored flat (H*Dh, D) there, so the head count comes from the
-    official variant of the same width; other widths need --config.
+    Enough for `infer_config` and `resolve_config`, which read shapes only. Query weights
+    are stored flat (H*Dh, D) in PyTorch and stay 2-D here.
     """
-    canonical = {}
+    out = {}
     for t, v in state.items():
         path = t.split('.')
         if path[-1] == 'weight':
             path[-1] = 'kernel' if v.ndim > 1 else 'scale'
         name = '/'.join(path)
         layout = _torch_rule(name)[1]
-        # Undo the 2-D and 4-D transposes; flat attention weights stay 2-D.
-        canonical[name] = np.empty(v.shape[::-1] if layout in ('dense', 'heads_in', 'heads_out') else
-                                   (tuple(v.shape[2:]) + (v.shape[1], v.shape[0]) if layout == 'conv' else v.shape),
-                                   np.uint8)
-    return infer_config(canonical)
+        shape = tuple(v.shape)
+        if layout in ('dense', 'heads_in', 'heads_out'):
+            shape = shape[::-1]
+        elif layout == 'conv':
+            shape = shape[2:] + (shape[1], shape[0])
+        out[name] = np.broadcast_to(np.zeros((), np.uint8), shape)
+    return out
+
+
+def infer_config_from_torch(state: Mapping[str, np.ndarray]) -> ViTConfig:
+    """The config of a PyTorch state dict, read off its shapes.
+
+    The head count comes from the official variant of the same width, since PyTorch
+    keeps attention weights flat; other widths need --config.
+    """
+    return infer_config(torch_shapes_as_canonical(state))

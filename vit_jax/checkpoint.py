@@ -16,4 +16,4 @@ def variables_from_params(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
 def params_from_variables(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A Flax params tree (or `{'params': tree}`) to flat canonical NumPy arrays."""
     tree = variables.get('params', variables)
-    return {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+    return {'/'.join(k): np.array(v) for k, v in traverse_util.flatten_dict(dict(tree)).items()}

@@ -1,0 +1,17 @@
+# GPU image: CUDA JAX and PyTorch side by side.
+#   docker build -t vit-mirror .
+#   docker run --gpus all --rm -v /path/to/checkpoints:/ckpt vit-mirror \
+#       python -m vit_torch logits /ckpt/ViT-B_16.npz --config ViT-B_16 --input /ckpt/x.npy --output /ckpt/y.npy
+FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv make \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /vit-mirror
+COPY pyproject.toml README.md Makefile ./
+COPY vit_jax vit_jax
+COPY vit_torch vit_torch
+COPY parity parity
+COPY tests tests
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir -e '.[test,gpu]'
+ENV PATH=/opt/venv/bin:$PATH
+CMD ["python", "-m", "pytest", "-q"]
