@@ -145,5 +145,5 @@ def test_flax_params_to_npz_round_trip_is_bit_exact(tmp_path):
     assert back.keys() == params.keys()
     assert all(back[k].dtype == params[k].dtype and back[k].tobytes() == params[k].tobytes() for k in params)
     released = np.load(tmp_path / 'p.npz')
-    assert released['block1/unit1/gn1/scale'].shape == (1, 1, 1, 16)  # the released GroupNorm layout
+    assert released['block1/unit1/gn1/scale'].shape == (1, 1, 1, 32)  # the released GroupNorm layout
     assert 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel' in released.files  # pre-linen numbering
