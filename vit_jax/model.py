@@ -6,6 +6,10 @@ released checkpoints drop in once `parity.weights` has put them in canonical for
 
 Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP size,
 h x w the patch grid, C channels. Images are NHWC in [-1, 1].
+
+Named intermediates (see `parity.intermediates`) are sown into the 'intermediates'
+collection, and attention weights into 'attention'; sowing costs nothing unless the
+caller makes that collection mutable.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ from parity.config import ViTConfig
 Dtype = Any
 
 
-class MlpBlock(nn.Module):
+class Module(nn.Module):
+    """`nn.Module` whose `sow` records nothing during `init`, so variables hold parameters only."""
+
+    def sow(self, collection: str, name: str, value) -> None:
+        if not self.is_initializing():
+            super().sow(collection, name, value)
+
+
+class MlpBlock(Module):
     """Dense, tanh-approximate GELU, Dense, with dropout after each."""
 
     mlp_dim: int
@@ -41,7 +53,7 @@ class MlpBlock(nn.Module):
         return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
 
 
-class Attention(nn.Module):
+class Attention(Module):
     """Multi-head self-attention, by hand, with the parameters of flax's MultiHeadDotProductAttention."""
 
     num_heads: int
@@ -62,13 +74,14 @@ class Attention(nn.Module):
         q = q / jnp.sqrt(Dh).astype(q.dtype)
         logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)  # (B, H, N, N)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)  # (B, H, N, N)
+        self.sow('attention', 'attention', weights)
         weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
         y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)  # (B, N, H, Dh)
         return nn.DenseGeneral(features=D, axis=(-2, -1), dtype=self.dtype,
                                kernel_init=nn.initializers.xavier_uniform(), name='out')(y)  # (B, N, D)
 
 
-class EncoderBlock(nn.Module):
+class EncoderBlock(Module):
     """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
 
     mlp_dim: int
@@ -87,10 +100,12 @@ class EncoderBlock(nn.Module):
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_1')(x)
         y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
                      name='MlpBlock_0')(y, deterministic=deterministic)
-        return x + y
+        x = x + y
+        self.sow('intermediates', 'output', x)
+        return x
 
 
-class AddPositionEmbs(nn.Module):
+class AddPositionEmbs(Module):
     """Adds one learned embedding per token position."""
 
     @nn.compact
@@ -100,7 +115,7 @@ class AddPositionEmbs(nn.Module):
         return x + pe.astype(x.dtype)
 
 
-class Encoder(nn.Module):
+class Encoder(Module):
     """Position embeddings, `num_layers` blocks, final LayerNorm."""
 
     num_layers: int
@@ -113,15 +128,18 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x, *, train):
         x = AddPositionEmbs(name='posembed_input')(x)
+        self.sow('intermediates', 'with_posemb', x)
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
         for i in range(self.num_layers):
             x = EncoderBlock(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
                              attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
                              name=f'encoderblock_{i}')(x, deterministic=not train)
-        return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
+        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
+        self.sow('intermediates', 'encoded', x)
+        return x
 
 
-class StdConv(nn.Module):
+class StdConv(Module):
     """Convolution with weight standardisation, TF `SAME` padding, no bias."""
 
     features: int
@@ -141,7 +159,7 @@ class StdConv(nn.Module):
             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-class ResidualUnit(nn.Module):
+class ResidualUnit(Module):
     """Post-activation bottleneck: 1x1, 3x3 (strided), 1x1, each GroupNorm'd; projected residual."""
 
     features: int
@@ -163,7 +181,7 @@ class ResidualUnit(nn.Module):
         return nn.relu(residual + y)
 
 
-class ResNetStage(nn.Module):
+class ResNetStage(Module):
     """`block_size` residual units; the first may stride."""
 
     block_size: int
@@ -179,7 +197,7 @@ class ResNetStage(nn.Module):
         return x
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Module):
     """The official ViT (and R+ViT hybrid) for one `ViTConfig`.
 
     `dtype` is the compute dtype (bfloat16 for speed); parameters stay float32 and the
@@ -200,10 +218,12 @@ class VisionTransformer(nn.Module):
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')  # (B, h/4, w/4, W)
             for i, units in enumerate(cfg.resnet_num_layers):
                 x = ResNetStage(units, W * 2 ** i, 1 if i == 0 else 2, self.dtype, name=f'block{i + 1}')(x)
+            self.sow('intermediates', 'stem', x)
         x = nn.Conv(cfg.hidden_size, cfg.patch_size, strides=cfg.patch_size, padding='VALID', dtype=self.dtype,
                     name='embedding')(x)  # (B, h, w, D)
         B, h, w, D = x.shape
         x = x.reshape(B, h * w, D)  # (B, N, D)
+        self.sow('intermediates', 'patch_tokens', x)
         if cfg.has_cls_token:
             cls = self.param('cls', nn.initializers.zeros, (1, 1, D))
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (B, 1, 1)), x], axis=1)  # (B, N, D)
@@ -215,6 +235,8 @@ class VisionTransformer(nn.Module):
             x = x.mean(axis=1)  # (B, D)
         if cfg.representation_size is not None:
             x = jnp.tanh(nn.Dense(cfg.representation_size, dtype=self.dtype, name='pre_logits')(x))
+        self.sow('intermediates', 'features', x)
         if cfg.num_classes:
             x = nn.Dense(cfg.num_classes, kernel_init=nn.initializers.zeros, name='head')(x.astype(jnp.float32))
+        self.sow('intermediates', 'logits', x)
         return x

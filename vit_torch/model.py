@@ -9,6 +9,10 @@ GroupNorm(32, 1e-6), TF `SAME` padding. For bf16 compute run under
 
 Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP size,
 h x w the patch grid, C channels. Images are NCHW in [-1, 1].
+
+Named intermediates (see `parity.intermediates`) are recorded through `Module.sow`,
+flax's idea: a no-op unless a recorder is attached (`vit_torch.inspect`), so the
+plain forward pass pays one attribute lookup per sow.
 """
 
 from __future__ import annotations
@@ -20,6 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from parity.config import ViTConfig
+
+
+class Module(nn.Module):
+    """`nn.Module` with flax's `sow`: hands a named value to the attached recorder, if any."""
+
+    recorder = None  # set per instance by vit_torch.inspect; callable(collection, module, name, value)
+
+    def sowing(self, collection: str) -> bool:
+        return self.recorder is not None and self.recorder.wants(collection)
+
+    def sow(self, collection: str, name: str, value: torch.Tensor) -> None:
+        if self.recorder is not None:
+            self.recorder(collection, self, name, value)
 
 
 def lecun_normal_(w: torch.Tensor) -> torch.Tensor:
@@ -37,7 +54,7 @@ def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> t
     return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
 
 
-class MlpBlock(nn.Module):
+class MlpBlock(Module):
     """Dense, tanh-approximate GELU, Dense, with dropout after each."""
 
     def __init__(self, dim: int, mlp_dim: int, dropout_rate: float = 0.0):
@@ -57,7 +74,7 @@ class MlpBlock(nn.Module):
         return F.dropout(x, self.dropout_rate, self.training)
 
 
-class Attention(nn.Module):
+class Attention(Module):
     """Multi-head self-attention, by hand, or through `F.scaled_dot_product_attention` with `use_sdpa`."""
 
     def __init__(self, dim: int, num_heads: int, dropout_rate: float = 0.0, use_sdpa: bool = False):
@@ -80,20 +97,21 @@ class Attention(nn.Module):
         q = self.query(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
         k = self.key(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
         v = self.value(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-        if self.use_sdpa:
+        if self.use_sdpa and not self.sowing('attention'):  # fused kernels never form the weights
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_rate if self.training else 0.0)
         else:
             # Scale the queries rather than the logits, as flax does: same rounding as the official model.
             q = q / math.sqrt(Dh)
             logits = q @ k.transpose(-2, -1)  # (B, H, N, N)
             weights = logits.float().softmax(dim=-1).to(q.dtype)  # (B, H, N, N)
+            self.sow('attention', 'attention', weights)
             weights = F.dropout(weights, self.dropout_rate, self.training)
             y = weights @ v  # (B, H, N, Dh)
         y = y.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.out(y)
 
 
-class EncoderBlock(nn.Module):
+class EncoderBlock(Module):
     """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, mlp_dim: int, num_heads: int, dropout_rate: float = 0.0,
@@ -112,10 +130,12 @@ class EncoderBlock(nn.Module):
         x = x + y
         y = self.LayerNorm_1(x)
         y = self.MlpBlock_0(y)
-        return x + y
+        x = x + y
+        self.sow('intermediates', 'output', x)
+        return x
 
 
-class AddPositionEmbs(nn.Module):
+class AddPositionEmbs(Module):
     """Adds one learned embedding per token position."""
 
     def __init__(self, num_tokens: int, dim: int):
@@ -127,7 +147,7 @@ class AddPositionEmbs(nn.Module):
         return x + self.pos_embedding.to(x.dtype)
 
 
-class Encoder(nn.Module):
+class Encoder(Module):
     """Position embeddings, `num_layers` blocks, final LayerNorm."""
 
     def __init__(self, num_tokens: int, dim: int, num_layers: int, mlp_dim: int, num_heads: int,
@@ -143,13 +163,16 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         x = self.posembed_input(x)
+        self.sow('intermediates', 'with_posemb', x)
         x = F.dropout(x, self.dropout_rate, self.training)
         for i in range(self.num_layers):
             x = getattr(self, f'encoderblock_{i}')(x)
-        return self.encoder_norm(x)
+        x = self.encoder_norm(x)
+        self.sow('intermediates', 'encoded', x)
+        return x
 
 
-class StdConv(nn.Module):
+class StdConv(Module):
     """Convolution with weight standardisation, TF `SAME` padding, no bias."""
 
     def __init__(self, in_channels: int, features: int, kernel_size: int, strides: int = 1):
@@ -169,7 +192,7 @@ class StdConv(nn.Module):
         return F.conv2d(x, w.to(x.dtype), stride=self.strides)
 
 
-class ResidualUnit(nn.Module):
+class ResidualUnit(Module):
     """Post-activation bottleneck: 1x1, 3x3 (strided), 1x1, each GroupNorm'd; projected residual."""
 
     def __init__(self, in_channels: int, features: int, strides: int = 1):
@@ -196,7 +219,7 @@ class ResidualUnit(nn.Module):
         return F.relu(residual + y)
 
 
-class ResNetStage(nn.Module):
+class ResNetStage(Module):
     """`block_size` residual units; the first may stride."""
 
     def __init__(self, in_channels: int, block_size: int, nout: int, first_stride: int):
@@ -212,7 +235,7 @@ class ResNetStage(nn.Module):
         return x
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Module):
     """The official ViT (and R+ViT hybrid) for one `ViTConfig`, built at `config.image_size`.
 
     Takes NCHW images in [-1, 1]. `use_sdpa` switches attention to
@@ -259,9 +282,11 @@ class VisionTransformer(nn.Module):
             x = F.max_pool2d(pad_same(x, 3, 2, float('-inf')), 3, 2)  # (B, W, h/4, w/4)
             for i in range(len(cfg.resnet_num_layers)):
                 x = getattr(self, f'block{i + 1}')(x)
+            self.sow('intermediates', 'stem', x)
         x = self.embedding(x)  # (B, D, h, w)
         B, D, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        self.sow('intermediates', 'patch_tokens', x)
         if cfg.has_cls_token:
             x = torch.cat([self.cls.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, N, D)
         x = self.Transformer(x)
@@ -271,7 +296,9 @@ class VisionTransformer(nn.Module):
             x = x.mean(dim=1)  # (B, D)
         if cfg.representation_size is not None:
             x = torch.tanh(self.pre_logits(x))
+        self.sow('intermediates', 'features', x)
         if cfg.num_classes:
             with torch.autocast(x.device.type, enabled=False):  # logits in float32, as in vit_jax
                 x = self.head(x.float())
+        self.sow('intermediates', 'logits', x)
         return x
