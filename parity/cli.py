@@ -30,6 +30,32 @@ def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[
     sys.exit(code)
 
 
+def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]],
+             argv: Optional[Sequence[str]] = None) -> int:
+    """`prog COMMAND ARGS...`: imports only the module that serves COMMAND and runs its `main(ARGS)`.
+
+    `commands` maps a name to ('package.module:function', one-line help). Each command
+    builds its own parser (with prog `prog COMMAND`), so commands live in their own modules.
+    """
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in commands:
+        parser = argparse.ArgumentParser(prog=prog, description=description,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                                         epilog='commands:\n' + '\n'.join(f'  {n:<10}{h}' for n, (_, h) in commands.items())
+                                         + f'\n\n`{prog} COMMAND --help` for the arguments of each.')
+        parser.add_argument('command', choices=list(commands), metavar='COMMAND')
+        if not argv:
+            parser.print_help(sys.stderr)
+            return 2
+        parser.parse_args(argv[:1])  # --help prints help (exit 0); an unknown command is a usage error (exit 2)
+        return 2
+    target, _ = commands[argv[0]]
+    module, function = target.split(':')
+    return getattr(importlib.import_module(module), function)(argv[1:])
+
+
 def add_logits_arguments(parser: argparse.ArgumentParser) -> None:
     """`logits CKPT.npz --config NAME_OR_JSON --input X.npy --output Y.npy [--image-size N]`."""
     parser.add_argument('checkpoint', metavar='CKPT.npz', help='checkpoint in the released (or linen) npz layout')

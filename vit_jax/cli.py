@@ -1,4 +1,4 @@
-"""Command lines of the JAX side."""
+"""Command lines of the JAX side: `python -m vit_jax COMMAND ...`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,20 @@ from typing import Optional, Sequence
 
 from parity import cli
 
+COMMANDS = {
+    'logits': ('vit_jax.cli:logits_main', 'official-model logits for a batch (float32, highest precision)'),
+    'train': ('vit_jax.train:main', 'fine-tune or train a ViT through XLA'),
+    'eval': ('vit_jax.evaluate:main', 'accuracy of a checkpoint on a dataset'),
+    'predict': ('vit_jax.predict:main', 'top-k classes for image files'),
+}
 
-def logits(args: argparse.Namespace) -> int:
+
+def logits_main(argv: Optional[Sequence[str]] = None) -> int:
     """Official-model logits for a batch, in float32 at the highest matmul precision."""
+    parser = argparse.ArgumentParser(prog='python -m vit_jax logits', description=logits_main.__doc__)
+    cli.add_logits_arguments(parser)
+    args = parser.parse_args(argv)
+
     import jax
 
     jax.config.update('jax_default_matmul_precision', 'highest')
@@ -25,10 +36,4 @@ def logits(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m vit_jax', description=__doc__)
-    commands = parser.add_subparsers(dest='command', required=True)
-    p = commands.add_parser('logits', help=logits.__doc__, description=logits.__doc__)
-    cli.add_logits_arguments(p)
-    p.set_defaults(func=logits)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli.dispatch('python -m vit_jax', __doc__, COMMANDS, argv)

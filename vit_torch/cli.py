@@ -1,4 +1,4 @@
-"""Command lines of the PyTorch side."""
+"""Command lines of the PyTorch side: `python -m vit_torch COMMAND ...`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from parity import cli, weights
 from parity.config import ViTConfig
 from parity.errors import UserError
 
+COMMANDS = {
+    'logits': ('vit_torch.cli:logits_main', 'official-model logits for a batch (float32, TF32 off)'),
+    'convert': ('vit_torch.cli:convert_main', 'npz <-> PyTorch state dict (.safetensors, .pt), bit for bit'),
+    'eval': ('vit_torch.evaluate:main', 'accuracy of a checkpoint on a dataset'),
+    'predict': ('vit_torch.predict:main', 'top-k classes for image files'),
+}
 TORCH_SUFFIXES = ('.safetensors', '.pt', '.pth')
 CONFIG_METADATA_KEY = 'vit_mirror_config'
 
@@ -26,8 +32,11 @@ def _strict_float32() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def logits(args: argparse.Namespace) -> int:
+def logits_main(argv: Optional[Sequence[str]] = None) -> int:
     """Official-model logits for a batch, in float32 with TF32 off."""
+    parser = argparse.ArgumentParser(prog='python -m vit_torch logits', description=logits_main.__doc__)
+    cli.add_logits_arguments(parser)
+    args = parser.parse_args(argv)
     import torch
 
     from vit_torch.checkpoint import build_model
@@ -89,8 +98,13 @@ def _write_torch(path: str, state: dict[str, np.ndarray], cfg: ViTConfig) -> Non
     os.replace(tmp, path)
 
 
-def convert(args: argparse.Namespace) -> int:
+def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     """npz (released layout) to a PyTorch state dict, or back; the direction is read from the extensions."""
+    parser = argparse.ArgumentParser(prog='python -m vit_torch convert', description=convert_main.__doc__)
+    parser.add_argument('input', metavar='IN', help='.npz, .safetensors, .pt or .pth')
+    parser.add_argument('output', metavar='OUT', help='.npz, .safetensors, .pt or .pth (the other kind)')
+    cli.add_config_argument(parser)
+    args = parser.parse_args(argv)
     src, dst = args.input, args.output
     if src.endswith('.npz') and dst.endswith(TORCH_SUFFIXES):
         params = weights.load_npz(src)
@@ -115,15 +129,4 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m vit_torch', description=__doc__)
-    commands = parser.add_subparsers(dest='command', required=True)
-    p = commands.add_parser('logits', help=logits.__doc__, description=logits.__doc__)
-    cli.add_logits_arguments(p)
-    p.set_defaults(func=logits)
-    p = commands.add_parser('convert', help=convert.__doc__, description=convert.__doc__)
-    p.add_argument('input', metavar='IN', help='.npz, .safetensors, .pt or .pth')
-    p.add_argument('output', metavar='OUT', help='.npz, .safetensors, .pt or .pth (the other kind)')
-    cli.add_config_argument(p)
-    p.set_defaults(func=convert)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli.dispatch('python -m vit_torch', __doc__, COMMANDS, argv)
