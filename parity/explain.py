@@ -1,0 +1,229 @@
+"""`python -m parity explain IMAGE --checkpoint CKPT --out DIR`: attention maps and the paper's figures.
+
+Runs the image through each chosen framework, takes the attention weights from that
+framework's own forward pass and the position embeddings and patch-embedding filters
+from that framework's own loaded model (in its own layout), computes every figure's
+array with `parity.figures`, and checks the two frameworks' arrays agree within the
+project's float32 bound. Figures and arrays are written from the first framework.
+
+Shapes: N tokens, D width, H heads, h x w the patch grid, ph x pw x C a patch-embedding filter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from parity import cli, figures, predict, tolerance
+from parity.config import ViTConfig
+from parity.errors import UserError
+from parity.images import load_image
+
+FRAMEWORKS = {'jax': ('jax',), 'torch': ('torch',), 'both': ('jax', 'torch')}
+
+
+@dataclasses.dataclass
+class Outputs:
+    """What one framework hands over: its forward pass on the image and two of its parameters."""
+
+    logits: np.ndarray  # (C,)
+    attentions: list  # one (1, H, N, N) array per layer
+    posemb: np.ndarray  # (1, N, D)
+    filters: Optional[np.ndarray]  # (D, ph, pw, C), None for a hybrid (its embedding reads ResNet features)
+
+
+def run_jax(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
+    import jax
+
+    jax.config.update('jax_default_matmul_precision', 'highest')
+    from vit_jax.checkpoint import variables_from_params
+    from vit_jax.inspect import forward_with_intermediates
+    from vit_jax.model import VisionTransformer
+
+    variables = variables_from_params(params)
+    got = forward_with_intermediates(VisionTransformer(cfg), variables, image[None], attention=True)
+    tree = variables['params']
+    kernel = np.asarray(tree['embedding']['kernel'])  # (ph, pw, C, D), flax HWIO
+    return Outputs(logits=got['logits'][0], attentions=[got[f'attention_{i}'] for i in range(cfg.num_layers)],
+                   posemb=np.asarray(tree['Transformer']['posembed_input']['pos_embedding']),
+                   filters=None if cfg.is_hybrid else kernel.transpose(3, 0, 1, 2))
+
+
+def run_torch(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
+    import torch
+
+    from vit_torch.checkpoint import build_model
+    from vit_torch.cli import _strict_float32
+    from vit_torch.inspect import forward_with_intermediates
+
+    _strict_float32()
+    model = build_model(cfg, params)
+    got = forward_with_intermediates(model, torch.from_numpy(image[None]).permute(0, 3, 1, 2), attention=True)
+    weight = model.embedding.weight.detach().numpy()  # (D, C, ph, pw), torch OIHW
+    return Outputs(logits=got['logits'][0], attentions=[got[f'attention_{i}'] for i in range(cfg.num_layers)],
+                   posemb=model.Transformer.posembed_input.pos_embedding.detach().numpy(),
+                   filters=None if cfg.is_hybrid else weight.transpose(0, 2, 3, 1))
+
+
+RUN = {'jax': run_jax, 'torch': run_torch}
+
+
+@dataclasses.dataclass
+class Selection:
+    layers: list[int]
+    heads: list[int]
+    query: Optional[tuple[int, int]]  # a patch (row, column), or None for the class token / mean
+    query_text: str
+    components: int
+
+
+def arrays(cfg: ViTConfig, out: Outputs, sel: Selection) -> dict[str, np.ndarray]:
+    """Every figure's array from one framework's outputs (float64), by output file name."""
+    grid = cfg.grid_size
+    patch_px = tuple(cfg.stem_stride * p for p in cfg.patch_size)
+    cls = cfg.has_cls_token
+    result = {
+        'probabilities': predict.softmax(out.logits),
+        'rollout': figures.attention_rollout(out.attentions, grid, cls)[0],
+        'attention': figures.query_attention(out.attentions, sel.layers, sel.heads, grid, cls, sel.query)[0],
+        'position_similarity': figures.position_similarity(out.posemb, grid, cls),
+        'attention_distance': figures.mean_attention_distance(out.attentions, grid, patch_px, cls),
+    }
+    if out.filters is not None:
+        result['filter_pca'], result['filter_pca_variance'] = figures.filter_pca(out.filters, sel.components)
+    return result
+
+
+def compare(first: dict[str, np.ndarray], second: dict[str, np.ndarray], names: tuple[str, str]) -> bool:
+    """Prints one line per array (max difference against the fp32 bound) and says whether all hold."""
+    head = f'max |{names[0]} - {names[1]}|'
+    print(f'{"array":<22}{"shape":<20}{head:>22}{"bound":>11}')
+    rows = [tolerance.measure(key, a, second[key], tolerance.policy('fp32').rtol) for key, a in first.items()]
+    for row in rows:
+        diff = 'shape differs' if row['max_abs_diff'] is None else f'{row["max_abs_diff"]:.2e}'
+        print(f'{row["name"]:<22}{str(tuple(row["shape"])):<20}{diff:>22}{row["bound"]:>11.1e}  '
+              f'{"ok" if row["ok"] else "MISMATCH"}')
+    return all(row['ok'] for row in rows)
+
+
+def _indices(spec: Optional[str], count: int, default: list[int], what: str) -> list[int]:
+    """'all', or comma-separated indices (negative ones count from the end)."""
+    if spec is None:
+        return default
+    if spec == 'all':
+        return list(range(count))
+    try:
+        picked = [int(s) for s in spec.split(',')]
+    except ValueError:
+        raise UserError(f'--{what} {spec}: expected comma-separated indices or "all"') from None
+    bad = [i for i in picked if not -count <= i < count]
+    if bad:
+        raise UserError(f'--{what} {spec}: the model has {count} {what} (0 to {count - 1})')
+    return list(dict.fromkeys(i % count for i in picked))
+
+
+def select(args: argparse.Namespace, cfg: ViTConfig) -> Selection:
+    L, H = cfg.num_layers, cfg.num_heads
+    layers = _indices(args.layers, L, sorted({0, L // 2, L - 1}), 'layers')
+    heads = _indices(args.heads, H, list(range(H)), 'heads')
+    if args.components < 1:
+        raise UserError(f'--components {args.components}: must be at least 1')
+    q = args.query or ('cls' if cfg.has_cls_token else 'mean')
+    if q == 'cls':
+        if not cfg.has_cls_token:
+            raise UserError(f'--query cls: this {cfg.classifier} model has no class token; use --query mean or ROW,COL')
+        return Selection(layers, heads, None, 'the class token', args.components)
+    if q == 'mean':
+        if cfg.has_cls_token:
+            raise UserError('--query mean is for models without a class token; use --query cls or ROW,COL')
+        return Selection(layers, heads, None, 'every patch (mean over queries; gap model, no class token)',
+                         args.components)
+    h, w = cfg.grid_size
+    try:
+        r, c = (int(v) for v in q.split(','))
+    except ValueError:
+        raise UserError(f'--query {q}: expected cls, mean, or a patch as ROW,COL') from None
+    if not (0 <= r < h and 0 <= c < w):
+        raise UserError(f'--query {q}: the patch grid is {h}x{w} (rows 0 to {h - 1}, columns 0 to {w - 1})')
+    return Selection(layers, heads, (r, c), f'patch ({r}, {c})', args.components)
+
+
+def write(directory: str, cfg: ViTConfig, image: np.ndarray, result: dict[str, np.ndarray], sel: Selection,
+          title: str) -> list[str]:
+    """Every figure as PNG and every array as float32 .npy; returns the files written."""
+    written = []
+    for key, a in result.items():
+        path = os.path.join(directory, f'{key}.npy')
+        np.save(path, a.astype(np.float32))
+        written.append(path)
+
+    def png(name):
+        return os.path.join(directory, f'{name}.png')
+
+    written += [
+        figures.render_rollout(png('rollout'), image, result['rollout'], title, cfg.has_cls_token),
+        figures.render_attention(png('attention'), image, result['attention'], sel.layers, sel.heads, sel.query_text),
+        figures.render_position_similarity(png('position_similarity'), result['position_similarity'], title),
+        figures.render_attention_distance(png('attention_distance'), result['attention_distance'],
+                                          cfg.image_size, f'{title} (1 image)'),
+    ]
+    if 'filter_pca' in result:
+        written.append(figures.render_filter_pca(png('filter_pca'), result['filter_pca'],
+                                                 result['filter_pca_variance'], title))
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Attention rollout, raw attention, and the paper's Figure 7, from each framework, checked equal."""
+    parser = argparse.ArgumentParser(prog='python -m parity explain', description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('image', metavar='IMAGE', help='a JPEG/PNG file (grayscale and RGBA are converted to RGB)')
+    parser.add_argument('--checkpoint', required=True, metavar='CKPT.npz',
+                        help='a checkpoint with a classification head, released (or linen) npz layout')
+    cli.add_config_argument(parser)
+    parser.add_argument('--out', required=True, metavar='DIR', help='folder for the PNGs and .npy arrays (created)')
+    parser.add_argument('--framework', choices=tuple(FRAMEWORKS), default='both',
+                        help='which implementation(s) to run; both checks them against each other (default)')
+    parser.add_argument('--layers', metavar='I,J,...',
+                        help='encoder blocks (0-based) for the raw attention figure, or "all" '
+                             '(default: first, middle, last)')
+    parser.add_argument('--heads', metavar='I,J,...', help='heads for the raw attention figure (default: all)')
+    parser.add_argument('--query', metavar='cls|mean|ROW,COL',
+                        help='whose attention the raw figure shows: the class token (default), the mean over '
+                             'queries (default without a class token), or the patch at ROW,COL')
+    parser.add_argument('--components', type=int, default=28, metavar='K',
+                        help='principal components of the embedding filters to draw (default 28, as in the paper)')
+    parser.add_argument('--labels', metavar='FILE', help='class names for the title (as in predict)')
+    parser.add_argument('--image-size', type=int, metavar='N',
+                        help="build the model at NxN (default: the checkpoint's own resolution)")
+    args = parser.parse_args(argv)
+
+    cfg, params, labels, _ = predict.load(args, [args.image])
+    sel = select(args, cfg)
+    image = load_image(args.image, cfg.image_size)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f'--out {args.out}: exists and is not a folder')
+    os.makedirs(args.out, exist_ok=True)
+
+    names = FRAMEWORKS[args.framework]
+    results = {fw: arrays(cfg, RUN[fw](cfg, params, image), sel) for fw in names}
+    first = results[names[0]]
+    probs = first['probabilities']
+    best = int(probs.argmax())
+    title = f'{cfg.name or "ViT"} on {os.path.basename(args.image)}: top-1 {labels[best]} ({probs[best]:.1%})'
+    print(f'explain: {cli.describe(cfg)} on {args.image}, with {" and ".join("vit_" + n for n in names)}')
+    print(f'top-1: {best} {labels[best]} ({probs[best]:.6f})')
+    if cfg.is_hybrid:
+        print('filter_pca: skipped, the patch embedding of a hybrid reads ResNet features, not RGB pixels')
+    ok = True
+    if len(names) == 2:
+        ok = compare(first, results[names[1]], tuple(f'vit_{n}' for n in names))
+        print('parity: ' + ('OK, ' + tolerance.policy('fp32').what if ok else 'FAILED'))
+    written = write(args.out, cfg, image, first, sel, title)
+    print(f'wrote {len(written)} files to {args.out} (from vit_{names[0]}): '
+          + ' '.join(os.path.basename(p) for p in written if p.endswith('.png')))
+    return 0 if ok else 1
