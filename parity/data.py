@@ -1,0 +1,380 @@
+"""Datasets for training and evaluation, shared by both frameworks: NumPy batches, NHWC float32 in [-1, 1].
+
+Two sources behind one interface (`load(name)` returns a `Dataset`):
+
+- `digits`: scikit-learn's bundled handwritten digits (1,797 8x8 grey images, 10 classes,
+  shipped inside the scikit-learn wheel, so no download). The split is fixed:
+  `np.random.RandomState(0).permutation(1797)`, the first 1,437 images train and the last
+  360 test. Pixels (0..16) are scaled to [-1, 1] and copied to 3 channels; other sizes
+  are a bilinear resize. Training augmentation is a random sub-pixel shift of up to
+  `DIGITS_SHIFT` pixels each way (bilinear, background fills in): the official crop and
+  flip would mirror digits and crop most of an 8x8 image away.
+- any image-classification dataset of tensorflow-datasets, with the official ViT input
+  pipeline (google-research/vision_transformer, `input_pipeline.py`): train images are
+  randomly cropped (`sample_distorted_bounding_box`, area 0.05 to 1, any aspect ratio),
+  resized to the crop size and flipped left-right half the time; eval images are plainly
+  resized; pixels map to [-1, 1] as `(x - 127.5) / 127.5`. Splits follow the official
+  configs (`PRESETS`). TensorFlow is imported only when such a dataset is used.
+
+Determinism: the training stream is a pure function of (seed, step). Epoch e visits the
+training split in an order fixed by (seed, e); global example g = step * B + i takes its
+augmentation from the stateless seed (seed, g). `train_batches(start_step=k)` therefore
+yields exactly what a fresh stream yields from its k-th batch on: resuming needs only the
+step. With several processes, process p receives rows [p * B/P, (p+1) * B/P) of every
+global batch, so the global batch is the same for any process count.
+
+Eval batches are padded to the full batch size and carry a boolean `mask`; every split
+yields ceil(n / B) batches on every process, so a jitted step sees fixed shapes.
+
+The end of the module holds the evaluation loop and arguments both `eval` commands share.
+
+Shapes: B global batch, Bl = B / P rows per process, S image size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from parity.errors import UserError
+
+Batch = dict[str, np.ndarray]  # 'image' (Bl, S, S, 3) float32, 'label' (Bl,) int32, eval also 'mask' (Bl,) bool
+
+DIGITS = 'digits'
+DIGITS_TEST_SIZE = 360
+DIGITS_SHIFT = 1.0
+SHUFFLE_BUFFER = 50_000  # the official config's shuffle_buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Splits and crop size of the official fine-tuning configs."""
+
+    train: str
+    test: str
+    image_size: int
+
+
+# configs/common.py (cifar, imagenet); configs/augreg.py (pets with train[:90%], and the
+# train/test default); every official fine-tuning crop is 384.
+PRESETS = {
+    'cifar10': Preset('train[:98%]', 'test', 384),
+    'cifar100': Preset('train[:98%]', 'test', 384),
+    'imagenet2012': Preset('train[:99%]', 'validation', 384),
+    'oxford_iiit_pet': Preset('train[:90%]', 'test', 384),
+    'oxford_flowers102': Preset('train', 'test', 384),
+}
+DEFAULT_PRESET = Preset('train', 'test', 384)
+
+
+def local_rows(batch_size: int, process_index: int = 0, process_count: int = 1) -> slice:
+    """The rows of each global batch that belong to one process."""
+    if batch_size % process_count:
+        raise UserError(f'batch size {batch_size} is not divisible by the {process_count} processes; '
+                        f'pick a multiple of {process_count}')
+    per = batch_size // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def _pad(batch: Batch, rows: int) -> Batch:
+    """A short eval batch padded with masked-out zero rows to `rows`."""
+    n = len(batch['label'])
+    out = {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    out['mask'] = np.arange(rows) < n
+    return out
+
+
+class Dataset:
+    """One dataset: its classes, splits, and deterministic batch streams (see the module docstring)."""
+
+    name: str
+    num_classes: int
+    preset: Preset
+
+    def num_examples(self, split: str) -> int:
+        raise NotImplementedError
+
+    def train_batches(self, batch_size: int, image_size: int, seed: int, start_step: int = 0,
+                      process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+        """Endless augmented training batches of Bl rows, from global step `start_step` on."""
+        raise NotImplementedError
+
+    def _eval_stream(self, split: str, batch_size: int, image_size: int, rows: slice) -> Iterator[Batch]:
+        """Unpadded local eval batches: this process's rows of each global batch, in order."""
+        raise NotImplementedError
+
+    def eval_batches(self, split: Optional[str], batch_size: int, image_size: int,
+                     process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+        """Every example of `split` (default: the test split) once, in order, in ceil(n / B) padded batches."""
+        split = split or self.preset.test
+        rows = local_rows(batch_size, process_index, process_count)
+        per = rows.stop - rows.start
+        expected = math.ceil(self.num_examples(split) / batch_size)
+        done = 0
+        for batch in self._eval_stream(split, batch_size, image_size, rows):
+            yield _pad(batch, per)
+            done += 1
+        empty = {'image': np.zeros((0, image_size, image_size, 3), np.float32), 'label': np.zeros((0,), np.int32)}
+        for _ in range(done, expected):  # this process's rows of the last global batch may all be padding
+            yield _pad(empty, per)
+
+
+# --------------------------------------------------------------------------- digits
+
+class Digits(Dataset):
+    """scikit-learn's handwritten digits, held in memory; augmentation in NumPy."""
+
+    name = DIGITS
+    num_classes = 10
+    preset = Preset('train', 'test', 8)
+
+    def __init__(self):
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images = d.images.astype(np.float32) / 8.0 - 1.0  # 0..16 -> [-1, 1]
+        order = np.random.RandomState(0).permutation(len(images))
+        train, test = order[:-DIGITS_TEST_SIZE], order[-DIGITS_TEST_SIZE:]
+        self._splits = {'train': (images[train], d.target[train].astype(np.int32)),
+                        'test': (images[test], d.target[test].astype(np.int32))}
+
+    def _split(self, split: str):
+        if split not in self._splits:
+            raise UserError(f'dataset digits has no split {split!r}; it has {", ".join(self._splits)}')
+        return self._splits[split]
+
+    def num_examples(self, split: str) -> int:
+        return len(self._split(split)[1])
+
+    @staticmethod
+    def _render(images: np.ndarray, shifts: np.ndarray, image_size: int) -> np.ndarray:
+        """(B, 8, 8) grey images moved by `shifts` (B, 2) pixels and resized: (B, S, S, 3).
+
+        Bilinear with half-pixel centres, like `tf.image.resize`; background (-1) fills in
+        from outside. With zero shifts and S = 8 the images come back exactly.
+        """
+        B, h, w = images.shape
+        centres = (np.arange(image_size) + 0.5) * h / image_size - 0.5  # output pixel centres in input pixels
+        ys = np.clip(centres[None, :] - shifts[:, :1] + 1, 0, h + 1)  # (B, S), +1 for the padding row
+        xs = np.clip(centres[None, :] - shifts[:, 1:] + 1, 0, w + 1)  # (B, S)
+        y0, x0 = np.minimum(ys.astype(np.int64), h), np.minimum(xs.astype(np.int64), w)
+        fy, fx = (ys - y0)[:, :, None], (xs - x0)[:, None, :]
+        padded = np.pad(images, ((0, 0), (1, 1), (1, 1)), constant_values=-1.0)  # (B, h+2, w+2)
+        b = np.arange(B)[:, None, None]
+        at = lambda dy, dx: padded[b, (y0 + dy)[:, :, None], (x0 + dx)[:, None, :]]  # noqa: E731 (B, S, S)
+        out = (at(0, 0) * (1 - fy) * (1 - fx) + at(0, 1) * (1 - fy) * fx
+               + at(1, 0) * fy * (1 - fx) + at(1, 1) * fy * fx)
+        return np.repeat(out.astype(np.float32)[..., None], 3, axis=-1)  # (B, S, S, 3)
+
+    def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1):
+        images, labels = self._split('train')
+        n = len(labels)
+        rows = local_rows(batch_size, process_index, process_count)
+        orders: dict[int, np.ndarray] = {}
+        step = start_step
+        while True:
+            g = step * batch_size + np.arange(batch_size)[rows]  # global example numbers of this process's rows
+            idx = np.empty(len(g), np.int64)
+            for e in map(int, np.unique(g // n)):
+                if e not in orders:
+                    orders = {e: np.random.default_rng([seed, e]).permutation(n)}  # one epoch's order
+                sel = g // n == e
+                idx[sel] = orders[e][g[sel] % n]
+            # Shifts are drawn for the whole global batch, then sliced: the same for any process count.
+            shifts = np.random.default_rng([seed, 2 ** 31, step]).uniform(-DIGITS_SHIFT, DIGITS_SHIFT, (batch_size, 2))
+            yield {'image': self._render(images[idx], shifts[rows], image_size), 'label': labels[idx]}
+            step += 1
+
+    def _eval_stream(self, split, batch_size, image_size, rows):
+        images, labels = self._split(split)
+        for start in range(0, len(labels), batch_size):
+            sl = slice(min(start + rows.start, len(labels)), min(start + rows.stop, len(labels)))
+            yield {'image': self._render(images[sl], np.zeros((sl.stop - sl.start, 2)), image_size),
+                   'label': labels[sl]}
+
+
+# --------------------------------------------------------------------------- tensorflow-datasets
+
+def _tf():
+    """TensorFlow, imported on first use only and kept off any GPU (JAX and PyTorch own those)."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], 'GPU')
+    return tf
+
+
+def _how_to_prepare(name: str, data_dir: Optional[str]) -> str:
+    where = data_dir or '~/tensorflow_datasets'
+    return (f'prepare it where there is network with `tfds build {name} --data_dir {where}` '
+            f"(or tfds.builder('{name}', data_dir='{where}').download_and_prepare()), "
+            f'then pass --data-dir {where}')
+
+
+class Tfds(Dataset):
+    """A tensorflow-datasets image-classification dataset through the official pipeline."""
+
+    def __init__(self, name: str, data_dir: Optional[str] = None):
+        _tf()
+        import tensorflow_datasets as tfds
+
+        self.name, self.data_dir, self._tfds = name, data_dir, tfds
+        try:
+            self.builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            raise UserError(f'--dataset {name}: unknown dataset; use digits or a tensorflow-datasets name '
+                            f'such as {", ".join(PRESETS)}') from None
+        features = self.builder.info.features
+        if 'image' not in features or 'label' not in features or not hasattr(features['label'], 'num_classes'):
+            raise UserError(f'--dataset {name}: not an image-classification dataset (needs image and label features)')
+        self.num_classes = features['label'].num_classes
+        self.preset = PRESETS.get(name, DEFAULT_PRESET)
+        if not self.builder.is_prepared():
+            # As the official pipeline does; offline this fails at once and says how to prepare it.
+            try:
+                self.builder.download_and_prepare()
+            except Exception as e:  # download and preparation raise many kinds of errors
+                raise UserError(f'--dataset {name}: not prepared in {data_dir or "the default data dir"} and it '
+                                f'cannot be downloaded here ({type(e).__name__}: {str(e).splitlines()[0][:120]}); '
+                                + _how_to_prepare(name, data_dir)) from None
+        self._counts = {}
+
+    def _read(self, split: str, shuffle_seed: Optional[int] = None):
+        """(image bytes, label) records of `split`, undecoded (decoding waits until after shuffling)."""
+        tfds = self._tfds
+        try:
+            ds = self.builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
+                                         shuffle_files=shuffle_seed is not None,
+                                         read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
+        except (ValueError, KeyError, AssertionError) as e:
+            raise UserError(f'--dataset {self.name}: cannot read split {split!r} ({str(e).splitlines()[0][:160]})') from None
+        return ds.map(lambda ex: (ex['image'], ex['label']))
+
+    def num_examples(self, split: str) -> int:
+        if split not in self._counts:
+            n = int(self._read(split).cardinality().numpy())
+            if n < 0:  # unknown cardinality: count once
+                n = sum(1 for _ in self._read(split))
+            self._counts[split] = n
+        return self._counts[split]
+
+    def _decode(self, image):
+        tf = _tf()
+        im = self.builder.info.features['image'].decode_example(image)
+        if im.shape[-1] == 1:
+            im = tf.image.grayscale_to_rgb(im)
+        return im
+
+    def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1):
+        tf = _tf()
+        rows = local_rows(batch_size, process_index, process_count)
+        split = self.preset.train
+        n = self.num_examples(split)
+        base = self._read(split, shuffle_seed=seed)
+        buffer = min(n, SHUFFLE_BUFFER)
+
+        def epoch(e):
+            order = base.shuffle(buffer, seed=e + seed * 2 ** 32, reshuffle_each_iteration=False)
+            return tf.data.Dataset.zip(tf.data.Dataset.range(e * n, (e + 1) * n), order)
+
+        def augment(g, image, label):
+            crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
+                tf.stack([tf.constant(seed, tf.int64), g]), 2))
+            im = self._decode(image)
+            begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+                tf.shape(im), tf.zeros([0, 0, 4], tf.float32), seed=crop_seed, area_range=(0.05, 1.0),
+                min_object_covered=0, use_image_if_no_bounding_boxes=True)
+            im = tf.slice(im, begin, size)
+            im.set_shape([None, None, 3])  # slicing loses the channel count
+            im = tf.image.resize(im, [image_size, image_size])
+            im = tf.image.stateless_random_flip_left_right(im, seed=flip_seed)
+            return (im - 127.5) / 127.5, tf.cast(label, tf.int32)
+
+        first = start_step * batch_size
+        ds = tf.data.Dataset.range(first // n, 2 ** 62).flat_map(epoch).skip(first % n)
+        if process_count > 1:
+            ds = ds.filter(lambda g, record: (g % batch_size >= rows.start) & (g % batch_size < rows.stop))
+        ds = ds.map(lambda g, record: augment(g, *record), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(rows.stop - rows.start, drop_remainder=True).prefetch(2)
+        for image, label in ds.as_numpy_iterator():
+            yield {'image': image, 'label': label}
+
+    def _eval_stream(self, split, batch_size, image_size, rows):
+        tf = _tf()
+        n = self.num_examples(split)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.range(n), self._read(split))
+        ds = ds.filter(lambda g, record: (g % batch_size >= rows.start) & (g % batch_size < rows.stop))
+
+        def resize(g, image, label):
+            im = tf.image.resize(self._decode(image), [image_size, image_size])
+            return (im - 127.5) / 127.5, tf.cast(label, tf.int32)
+
+        ds = ds.map(lambda g, record: resize(g, *record), num_parallel_calls=tf.data.AUTOTUNE)
+        for image, label in ds.batch(rows.stop - rows.start).prefetch(2).as_numpy_iterator():
+            yield {'image': image, 'label': label}
+
+
+def load(name: str, data_dir: Optional[str] = None) -> Dataset:
+    """`digits` or a tensorflow-datasets name; one-line errors for unknown or unprepared datasets."""
+    if name == DIGITS:
+        return Digits()
+    return Tfds(name, data_dir)
+
+
+# --------------------------------------------------------------------------- the eval commands
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """`eval CKPT --config NAME_OR_JSON --dataset NAME [--split S] [--json OUT]` and a few extras."""
+    from parity import cli
+
+    parser.add_argument('checkpoint', metavar='CKPT', help='checkpoint (.npz, released or training layout)')
+    cli.add_config_argument(parser)
+    parser.add_argument('--dataset', required=True, metavar='NAME', help='digits, or a tensorflow-datasets name')
+    parser.add_argument('--split', metavar='S', help="split to score (default: the dataset's test split)")
+    parser.add_argument('--json', metavar='OUT', help='also write the result JSON here')
+    parser.add_argument('--image-size', type=int, metavar='N',
+                        help="evaluate at NxN (default: the checkpoint's own resolution)")
+    parser.add_argument('--batch-size', type=int, default=256, metavar='N', help='images per batch (default 256)')
+    parser.add_argument('--data-dir', metavar='DIR', help='tensorflow-datasets data directory')
+    parser.add_argument('--logits', metavar='OUT.npy', help='also save every float32 logit, in dataset order')
+
+
+def run_eval(args: argparse.Namespace, framework: str, predict: Callable[[np.ndarray], np.ndarray],
+             cfg) -> dict:
+    """Scores `predict` (NHWC batch -> logits) on the dataset; prints and writes the result JSON."""
+    from parity import cli
+
+    if args.batch_size < 1:
+        raise UserError(f'--batch-size {args.batch_size}: must be positive')
+    dataset = load(args.dataset, args.data_dir)
+    if cfg.num_classes != dataset.num_classes:
+        raise UserError(f'{args.checkpoint} has {cfg.num_classes} classes but {args.dataset} has '
+                        f'{dataset.num_classes}; evaluate a checkpoint trained on {args.dataset}')
+    for path in (args.json, args.logits):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f'{path}: directory {os.path.dirname(os.path.abspath(path))} does not exist')
+    split = args.split or dataset.preset.test
+    correct, total, logits = 0, 0, []
+    for batch in dataset.eval_batches(split, args.batch_size, cfg.image_size):
+        y = predict(batch['image'])[batch['mask']]
+        correct += int((y.argmax(-1) == batch['label'][batch['mask']]).sum())
+        total += len(y)
+        if args.logits:
+            logits.append(y)
+    result = {'framework': framework, 'checkpoint': args.checkpoint, 'dataset': args.dataset, 'split': split,
+              'image_size': cfg.image_size, 'examples': total, 'correct': correct, 'accuracy': correct / max(total, 1)}
+    if args.logits:
+        cli.save_output(args.logits, np.concatenate(logits))
+    text = json.dumps(result)
+    if args.json:
+        tmp = f'{args.json}.tmp-{os.getpid()}'
+        with open(tmp, 'w') as f:
+            f.write(text + '\n')
+        os.replace(tmp, args.json)
+    print(text)
+    return result
