@@ -49,6 +49,4 @@ def random_params(shapes: dict[str, tuple[int, ...]], seed: int = 0, scale: floa
     return out
 
 
-def tolerance(reference: np.ndarray) -> float:
-    """The project's float32 bound: 1e-5 times max(1, max |reference|)."""
-    return 1e-5 * max(1.0, float(np.abs(reference).max()))
+from parity.tolerance import bound as tolerance  # noqa: E402  the written policy: 1e-5 x max(1, max |reference|)
