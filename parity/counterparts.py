@@ -101,6 +101,8 @@ def tapped(model, taps: list[Tap]):
             value = inputs[0] if what == 'input' else output
             if what.startswith('output['):
                 value = output[int(what[7:-1])]
+            elif what == 'output' and isinstance(value, (tuple, list)):  # (hidden, weights, ...) in older versions
+                value = value[0]
             if value is not None:
                 got[ours] = to_numpy(value)
 
@@ -237,43 +239,63 @@ def timm_notes(name: str) -> list[str]:
 # --------------------------------------------------------------------------- transformers
 
 # Our PyTorch state-dict names (canonical '/' -> '.', see weights.torch_name) to
-# transformers' ViTForImageClassification names. Layouts need no table of their own:
-# transformers keeps Linear (out, in) and Conv2d (O, I, kh, kw) as the torch mirror does.
+# transformers' ViTForImageClassification names, for transformers 5 and 4. Layouts need
+# no table of their own: transformers keeps Linear (out, in) and Conv2d (O, I, kh, kw)
+# as the torch mirror does.
+_B = r'^Transformer\.encoderblock_(\d+)\.'
 HF_NAMES = (
-    (r'^cls$', 'vit.embeddings.cls_token'),
-    (r'^Transformer\.posembed_input\.pos_embedding$', 'vit.embeddings.position_embeddings'),
-    (r'^embedding\.(weight|bias)$', r'vit.embeddings.patch_embeddings.projection.\1'),
-    (r'^Transformer\.encoderblock_(\d+)\.LayerNorm_0\.', r'vit.layers.\1.layernorm_before.'),
-    (r'^Transformer\.encoderblock_(\d+)\.LayerNorm_1\.', r'vit.layers.\1.layernorm_after.'),
-    (r'^Transformer\.encoderblock_(\d+)\.MultiHeadDotProductAttention_0\.query\.', r'vit.layers.\1.attention.q_proj.'),
-    (r'^Transformer\.encoderblock_(\d+)\.MultiHeadDotProductAttention_0\.key\.', r'vit.layers.\1.attention.k_proj.'),
-    (r'^Transformer\.encoderblock_(\d+)\.MultiHeadDotProductAttention_0\.value\.', r'vit.layers.\1.attention.v_proj.'),
-    (r'^Transformer\.encoderblock_(\d+)\.MultiHeadDotProductAttention_0\.out\.', r'vit.layers.\1.attention.o_proj.'),
-    (r'^Transformer\.encoderblock_(\d+)\.MlpBlock_0\.Dense_0\.', r'vit.layers.\1.mlp.fc1.'),
-    (r'^Transformer\.encoderblock_(\d+)\.MlpBlock_0\.Dense_1\.', r'vit.layers.\1.mlp.fc2.'),
-    (r'^Transformer\.encoder_norm\.', 'vit.layernorm.'),
-    (r'^head\.', 'classifier.'),
+    # our torch name                          transformers >= 5                   transformers 4
+    (r'^cls$',                                'vit.embeddings.cls_token',         'vit.embeddings.cls_token'),
+    (r'^Transformer\.posembed_input\.pos_embedding$', 'vit.embeddings.position_embeddings',
+     'vit.embeddings.position_embeddings'),
+    (r'^embedding\.', 'vit.embeddings.patch_embeddings.projection.', 'vit.embeddings.patch_embeddings.projection.'),
+    (_B + r'LayerNorm_0\.',                   r'vit.layers.\1.layernorm_before.',  r'vit.encoder.layer.\1.layernorm_before.'),
+    (_B + r'LayerNorm_1\.',                   r'vit.layers.\1.layernorm_after.',   r'vit.encoder.layer.\1.layernorm_after.'),
+    (_B + r'MultiHeadDotProductAttention_0\.query\.', r'vit.layers.\1.attention.q_proj.',
+     r'vit.encoder.layer.\1.attention.attention.query.'),
+    (_B + r'MultiHeadDotProductAttention_0\.key\.', r'vit.layers.\1.attention.k_proj.',
+     r'vit.encoder.layer.\1.attention.attention.key.'),
+    (_B + r'MultiHeadDotProductAttention_0\.value\.', r'vit.layers.\1.attention.v_proj.',
+     r'vit.encoder.layer.\1.attention.attention.value.'),
+    (_B + r'MultiHeadDotProductAttention_0\.out\.', r'vit.layers.\1.attention.o_proj.',
+     r'vit.encoder.layer.\1.attention.output.dense.'),
+    (_B + r'MlpBlock_0\.Dense_0\.',           r'vit.layers.\1.mlp.fc1.',           r'vit.encoder.layer.\1.intermediate.dense.'),
+    (_B + r'MlpBlock_0\.Dense_1\.',           r'vit.layers.\1.mlp.fc2.',           r'vit.encoder.layer.\1.output.dense.'),
+    (r'^Transformer\.encoder_norm\.',         'vit.layernorm.',                   'vit.layernorm.'),
+    (r'^head\.',                              'classifier.',                      'classifier.'),
 )
-_HF_NAMES = tuple((re.compile(p), r) for p, r in HF_NAMES)
-HF_TAPS: tuple[Tap, ...] = (
-    ('embedding', 'vit.embeddings.patch_embeddings', 'output'),
-    ('with_posemb', 'vit.embeddings', 'output'),
-    ('{block}/LayerNorm_0', 'vit.layers.{i}.layernorm_before', 'output'),
-    ('{block}/MultiHeadDotProductAttention_0', 'vit.layers.{i}.attention', 'output[0]'),
-    ('attention_{i}', 'vit.layers.{i}.attention', 'output[1]'),
-    ('{block}/LayerNorm_1', 'vit.layers.{i}.layernorm_after', 'output'),
-    ('{block}/MlpBlock_0', 'vit.layers.{i}.mlp', 'output'),
-    ('encoderblock_{i}', 'vit.layers.{i}', 'output'),
-    ('encoder_norm', 'vit.layernorm', 'output'),
-    ('pre_logits', 'classifier', 'input'),
+_HF_NAMES = tuple((re.compile(p), v5, v4) for p, v5, v4 in HF_NAMES)
+HF_TAPS = (
+    # our name                                 transformers >= 5 module           transformers 4 module         take
+    ('embedding',                              'vit.embeddings.patch_embeddings', 'vit.embeddings.patch_embeddings', 'output'),
+    ('with_posemb',                            'vit.embeddings',                  'vit.embeddings',             'output'),
+    ('{block}/LayerNorm_0',                    'vit.layers.{i}.layernorm_before', 'vit.encoder.layer.{i}.layernorm_before', 'output'),
+    ('{block}/MultiHeadDotProductAttention_0', 'vit.layers.{i}.attention',        'vit.encoder.layer.{i}.attention', 'output'),
+    ('attention_{i}',                          'vit.layers.{i}.attention',        'vit.encoder.layer.{i}.attention.attention', 'output[1]'),
+    ('{block}/LayerNorm_1',                    'vit.layers.{i}.layernorm_after',  'vit.encoder.layer.{i}.layernorm_after', 'output'),
+    ('{block}/MlpBlock_0',                     'vit.layers.{i}.mlp',              'vit.encoder.layer.{i}.output.dense', 'output'),
+    ('encoderblock_{i}',                       'vit.layers.{i}',                  'vit.encoder.layer.{i}',      'output'),
+    ('encoder_norm',                           'vit.layernorm',                   'vit.layernorm',              'output'),
+    ('pre_logits',                             'classifier',                      'classifier',                 'input'),
 )
 
 
-def hf_name(torch_name: str) -> str:
-    for pattern, replacement in _HF_NAMES:
+def _hf_generation() -> int:
+    """5 for transformers >= 5 (q_proj/o_proj, vit.layers), else 4 (attention.attention.query, vit.encoder.layer)."""
+    import transformers
+
+    return 5 if int(transformers.__version__.split('.')[0]) >= 5 else 4
+
+
+def hf_name(torch_name: str, generation: int = 5) -> str:
+    for pattern, v5, v4 in _HF_NAMES:
         if pattern.search(torch_name):
-            return pattern.sub(replacement, torch_name)
+            return pattern.sub(v5 if generation >= 5 else v4, torch_name)
     raise KeyError(torch_name)
+
+
+def hf_taps(generation: int) -> tuple[Tap, ...]:
+    return tuple((ours, v5 if generation >= 5 else v4, what) for ours, v5, v4, what in HF_TAPS)
 
 
 def check_hf_expressible(cfg: ViTConfig) -> None:
@@ -288,10 +310,11 @@ def check_hf_expressible(cfg: ViTConfig) -> None:
         raise UserError('--against hf: transformers\' ViT takes square patches only')
 
 
-def to_hf(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarray]:
+def to_hf(params: Mapping[str, np.ndarray], cfg: ViTConfig, generation: Optional[int] = None) -> dict[str, np.ndarray]:
     """Canonical params as a transformers ViTForImageClassification state dict (NumPy)."""
     check_hf_expressible(cfg)
-    return {hf_name(k): v for k, v in weights.to_torch(params, cfg).items()}
+    generation = generation or _hf_generation()
+    return {hf_name(k, generation): v for k, v in weights.to_torch(params, cfg).items()}
 
 
 def build_hf(cfg: ViTConfig, params: Mapping[str, np.ndarray]):
@@ -314,7 +337,7 @@ def run_hf(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, prec
            attention: bool = False) -> Intermediates:
     device = torch_device()
     model = build_hf(cfg, params).to(device)
-    taps = [t for t in _expand(HF_TAPS, cfg) if attention or not t[0].startswith('attention_')]
+    taps = [t for t in _expand(hf_taps(_hf_generation()), cfg) if attention or not t[0].startswith('attention_')]
     with torch_precision(precision, device), tapped(model, taps) as got:
         logits = model(pixel_values=_nchw(x, device)).logits
     return _finish(got, cfg, logits, attention)

@@ -312,9 +312,9 @@ def conclude(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, re
 # --------------------------------------------------------------------------- compare
 
 COMPARE_HELP = f"""\
-Runs one checkpoint through the reference ({REFERENCE}) and a candidate, and compares
-every named intermediate in forward order: stem, embedding, with_posemb, encoderblock_i
-(attention_i with --attention), encoder_norm, pre_logits, logits.
+Runs one checkpoint through the reference ({REFERENCE})
+and a candidate, and compares every named intermediate in forward order: stem, embedding,
+with_posemb, encoderblock_i (attention_i with --attention), encoder_norm, pre_logits, logits.
 
 The candidate is vit_torch at --precision (fp32: TF32 off; tf32: TF32 matmuls and
 convolutions; bf16: torch.autocast to bfloat16), or with --against, timm's model loaded

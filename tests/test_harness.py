@@ -332,12 +332,36 @@ def test_against_timm_refuses_what_it_cannot_hold(timm_small):
 
 # --------------------------------------------------------------------------- grad
 
-def test_grad_parity_on_a_hybrid(tmp_path):
-    code, report = run(harness.grad_main, case_args(HYBRID) + ['--lr', '0.1'], tmp_path)
+@pytest.fixture(scope='module')
+def staged(tmp_path_factory):
+    """A random hybrid with ResNet stages (projected, strided units), as a released npz and its JSON config."""
+    cfg = ViTConfig(name='staged', patch_size=(1, 1), hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4,
+                    resnet_num_layers=(2, 1), resnet_width_factor=0.5, num_classes=5, image_size=32)
+    folder = tmp_path_factory.mktemp('staged')
+    weights.save_npz(str(folder / 'ckpt.npz'), random_params(weights.param_shapes(cfg), seed=2, scale=0.1))
+    (folder / 'model.json').write_text(json.dumps(cfg.to_official_dict()))
+    return cfg, folder
+
+
+def test_numpy_stem_with_stages_is_the_reference_stem(staged):
+    cfg, folder = staged
+    params = weights.prepare_for_inference(weights.load_npz(str(folder / 'ckpt.npz')), cfg, 'staged')
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    ref = harness.run_reference(cfg, params, x)['stem']
+    assert np.abs(diagnosis.stem(cfg, params, x) - ref).max() <= tolerance(ref)
+    symmetric = diagnosis.stem(cfg, params, x, diagnosis.StemNumerics('symmetric', 'symmetric'))
+    assert not policy.within(ref, symmetric)
+
+
+@pytest.mark.parametrize('which', ['hybrid_stem', 'staged'])
+def test_grad_parity_on_hybrids(which, staged, tmp_path):
+    args = case_args(HYBRID) if which == 'hybrid_stem' else [staged[1] / 'ckpt.npz', '--config',
+                                                              staged[1] / 'model.json', '--random', '2']
+    code, report = run(harness.grad_main, args + ['--lr', '0.1'], tmp_path)
     assert code == 0 and report['first_divergence'] is None and report['loss']['ok']
     names = [g['name'] for g in report['gradients']]
-    assert names == list(weights.param_shapes(weights.resolve_config(str(HYBRID / 'model.json'),
-                                                                        weights.load_npz(str(HYBRID / 'ckpt.npz')))))
+    ckpt, _, config = map(str, args[:3])
+    assert names == list(weights.param_shapes(weights.resolve_config(config, weights.load_npz(ckpt))))
     assert 'conv_root/kernel' in names and all(g['ok'] for g in report['gradients'])
     assert all(u['ok'] for u in report['updated_params'])
     assert max(g['max_abs_diff'] for g in report['gradients']) > 0  # two real backward passes
