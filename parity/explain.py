@@ -166,7 +166,8 @@ def write(directory: str, cfg: ViTConfig, image: np.ndarray, result: dict[str, n
 
     written += [
         figures.render_rollout(png('rollout'), image, result['rollout'], title, cfg.has_cls_token),
-        figures.render_attention(png('attention'), image, result['attention'], sel.layers, sel.heads, sel.query_text),
+        figures.render_attention(png('attention'), image, result['attention'], sel.layers, sel.heads, sel.query_text,
+                                 sel.query),
         figures.render_position_similarity(png('position_similarity'), result['position_similarity'], title),
         figures.render_attention_distance(png('attention_distance'), result['attention_distance'],
                                           cfg.image_size, f'{title} (1 image)'),

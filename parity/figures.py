@@ -211,13 +211,16 @@ def render_rollout(path: str, image: np.ndarray, rollout: np.ndarray, title: str
 
 
 def render_attention(path: str, image: np.ndarray, maps: np.ndarray, layers: Sequence[int], heads: Sequence[int],
-                     query: str) -> str:
+                     query: str, query_patch: Optional[tuple[int, int]] = None) -> str:
     """One panel per (layer, head): that head's attention from `query` over the image.
 
     Each panel is scaled to its own maximum (printed in its title): heads differ by orders
     of magnitude in how peaked they are, and one shared scale would blank most of them.
+    A query patch (row, column) is outlined in every panel.
     """
     plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
     rows, cols = len(layers), len(heads)
     fig, axes = plt.subplots(rows, cols, figsize=attention_size(rows, cols), squeeze=False)
     fig.subplots_adjust(left=0.04, right=0.9, top=1 - 0.75 / attention_size(rows, cols)[1], bottom=0.02,
@@ -229,6 +232,10 @@ def render_attention(path: str, image: np.ndarray, maps: np.ndarray, layers: Seq
             m = maps[r, c]
             peak = float(m.max())
             im = _overlay(axes[r, c], image, m / peak if peak > 0 else m, 1.0, alpha=0.65)
+            if query_patch is not None:
+                ph, pw = image.shape[0] / m.shape[0], image.shape[1] / m.shape[1]
+                axes[r, c].add_patch(Rectangle((query_patch[1] * pw, query_patch[0] * ph), pw, ph, fill=False,
+                                               edgecolor='cyan', linewidth=1.5))
             axes[r, c].set_title(f'block {layer}, head {head}\nmax {peak:.3g}', fontsize=8)
         axes[r, 0].set_ylabel(f'block {layer}')
     cbar = fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02)

@@ -69,8 +69,8 @@ def labels_for(num_classes: int, spec: Optional[str] = None) -> tuple[list[str],
 
 def check_head(params: dict, cfg: ViTConfig, where: str) -> None:
     """Refuses checkpoints that cannot classify an image, saying what to use instead."""
-    instead = ('use a checkpoint fine-tuned for classification (e.g. an imagenet21k+imagenet2012 one) '
-               'or fine-tune this one with `python -m vit_jax train`')
+    instead = ('use a checkpoint fine-tuned for classification (e.g. an imagenet21k+imagenet2012 one) or '
+               f'fine-tune this one: python -m vit_jax train --checkpoint {where} --dataset NAME --workdir DIR')
     if not cfg.num_classes:
         raise UserError(f'{where}: has no classification head (no head/kernel), it returns features, '
                         f'not classes; {instead}')

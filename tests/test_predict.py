@@ -166,6 +166,6 @@ def test_bad_inputs(tmp_path, case, needle):
         jax_predict.main([image, '--checkpoint', str(ckpt), *extra])
     assert needle in str(info.value)
     if case in ('no head', 'zero head'):  # and what to do instead
-        assert 'imagenet21k+imagenet2012' in str(info.value) and 'python -m vit_jax train' in str(info.value)
+        assert 'imagenet21k+imagenet2012' in str(info.value) and 'python -m vit_jax train --checkpoint' in str(info.value)
     if case == 'zero head':
         assert 'raw ImageNet-21k checkpoints' in str(info.value)
