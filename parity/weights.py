@@ -12,6 +12,8 @@ C classes, N tokens, W ResNet width.
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import math
 import os
 import re
@@ -138,31 +140,49 @@ def check_params(params: Mapping[str, np.ndarray], cfg: ViTConfig, where: str) -
 
 # --------------------------------------------------------------------------- npz files
 
+# Stored (uncompressed) members at least this large are memory-mapped instead of read:
+# a large checkpoint then costs page cache rather than a private copy, and a converter
+# that drops each array when done holds one array at a time. np.load cannot map an
+# npz; a stored member's bytes are a plain .npy file at a known offset, so they can be.
+MMAP_MIN_BYTES = 1 << 20
+_NPY_MAGIC = b'\x93NUMPY'
+_ZIP_LOCAL_HEADER = 30  # fixed part of a zip local file header; name and extra field follow
+_CRC_CHUNK = 1 << 22
+
+
 def read_npz(path: str) -> Params:
-    """Every array of an npz file, fully read (so a damaged file fails here, whole)."""
+    """Every array of an npz file, checked whole (so a damaged file fails here, before any use).
+
+    Large stored members (as `np.savez` and the released checkpoints write them) come back
+    memory-mapped copy-on-write: plain writable ndarrays whose writes stay private, read
+    from the file only when touched. Their CRC-32 is checked here by streaming the bytes,
+    so corruption is caught as `np.load` would catch it. Compressed and small members are
+    read into memory.
+    """
     if not os.path.exists(path):
         raise UserError(f'{path}: no such file')
     if os.path.isdir(path):
         raise UserError(f'{path}: is a directory, expected an .npz checkpoint')
     try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):  # a plain .npy loads as an ndarray, no context manager
-            raise UserError(f'{path}: is a single .npy array, not an .npz checkpoint')
-        with z:
-            out = {}
-            for k in z.files:
-                try:
-                    out[k] = z[k]
-                except ValueError as e:
-                    if 'allow_pickle' in str(e):
-                        raise UserError(f'{path}: array {k!r} holds pickled Python objects, '
-                                        'which are never loaded; re-save it with plain arrays') from None
-                    raise
+        with open(path, 'rb') as f:
+            magic = f.read(len(_NPY_MAGIC))
+            if magic == _NPY_MAGIC:
+                raise UserError(f'{path}: is a single .npy array, not an .npz checkpoint')
+            if not magic.startswith(b'PK'):
+                raise UserError(f'{path}: not an .npz archive (a zip of .npy arrays, as np.savez writes)')
+            f.seek(0)
+            with zipfile.ZipFile(f) as z:
+                out = {}
+                for info in z.infolist():
+                    if info.is_dir():
+                        continue
+                    if not info.filename.endswith('.npy'):
+                        raise UserError(f'{path}: member {info.filename!r} is not a .npy array; '
+                                        'an .npz checkpoint holds arrays only')
+                    out[info.filename[:-len('.npy')]] = _read_member(path, f, z, info)
     except UserError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
-        if 'allow_pickle' in str(e):
-            raise UserError(f'{path}: not an .npz archive (it would need unpickling, which is never done)') from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, NotImplementedError) as e:
         raise UserError(f'{path}: truncated or corrupted .npz ({type(e).__name__}: {e}); '
                         'download or copy it again') from None
     if not out:
@@ -171,6 +191,62 @@ def read_npz(path: str) -> Params:
     if bad:
         raise UserError(f'{path}: arrays {", ".join(bad)} are not numeric (dtype {out[bad[0]].dtype})')
     return out
+
+
+def _read_member(path: str, f, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One member: memory-mapped when it is stored and large, else read (zipfile checks the CRC)."""
+    key = info.filename[:-len('.npy')]
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size < MMAP_MIN_BYTES:
+        return _read_whole(path, z, info)
+    f.seek(info.header_offset)
+    local = f.read(_ZIP_LOCAL_HEADER)
+    if len(local) != _ZIP_LOCAL_HEADER or local[:4] != b'PK\x03\x04':
+        raise zipfile.BadZipFile(f'bad local header for {info.filename!r}')
+    start = info.header_offset + _ZIP_LOCAL_HEADER + int.from_bytes(local[26:28], 'little') \
+        + int.from_bytes(local[28:30], 'little')
+    if start + info.file_size > os.fstat(f.fileno()).st_size:
+        raise EOFError(f'member {info.filename!r} runs past the end of the file')
+    f.seek(start)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+    else:  # format 3.0 only adds utf-8 field names; no checkpoint needs mapping it
+        return _read_whole(path, z, info)
+    if dtype.hasobject:
+        raise _pickled(path, key)
+    offset = f.tell()
+    if offset - start + math.prod(shape) * dtype.itemsize != info.file_size:
+        raise ValueError(f'member {info.filename!r}: .npy header does not match its size')
+    crc, left = 0, info.file_size
+    f.seek(start)
+    buffer = bytearray(min(_CRC_CHUNK, left))
+    while left:
+        n = f.readinto(memoryview(buffer)[:min(left, len(buffer))])
+        if not n:
+            raise EOFError(f'member {info.filename!r} ends early')
+        crc, left = zlib.crc32(memoryview(buffer)[:n], crc), left - n
+    if crc != info.CRC:
+        raise zipfile.BadZipFile(f'bad CRC-32 for member {info.filename!r}')
+    return np.asarray(np.memmap(f, dtype=dtype, mode='c', offset=offset, shape=shape,
+                                order='F' if fortran_order else 'C'))
+
+
+def _read_whole(path: str, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One member read into memory, as np.load does it (zipfile checks the CRC on the way)."""
+    with z.open(info) as member:
+        try:
+            return np.lib.format.read_array(member, allow_pickle=False)
+        except ValueError as e:
+            if 'allow_pickle' in str(e):
+                raise _pickled(path, info.filename[:-len('.npy')]) from None
+            raise
+
+
+def _pickled(path: str, key: str) -> UserError:
+    return UserError(f'{path}: array {key!r} holds pickled Python objects, '
+                     'which are never loaded; re-save it with plain arrays')
 
 
 def canonicalize(flat: Mapping[str, np.ndarray]) -> Params:
@@ -390,10 +466,103 @@ def torch_name(name: str) -> str:
     return '.'.join(path)
 
 
-def to_torch(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> Params:
-    """Canonical params to a PyTorch state dict of contiguous NumPy arrays (wrap with torch.from_numpy)."""
+def torch_views(params: dict, cfg: ViTConfig, consume: bool = False) -> Params:
+    """The PyTorch state dict of canonical `params` as views of their arrays: nothing copied, nothing read.
+
+    What a streaming writer (`write_safetensors`) consumes. `consume=True` moves the
+    arrays out of `params`, so the views hold the only references to them.
+    """
     check_params(params, cfg, 'params')
-    return {torch_name(k): np.ascontiguousarray(_LAYOUTS[_torch_rule(k)[1]][0](v)) for k, v in params.items()}
+    return {torch_name(k): _LAYOUTS[_torch_rule(k)[1]][0](params.pop(k) if consume else params[k])
+            for k in list(params)}
+
+
+def to_torch(params: Mapping[str, np.ndarray], cfg: ViTConfig, consume: bool = False) -> Params:
+    """Canonical params to a PyTorch state dict of fresh contiguous NumPy arrays (wrap with torch.from_numpy).
+
+    The arrays never share memory with `params`. `consume=True` pops each entry from
+    `params` (then a dict) as it is converted, so the memory-mapped arrays of `read_npz`
+    are unmapped as it goes: converting holds one copy, not the file's pages and a copy.
+    """
+    views = torch_views(params if consume else dict(params), cfg, consume=True)
+    return {k: _contiguous_copy(views.pop(k)) for k in list(views)}
+
+
+_STRIP = 8  # source rows per step of a transposing copy
+
+
+def _contiguous_copy(a: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """`a` copied into `out` (default: a new array), C-contiguous.
+
+    A transposed matrix (every dense kernel on its way to PyTorch) is copied a strip of
+    source rows at a time: a plain copy walks the source a whole row apart per element
+    and runs several times slower on large kernels.
+    """
+    out = np.empty(a.shape, a.dtype) if out is None else out
+    if a.ndim == 2 and a.T.flags.c_contiguous and not a.flags.c_contiguous:
+        src = a.T  # (m, n), contiguous; a is its (n, m) transpose
+        for i in range(0, src.shape[0], _STRIP):
+            out[:, i:i + _STRIP] = src[i:i + _STRIP].T
+    else:
+        np.copyto(out, a)
+    return out
+
+
+# safetensors dtype names by NumPy kind and item size.
+_SAFETENSORS_DTYPES = {'f2': 'F16', 'f4': 'F32', 'f8': 'F64', 'i1': 'I8', 'i2': 'I16', 'i4': 'I32', 'i8': 'I64',
+                       'u1': 'U8', 'u2': 'U16', 'u4': 'U32', 'u8': 'U64', 'b1': 'BOOL'}
+
+
+def write_safetensors(path: str, arrays: dict, metadata: Optional[Mapping[str, str]] = None,
+                      consume: bool = False) -> None:
+    """`arrays` (NumPy, any strides: views are fine) as a .safetensors file, one array at a time.
+
+    The safetensors library needs every array in memory at once; this writes the same
+    format (8-byte header length, JSON header, aligned little-endian data) through two
+    reused buffers, so a state dict of views over a memory-mapped checkpoint is never
+    copied whole. `consume=True` pops each array once written, releasing its mapping.
+    """
+    dtypes = {}
+    for k, v in arrays.items():
+        code = _SAFETENSORS_DTYPES.get(f'{v.dtype.kind}{v.dtype.itemsize}')
+        if code is None:
+            raise UserError(f'{path}: array {k!r} has dtype {v.dtype}, which safetensors cannot store')
+        dtypes[k] = code
+    # Widest items first, as the safetensors library orders them, so every array stays aligned.
+    order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    header, offset = {}, 0
+    for k in order:
+        header[k] = {'dtype': dtypes[k], 'shape': list(arrays[k].shape), 'data_offsets': [offset, offset + arrays[k].nbytes]}
+        offset += arrays[k].nbytes
+    if metadata:
+        header['__metadata__'] = dict(metadata)
+    text = json.dumps(header, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)
+    # Two buffers: one array is laid out in one while the other is being written (a thread).
+    size = max((v.nbytes for v in arrays.values()), default=0)
+    buffers, busy, writes = [np.empty(size, np.uint8), np.empty(size, np.uint8)], [None, None], []
+    with open(path, 'wb') as f, concurrent.futures.ThreadPoolExecutor(1) as writer:
+        if hasattr(os, 'posix_fallocate'):  # extents reserved up front: much faster large writes on ext4
+            try:
+                os.posix_fallocate(f.fileno(), 0, 8 + len(text) + offset)
+            except OSError:  # a filesystem without it: plain writes work as well
+                pass
+        f.write(len(text).to_bytes(8, 'little'))
+        f.write(text)
+        for i, k in enumerate(order):
+            v = arrays.pop(k) if consume else arrays[k]
+            le = v.dtype.newbyteorder('<')
+            if v.flags.c_contiguous and v.dtype == le:
+                data = v
+            else:
+                if busy[i % 2] is not None:
+                    busy[i % 2].result()
+                data = _contiguous_copy(v, buffers[i % 2][:v.nbytes].view(le).reshape(v.shape))
+            writes.append(writer.submit(f.write, data.reshape(-1).view(np.uint8)))
+            busy[i % 2] = writes[-1]
+            del v, data
+        for w in writes:
+            w.result()  # re-raises a failed write (a full disk, say)
 
 
 def from_torch(state: Mapping[str, np.ndarray], cfg: ViTConfig, where: str = 'state dict') -> Params:

@@ -23,7 +23,14 @@ def params_from_state_dict(state: Mapping[str, torch.Tensor], cfg: ViTConfig, wh
 
 
 def build_model(cfg: ViTConfig, params: Mapping[str, np.ndarray], use_sdpa: bool = False) -> VisionTransformer:
-    """A `VisionTransformer` in eval mode holding `params` (already checked to fit `cfg`)."""
-    model = VisionTransformer(cfg, use_sdpa=use_sdpa)
-    model.load_state_dict(state_dict_from_params(params, cfg), strict=True)
+    """A float32 `VisionTransformer` in eval mode holding `params` (already checked to fit `cfg`).
+
+    The model is built on the meta device and adopts the converted arrays as its
+    parameters (`assign=True`), so loading makes one copy of the weights (the PyTorch
+    layout) and no random initialisation besides. The model never shares memory with `params`.
+    """
+    with torch.device('meta'):
+        model = VisionTransformer(cfg, use_sdpa=use_sdpa)
+    state = {k: v.float() for k, v in state_dict_from_params(params, cfg).items()}  # no copy when float32
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
