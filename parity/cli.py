@@ -88,16 +88,22 @@ def describe(cfg: ViTConfig) -> str:
     return f'{name} ({cfg.classifier}, {cfg.num_classes} classes{extra}, {cfg.image_size}x{cfg.image_size})'
 
 
-def load_input(path: str, cfg: ViTConfig) -> np.ndarray:
-    """A float32 NHWC batch that fits the model, or a one-line error saying what to change."""
+def read_npy(path: str, flag: str) -> np.ndarray:
+    """One array from a .npy file given as `flag`, never unpickled, or a one-line error."""
     if not os.path.isfile(path):
-        raise UserError(f'--input {path}: no such file')
+        raise UserError(f'{flag} {path}: no such file')
     try:
         x = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise UserError(f'--input {path}: not a readable .npy array ({e})') from None
+        raise UserError(f'{flag} {path}: not a readable .npy array ({e})') from None
     if not isinstance(x, np.ndarray):
-        raise UserError(f'--input {path}: expected a single .npy array, found an .npz archive')
+        raise UserError(f'{flag} {path}: expected a single .npy array, found an .npz archive')
+    return x
+
+
+def load_input(path: str, cfg: ViTConfig) -> np.ndarray:
+    """A float32 NHWC batch that fits the model, or a one-line error saying what to change."""
+    x = read_npy(path, '--input')
     if x.dtype != np.float32:
         raise UserError(f'--input {path}: dtype {x.dtype}, expected float32 (images in [-1, 1])')
     if x.ndim != 4 or x.shape[-1] != 3:
