@@ -122,7 +122,7 @@ def residual_unit(x, p, prefix, stride):
 
 
 def resnet_stem(x, p):
-    """Root (7x7 stride 2 conv, GroupNorm, ReLU, max-pool), then stages block1, block2, ... (stride 2 after the first)."""
+    """Root (7x7 stride-2 conv, GroupNorm, ReLU, max-pool), then stages block1, block2, ... (stride 2 after block1)."""
     x = np.maximum(group_norm(std_conv(x, p['conv_root/kernel'], 2), p['gn_root/scale'], p['gn_root/bias']), 0)
     x = max_pool(x)
     stage = 1

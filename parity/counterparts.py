@@ -242,41 +242,39 @@ def timm_notes(name: str) -> list[str]:
 # transformers' ViTForImageClassification names, for transformers 5 and 4. Layouts need
 # no table of their own: transformers keeps Linear (out, in) and Conv2d (O, I, kh, kw)
 # as the torch mirror does.
-_B = r'^Transformer\.encoderblock_(\d+)\.'
+_B = r'^Transformer\.encoderblock_(\d+)\.'  # a block of ours; \1 is its index
+_A = _B + r'MultiHeadDotProductAttention_0\.'
+_L5, _L4 = r'vit.layers.\1.', r'vit.encoder.layer.\1.'
 HF_NAMES = (
-    # our torch name                          transformers >= 5                   transformers 4
-    (r'^cls$',                                'vit.embeddings.cls_token',         'vit.embeddings.cls_token'),
-    (r'^Transformer\.posembed_input\.pos_embedding$', 'vit.embeddings.position_embeddings',
-     'vit.embeddings.position_embeddings'),
-    (r'^embedding\.', 'vit.embeddings.patch_embeddings.projection.', 'vit.embeddings.patch_embeddings.projection.'),
-    (_B + r'LayerNorm_0\.',                   r'vit.layers.\1.layernorm_before.',  r'vit.encoder.layer.\1.layernorm_before.'),
-    (_B + r'LayerNorm_1\.',                   r'vit.layers.\1.layernorm_after.',   r'vit.encoder.layer.\1.layernorm_after.'),
-    (_B + r'MultiHeadDotProductAttention_0\.query\.', r'vit.layers.\1.attention.q_proj.',
-     r'vit.encoder.layer.\1.attention.attention.query.'),
-    (_B + r'MultiHeadDotProductAttention_0\.key\.', r'vit.layers.\1.attention.k_proj.',
-     r'vit.encoder.layer.\1.attention.attention.key.'),
-    (_B + r'MultiHeadDotProductAttention_0\.value\.', r'vit.layers.\1.attention.v_proj.',
-     r'vit.encoder.layer.\1.attention.attention.value.'),
-    (_B + r'MultiHeadDotProductAttention_0\.out\.', r'vit.layers.\1.attention.o_proj.',
-     r'vit.encoder.layer.\1.attention.output.dense.'),
-    (_B + r'MlpBlock_0\.Dense_0\.',           r'vit.layers.\1.mlp.fc1.',           r'vit.encoder.layer.\1.intermediate.dense.'),
-    (_B + r'MlpBlock_0\.Dense_1\.',           r'vit.layers.\1.mlp.fc2.',           r'vit.encoder.layer.\1.output.dense.'),
-    (r'^Transformer\.encoder_norm\.',         'vit.layernorm.',                   'vit.layernorm.'),
-    (r'^head\.',                              'classifier.',                      'classifier.'),
+    # our torch name                   transformers >= 5                   transformers 4 (None: same)
+    (r'^cls$',                          'vit.embeddings.cls_token',         None),
+    (r'^Transformer\.posembed_input\.pos_embedding$', 'vit.embeddings.position_embeddings', None),
+    (r'^embedding\.',                   'vit.embeddings.patch_embeddings.projection.', None),
+    (_B + r'LayerNorm_0\.',             _L5 + 'layernorm_before.',          _L4 + 'layernorm_before.'),
+    (_B + r'LayerNorm_1\.',             _L5 + 'layernorm_after.',           _L4 + 'layernorm_after.'),
+    (_A + r'query\.',                   _L5 + 'attention.q_proj.',          _L4 + 'attention.attention.query.'),
+    (_A + r'key\.',                     _L5 + 'attention.k_proj.',          _L4 + 'attention.attention.key.'),
+    (_A + r'value\.',                   _L5 + 'attention.v_proj.',          _L4 + 'attention.attention.value.'),
+    (_A + r'out\.',                     _L5 + 'attention.o_proj.',          _L4 + 'attention.output.dense.'),
+    (_B + r'MlpBlock_0\.Dense_0\.',     _L5 + 'mlp.fc1.',                   _L4 + 'intermediate.dense.'),
+    (_B + r'MlpBlock_0\.Dense_1\.',     _L5 + 'mlp.fc2.',                   _L4 + 'output.dense.'),
+    (r'^Transformer\.encoder_norm\.',   'vit.layernorm.',                   None),
+    (r'^head\.',                        'classifier.',                      None),
 )
-_HF_NAMES = tuple((re.compile(p), v5, v4) for p, v5, v4 in HF_NAMES)
+_HF_NAMES = tuple((re.compile(p), v5, v4 or v5) for p, v5, v4 in HF_NAMES)
+# {L} is block i's module: vit.layers.{i} (transformers >= 5) or vit.encoder.layer.{i} (4).
 HF_TAPS = (
-    # our name                                 transformers >= 5 module           transformers 4 module         take
-    ('embedding',                              'vit.embeddings.patch_embeddings', 'vit.embeddings.patch_embeddings', 'output'),
-    ('with_posemb',                            'vit.embeddings',                  'vit.embeddings',             'output'),
-    ('{block}/LayerNorm_0',                    'vit.layers.{i}.layernorm_before', 'vit.encoder.layer.{i}.layernorm_before', 'output'),
-    ('{block}/MultiHeadDotProductAttention_0', 'vit.layers.{i}.attention',        'vit.encoder.layer.{i}.attention', 'output'),
-    ('attention_{i}',                          'vit.layers.{i}.attention',        'vit.encoder.layer.{i}.attention.attention', 'output[1]'),
-    ('{block}/LayerNorm_1',                    'vit.layers.{i}.layernorm_after',  'vit.encoder.layer.{i}.layernorm_after', 'output'),
-    ('{block}/MlpBlock_0',                     'vit.layers.{i}.mlp',              'vit.encoder.layer.{i}.output.dense', 'output'),
-    ('encoderblock_{i}',                       'vit.layers.{i}',                  'vit.encoder.layer.{i}',      'output'),
-    ('encoder_norm',                           'vit.layernorm',                   'vit.layernorm',              'output'),
-    ('pre_logits',                             'classifier',                      'classifier',                 'input'),
+    # our name                                 transformers >= 5           transformers 4 (None: same)  take
+    ('embedding',                              'vit.embeddings.patch_embeddings', None,                 'output'),
+    ('with_posemb',                            'vit.embeddings',           None,                        'output'),
+    ('{block}/LayerNorm_0',                    '{L}.layernorm_before',     None,                        'output'),
+    ('{block}/MultiHeadDotProductAttention_0', '{L}.attention',            None,                        'output'),
+    ('attention_{i}',                          '{L}.attention',            '{L}.attention.attention',   'output[1]'),
+    ('{block}/LayerNorm_1',                    '{L}.layernorm_after',      None,                        'output'),
+    ('{block}/MlpBlock_0',                     '{L}.mlp',                  '{L}.output.dense',          'output'),
+    ('encoderblock_{i}',                       '{L}',                      None,                        'output'),
+    ('encoder_norm',                           'vit.layernorm',            None,                        'output'),
+    ('pre_logits',                             'classifier',               None,                        'input'),
 )
 
 
@@ -295,7 +293,9 @@ def hf_name(torch_name: str, generation: int = 5) -> str:
 
 
 def hf_taps(generation: int) -> tuple[Tap, ...]:
-    return tuple((ours, v5 if generation >= 5 else v4, what) for ours, v5, v4, what in HF_TAPS)
+    layer = 'vit.layers.{i}' if generation >= 5 else 'vit.encoder.layer.{i}'
+    return tuple((ours, (v5 if generation >= 5 else v4 or v5).replace('{L}', layer), what)
+                 for ours, v5, v4, what in HF_TAPS)
 
 
 def check_hf_expressible(cfg: ViTConfig) -> None:
@@ -375,7 +375,8 @@ def load_function(spec: str) -> Callable:
     if not callable(fn):
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith('_')
                  and getattr(v, '__module__', None) == module_name]
-        raise UserError(f'{spec}: {path} has no function {name!r}' + (f'; it defines {", ".join(names)}' if names else ''))
+        defines = f'; it defines {", ".join(names)}' if names else ''
+        raise UserError(f'{spec}: {path} has no function {name!r}{defines}')
     fn._parity_path = path  # for error locations
     return fn
 
@@ -469,7 +470,9 @@ def align(name: str, ref_shape: tuple[int, ...], got: np.ndarray) -> tuple[Optio
     if got.ndim == 4 and len(ref_shape) == 4 and got.transpose(0, 2, 3, 1).shape == ref_shape:
         return got.transpose(0, 2, 3, 1), f'{name}: returned {got.shape}, read as channels-first (NCHW) and transposed'
     if got.ndim != len(ref_shape) and got.size == int(np.prod(ref_shape)):
-        tries = [('', got)] + ([('channels-first, transposed and ', got.transpose(0, 2, 3, 1))] if got.ndim == 4 else [])
+        tries = [('', got)]
+        if got.ndim == 4:
+            tries.append(('channels-first, transposed and ', got.transpose(0, 2, 3, 1)))
         for how, a in tries:
             if _merges(a.shape, ref_shape):
                 return a.reshape(ref_shape), f'{name}: returned {got.shape}, read as {how}reshaped to {ref_shape}'

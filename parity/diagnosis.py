@@ -227,7 +227,8 @@ STEM_ALTERNATIVES = (
      'symmetric padding in the max-pool where the official code pads TF `SAME`'),
     (StemNumerics(ws='timm'), 'weight_standardisation',
      'weight standardisation as (w - mean) / sqrt(var + 1e-8) (timm) where the official code divides by std + 1e-5'),
-    (StemNumerics(gn_eps=1e-5), 'groupnorm_eps', 'GroupNorm eps 1e-5 (timm, PyTorch) where the official code uses 1e-6'),
+    (StemNumerics(gn_eps=1e-5), 'groupnorm_eps',
+     'GroupNorm eps 1e-5 (timm, PyTorch) where the official code uses 1e-6'),
 )
 
 
@@ -323,7 +324,8 @@ def diagnose_block(i: int, params: Mapping[str, np.ndarray], u, have: Mapping[st
     if y is not None and _reproduces(faithful['output'], y, precision):
         return [finding('inherited', name,
                         f'{name} computes as the reference does: fed the candidate\'s own input ({where_input}), '
-                        f'the reference block reproduces the candidate\'s output (gap {_gap(faithful["output"], y):.1e}); '
+                        'the reference block reproduces the candidate\'s output '
+                        f'(gap {_gap(faithful["output"], y):.1e}); '
                         'a difference inside tolerance upstream grew here')]
 
     subs = {s: have[substep_key(i, s)] for s in SUBSTEPS if substep_key(i, s) in have}
@@ -426,9 +428,9 @@ def _diagnose_whole_block(i, p, u, have, faithful, precision, where_input) -> li
     weights_key = f'attention_{i}'
     if weights_key in have and not _reproduces(faithful['weights'], have[weights_key], precision):
         out.append(finding('localisation', f'{name}/MultiHeadDotProductAttention_0',
-                           f'the softmax weights of block {i} already differ ({_gap(faithful["weights"], have[weights_key]):.1e}) '
-                           'on the candidate\'s own input: the fault is at or before the attention logits (LayerNorm_0, '
-                           'queries, keys, their scaling)'))
+                           f'the softmax weights of block {i} already differ '
+                           f'({_gap(faithful["weights"], have[weights_key]):.1e}) on the candidate\'s own input: the '
+                           'fault is at or before the attention logits (LayerNorm_0, queries, keys, their scaling)'))
     if y is None:
         return out or [finding('unexplained', name, f'{name} was not returned; return it to localise further')]
     gap = _gap(faithful['output'], y)
@@ -442,8 +444,9 @@ def _diagnose_whole_block(i, p, u, have, faithful, precision, where_input) -> li
     for nx, home, cause, words in ALTERNATIVES:
         alt = run(nx)
         if _reproduces(alt, y, precision):
-            causes.append(finding('cause', f'{name}/{home}', f'{words}: the reference block computed that way on the '
-                                  f'same input reproduces the candidate to {_gap(alt, y):.1e} (official: {gap:.1e})', cause))
+            causes.append(finding('cause', f'{name}/{home}', f'{words}: the reference block computed that way on '
+                                  f'the same input reproduces the candidate to {_gap(alt, y):.1e} '
+                                  f'(official: {gap:.1e})', cause))
     if not causes:
         fit = fit_eps(lambda eps: run(Numerics(ln_eps=eps)), y, precision)
         if fit:
@@ -480,7 +483,8 @@ def _pairs(name, run, y, precision) -> list[dict]:
 def _diagnose_stem(cfg, params, x, got, precision) -> list[dict]:
     ref = stem(cfg, params, x)
     if _reproduces(ref, got, precision):
-        return [finding('inherited', 'stem', 'the reference ResNet reproduces the candidate\'s stem from the same images')]
+        return [finding('inherited', 'stem',
+                        'the reference ResNet reproduces the candidate\'s stem from the same images')]
     out = [finding('localisation', 'stem', f'the divergence starts in the hybrid ResNet stem '
                    f'({_gap(ref, got):.1e} on the same images)')]
     singles = [(nx, cause, words) for nx, cause, words in STEM_ALTERNATIVES]
@@ -496,8 +500,9 @@ def _diagnose_stem(cfg, params, x, got, precision) -> list[dict]:
             continue
         alt = stem(cfg, params, x, merged)
         if _reproduces(alt, got, precision):
+            gap = _gap(alt, got)
             return out + [finding('cause', 'stem', f'{w}: together with the other difference, the reference stem '
-                                  f'reproduces the candidate to {_gap(alt, got):.1e}', c) for w, c in ((wa, ca), (wb, cb))]
+                                  f'reproduces the candidate to {gap:.1e}', c) for w, c in ((wa, ca), (wb, cb))]
     return out + [finding('unexplained', 'stem', 'no known stem difference (padding, weight standardisation, '
                           'GroupNorm eps), alone or in pairs, reproduces it')]
 
@@ -557,15 +562,16 @@ def _diagnose_posemb(cfg, params, have, reference, precision, raw_posemb) -> lis
         cls = np.broadcast_to(params['cls'], (tokens.shape[0], 1, tokens.shape[-1]))
         tokens = np.concatenate([cls, tokens], axis=1)
     got = np.asarray(have['with_posemb'], np.float64) - tokens  # (B, N, D): the position embeddings it added
-    mine = params[weights.POSEMB]
-    if _reproduces(np.broadcast_to(mine, got.shape), got, precision):
+    mine = np.broadcast_to(params[weights.POSEMB], got.shape)
+    if _reproduces(mine, got, precision):
         return [finding('inherited', 'with_posemb', 'the candidate adds the same position embeddings')]
     out = [finding('localisation', 'with_posemb', 'the position embeddings the candidate adds (with_posemb minus the '
-                   f'class token and patch tokens) differ from the reference\'s by {_gap(np.broadcast_to(mine, got.shape), got):.1e}')]
-    if raw_posemb is None or raw_posemb.shape == mine.shape:
+                   f'class token and patch tokens) differ from the reference\'s by {_gap(mine, got):.1e}')]
+    if raw_posemb is None or raw_posemb.shape == params[weights.POSEMB].shape:
         return out
     for method, alt in resize_alternatives(raw_posemb, cfg).items():
-        if not method.startswith('scipy.ndimage.zoom order=1') and _reproduces(np.broadcast_to(alt, got.shape), got, precision):
+        official = method.startswith('scipy.ndimage.zoom order=1')
+        if not official and _reproduces(np.broadcast_to(alt, got.shape), got, precision):
             out.append(finding('cause', 'with_posemb', f'position embeddings resized with {method}; the official code '
                                'resizes with scipy.ndimage.zoom order=1 (bilinear, corner-aligned, on the patch grid '
                                'only): that resize reproduces the candidate\'s', 'posemb_resize', method=method))

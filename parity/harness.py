@@ -213,9 +213,9 @@ def print_verdict(summary: dict, precision: str, n: int) -> None:
     if summary['ok']:
         print(f'verdict: PASS ({pol.what})')
     elif summary['first_divergence']:
-        print(f'verdict: FAIL: first divergence at {summary["first_divergence"]}'
-              + (f' ({summary["first_divergent_tensor"]})' if summary['first_divergent_tensor'] != summary['first_divergence'] else '')
-              + f' under {pol.what}')
+        tensor = summary['first_divergent_tensor']
+        detail = f' ({tensor})' if tensor != summary['first_divergence'] else ''
+        print(f'verdict: FAIL: first divergence at {summary["first_divergence"]}{detail} under {pol.what}')
     else:
         print(f'verdict: FAIL: top-1 classes disagree on {summary["top1_disagreements"]} of {n} images '
               f'(ties within the logit bound excused; {pol.what})')
@@ -444,17 +444,12 @@ Exit 0 when all is within tolerance, 1 when not, 2 for a user error."""
 
 
 def load_labels(path: Optional[str], n: int, num_classes: int, seed: int) -> np.ndarray:
+    """Integer class per image from --labels, or seeded random ones."""
     if path is None:
         return np.random.default_rng(seed + 1).integers(0, num_classes, n)
-    if not os.path.isfile(path):
-        raise UserError(f'--labels {path}: no such file')
-    try:
-        y = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(f'--labels {path}: not a readable .npy array ({e})') from None
-    if not isinstance(y, np.ndarray) or y.dtype.kind not in 'iu' or y.shape != (n,):
-        raise UserError(f'--labels {path}: expected {n} integer class indices, shape ({n},), found '
-                        f'{getattr(y, "dtype", type(y).__name__)} {getattr(y, "shape", "")}')
+    y = cli.read_npy(path, '--labels')
+    if y.dtype.kind not in 'iu' or y.shape != (n,):
+        raise UserError(f'--labels {path}: expected {n} integer class indices, shape ({n},), found {y.dtype} {y.shape}')
     if y.min() < 0 or y.max() >= num_classes:
         raise UserError(f'--labels {path}: class indices must lie in [0, {num_classes}), found {y.min()}..{y.max()}')
     return y.astype(np.int64)
@@ -513,8 +508,8 @@ def grad_main(argv: Optional[Sequence[str]] = None) -> int:
 
     cfg, params = cli.load_checkpoint(args.checkpoint, args.config, args.image_size)
     if not cfg.num_classes or cfg.classifier not in ('token', 'gap'):
-        raise UserError(f'{args.checkpoint}: grad trains a classifier; this config has '
-                        f'{cfg.num_classes} classes and the {cfg.classifier!r} classifier (need token or gap, classes > 0)')
+        raise UserError(f'{args.checkpoint}: grad trains a classifier; this config has {cfg.num_classes} classes '
+                        f'and the {cfg.classifier!r} classifier (need token or gap, classes > 0)')
     cfg = cfg.replace(dropout_rate=0.0, attention_dropout_rate=0.0)
     x, batch = load_batch(args, cfg)
     labels = load_labels(args.labels, len(x), cfg.num_classes, args.seed)
