@@ -37,6 +37,7 @@ class Outputs:
 
 
 def run_jax(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
+    """The Flax model on one (h, w, 3) image; parameters read from its variables tree (HWIO kernel)."""
     import jax
 
     jax.config.update('jax_default_matmul_precision', 'highest')
@@ -54,6 +55,7 @@ def run_jax(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
 
 
 def run_torch(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
+    """The PyTorch model on one (h, w, 3) image; parameters read from its modules (OIHW conv weight)."""
     import torch
 
     from vit_torch.checkpoint import build_model
@@ -74,6 +76,8 @@ RUN = {'jax': run_jax, 'torch': run_torch}
 
 @dataclasses.dataclass
 class Selection:
+    """What the raw attention figure shows, and how many principal components to draw."""
+
     layers: list[int]
     heads: list[int]
     query: Optional[tuple[int, int]]  # a patch (row, column), or None for the class token / mean
@@ -127,6 +131,7 @@ def _indices(spec: Optional[str], count: int, default: list[int], what: str) -> 
 
 
 def select(args: argparse.Namespace, cfg: ViTConfig) -> Selection:
+    """The command line's --layers, --heads, --query and --components, checked against the model."""
     L, H = cfg.num_layers, cfg.num_heads
     layers = _indices(args.layers, L, sorted({0, L // 2, L - 1}), 'layers')
     heads = _indices(args.heads, H, list(range(H)), 'heads')

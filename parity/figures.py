@@ -148,12 +148,19 @@ def _show_image(ax, image: np.ndarray) -> None:
     ax.set_yticks([])
 
 
-def _overlay(ax, image: np.ndarray, values: np.ndarray, vmax: float, alpha: float = 0.55):
+def _overlay(ax, image: np.ndarray, values: np.ndarray, vmin: float, vmax: float, alpha: float = 0.55):
     """`values` (h, w) on the patch grid, smoothly upsampled over the image."""
     _show_image(ax, image)
     H, W = image.shape[:2]
-    return ax.imshow(values, cmap='inferno', vmin=0, vmax=vmax, alpha=alpha, extent=(0, W, H, 0),
+    return ax.imshow(values, cmap='inferno', vmin=vmin, vmax=vmax, alpha=alpha, extent=(0, W, H, 0),
                      interpolation='bilinear')
+
+
+def _upsample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) to (H, W), bilinear."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(values.astype(np.float32), mode='F').resize(size[::-1], Image.BILINEAR))
 
 
 def _save(fig, path: str) -> str:
@@ -163,7 +170,7 @@ def _save(fig, path: str) -> str:
 
 
 def rollout_size() -> tuple[float, float]:
-    return (13.5, 4.6)
+    return (17.5, 4.7)
 
 
 def attention_size(rows: int, cols: int) -> tuple[float, float]:
@@ -189,24 +196,31 @@ def pixels(size_inches: tuple[float, float]) -> tuple[int, int]:
 
 
 def render_rollout(path: str, image: np.ndarray, rollout: np.ndarray, title: str, has_cls_token: bool) -> str:
-    """Image, rollout on the patch grid, and the rollout over the image, side by side."""
+    """The input, the rollout on the patch grid, the rollout over the input, and the input weighted by it.
+
+    The last panel is the paper's rendering (Figure 6): pixels scaled by the rollout
+    divided by its maximum, so what the output token does not read fades to black.
+    """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=rollout_size(), gridspec_kw={'width_ratios': [1, 1, 1]})
-    fig.subplots_adjust(left=0.03, right=0.93, top=0.82, bottom=0.1, wspace=0.18)
+    fig, axes = plt.subplots(1, 4, figsize=rollout_size())
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.8, bottom=0.1, wspace=0.3)
     source = 'class token' if has_cls_token else 'mean over all tokens (gap model: no class token)'
-    fig.suptitle(f'Attention rollout: {source}\n{title}', fontsize=11)
+    fig.suptitle(f'Attention rollout to the {source}\n{title}', fontsize=11)
     _show_image(axes[0], image)
     axes[0].set_title('input (as the model sees it)', fontsize=10)
-    vmax = float(rollout.max())
+    lo, hi = float(rollout.min()), float(rollout.max())
     h, w = rollout.shape
-    grid = axes[1].imshow(rollout, cmap='inferno', vmin=0, vmax=vmax, interpolation='nearest')
+    grid = axes[1].imshow(rollout, cmap='inferno', vmin=lo, vmax=hi, interpolation='nearest')
     axes[1].set_title(f'rollout on the {h}x{w} patch grid', fontsize=10)
     axes[1].set_xlabel('patch column')
     axes[1].set_ylabel('patch row')
-    _overlay(axes[2], image, rollout, vmax)
+    cbar = fig.colorbar(grid, ax=axes[1], fraction=0.046, pad=0.04)
+    cbar.set_label('share of the input reaching the output token', fontsize=8)
+    _overlay(axes[2], image, rollout, lo, hi)
     axes[2].set_title('rollout over the input (alpha 0.55)', fontsize=10)
-    cbar = fig.colorbar(grid, ax=axes, fraction=0.02, pad=0.02)
-    cbar.set_label('share of the input that reaches the output token')
+    mask = _upsample(rollout / hi if hi > 0 else rollout, image.shape[:2])
+    _show_image(axes[3], (np.clip((image + 1) / 2, 0, 1) * mask[..., None]) * 2 - 1)
+    axes[3].set_title('input x rollout / max (as in the paper)', fontsize=10)
     return _save(fig, path)
 
 
@@ -231,7 +245,7 @@ def render_attention(path: str, image: np.ndarray, maps: np.ndarray, layers: Seq
         for c, head in enumerate(heads):
             m = maps[r, c]
             peak = float(m.max())
-            im = _overlay(axes[r, c], image, m / peak if peak > 0 else m, 1.0, alpha=0.65)
+            im = _overlay(axes[r, c], image, m / peak if peak > 0 else m, 0.0, 1.0, alpha=0.65)
             if query_patch is not None:
                 ph, pw = image.shape[0] / m.shape[0], image.shape[1] / m.shape[1]
                 axes[r, c].add_patch(Rectangle((query_patch[1] * pw, query_patch[0] * ph), pw, ph, fill=False,
