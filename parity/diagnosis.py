@@ -622,6 +622,18 @@ def _diagnose_head(cfg, params, have, reference, first, precision) -> list[dict]
 
 # --------------------------------------------------------------------------- entry point
 
+IMAGES = 2
+
+
+def _worst_rows(ref, got, n: int) -> np.ndarray:
+    """Indices of the (at most IMAGES) images whose tensor differs most, in batch order."""
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    if ref.shape != got.shape or n <= IMAGES:
+        return np.arange(min(n, IMAGES))
+    per_image = np.nan_to_num(np.abs(ref - got).reshape(n, -1).max(axis=1), nan=np.inf)
+    return np.sort(np.argsort(-per_image, kind='stable')[:IMAGES])
+
+
 def diagnose(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, reference: Mapping[str, np.ndarray],
              candidate: Mapping[str, np.ndarray], first: str, precision: str = 'fp32',
              raw_posemb: Optional[np.ndarray] = None) -> list[dict]:
@@ -630,9 +642,15 @@ def diagnose(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, re
     `reference` holds the reference's intermediates, `candidate` the candidate's (aligned
     to the reference's layouts, any subset, plus optional sub-step outputs under
     `substep_key` names). `raw_posemb` is the checkpoint's own position embedding, for
-    the resizing hypotheses.
+    the resizing hypotheses. The hypotheses run on the `IMAGES` images where `first`
+    differs most: enough to reproduce a cause, cheap on large models.
     """
-    have = {k: np.asarray(v, np.float64) for k, v in candidate.items()}
+    if first not in candidate:
+        return [finding('localisation', first, f'the candidate\'s {first} has another shape than the reference\'s')]
+    rows = _worst_rows(reference[first], candidate[first], len(x))
+    have = {k: np.asarray(v, np.float64)[rows] for k, v in candidate.items()}
+    reference = {k: np.asarray(v)[rows] for k, v in reference.items()}
+    x = np.asarray(x)[rows]
 
     def input_of(name: str) -> tuple[np.ndarray, str]:
         if name in have:
