@@ -427,7 +427,9 @@ def verify_main(argv: Optional[Sequence[str]] = None) -> int:
                      + (f' (did you mean {close[0]!r}?)' if close else ''))
         del candidate[name]
     reference = run_reference(cfg, params, x, attention=any(k.startswith('attention_') for k in candidate))
-    return conclude(cfg, params, x, reference, candidate, args.precision, args.function, batch, notes, args.json)
+    raw_posemb = lambda: weights.load_npz(args.checkpoint)[weights.POSEMB]  # noqa: E731
+    return conclude(cfg, params, x, reference, candidate, args.precision, args.function, batch, notes, args.json,
+                    raw_posemb=raw_posemb)
 
 
 # --------------------------------------------------------------------------- grad
