@@ -15,7 +15,8 @@ weight-standardised convolutions, TF `SAME` padding.
 
 Nothing here imports the project: copy the file and change it.
 
-Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP width, C channels.
+Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP width, C channels, h x w a grid,
+G GroupNorm groups.
 """
 
 import math
@@ -96,10 +97,10 @@ def std_conv(x, kernel, stride=1):
 
 def group_norm(x, scale, bias, groups=32):
     B, h, w, C = x.shape
-    g = x.reshape(B, h, w, groups, C // groups)
+    g = x.reshape(B, h, w, groups, C // groups)  # (B, h, w, G, C/G)
     mean = g.mean((1, 2, 4), keepdims=True)
     var = ((g - mean) ** 2).mean((1, 2, 4), keepdims=True)
-    return ((g - mean) / np.sqrt(var + GN_EPS)).reshape(B, h, w, C) * scale + bias
+    return ((g - mean) / np.sqrt(var + GN_EPS)).reshape(B, h, w, C) * scale + bias  # (B, h, w, C)
 
 
 def max_pool(x):
@@ -149,7 +150,8 @@ def vit(params, x):
     ph, pw, C, D = p['embedding/kernel'].shape
     B, height, width, _ = x.shape
     gh, gw = height // ph, width // pw
-    patches = x[:, :gh * ph, :gw * pw].reshape(B, gh, ph, gw, pw, C).transpose(0, 1, 3, 2, 4, 5)
+    patches = x[:, :gh * ph, :gw * pw].reshape(B, gh, ph, gw, pw, C)  # (B, gh, ph, gw, pw, C)
+    patches = patches.transpose(0, 1, 3, 2, 4, 5)  # (B, gh, gw, ph, pw, C)
     x = patches.reshape(B, gh * gw, ph * pw * C) @ p['embedding/kernel'].reshape(ph * pw * C, D)
     x = x + p['embedding/bias']  # (B, N, D), tokens in row-major grid order
     out['embedding'] = x

@@ -286,6 +286,7 @@ def _hf_generation() -> int:
 
 
 def hf_name(torch_name: str, generation: int = 5) -> str:
+    """transformers' name of one of our torch state-dict names."""
     for pattern, v5, v4 in _HF_NAMES:
         if pattern.search(torch_name):
             return pattern.sub(v5 if generation >= 5 else v4, torch_name)
@@ -293,6 +294,7 @@ def hf_name(torch_name: str, generation: int = 5) -> str:
 
 
 def hf_taps(generation: int) -> tuple[Tap, ...]:
+    """HF_TAPS with block i's module path filled in for one transformers generation."""
     layer = 'vit.layers.{i}' if generation >= 5 else 'vit.encoder.layer.{i}'
     return tuple((ours, (v5 if generation >= 5 else v4 or v5).replace('{L}', layer), what)
                  for ours, v5, v4, what in HF_TAPS)

@@ -15,7 +15,8 @@ candidate's *own* inputs:
   (unscaled queries, a transposed out-projection). A cause is named when the
   alternative reproduces the candidate within tolerance and the official numerics do not.
 
-Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP size; images NHWC.
+Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP size, h x w a grid, C channels,
+G GroupNorm groups; images NHWC.
 """
 
 from __future__ import annotations
@@ -195,10 +196,10 @@ def _conv(x, kernel, stride: int, padding: str, ws: str = 'official') -> np.ndar
 
 def _group_norm(x, scale, bias, groups: int = 32, eps: float = 1e-6) -> np.ndarray:
     B, h, w, C = x.shape
-    g = x.reshape(B, h, w, groups, C // groups)
+    g = x.reshape(B, h, w, groups, C // groups)  # (B, h, w, G, C/G)
     mean = g.mean((1, 2, 4), keepdims=True)
     var = ((g - mean) ** 2).mean((1, 2, 4), keepdims=True)
-    return ((g - mean) / np.sqrt(var + eps)).reshape(B, h, w, C) * scale + bias
+    return ((g - mean) / np.sqrt(var + eps)).reshape(B, h, w, C) * scale + bias  # (B, h, w, C)
 
 
 def _max_pool(x, padding: str) -> np.ndarray:
@@ -513,11 +514,12 @@ def patch_embed(cfg: ViTConfig, params, features, order: str = 'rows') -> np.nda
     ph, pw, C, D = kernel.shape
     B, h, w, _ = features.shape
     gh, gw = h // ph, w // pw
-    patches = np.asarray(features, np.float64)[:, :gh * ph, :gw * pw].reshape(B, gh, ph, gw, pw, C)
+    patches = np.asarray(features, np.float64)[:, :gh * ph, :gw * pw]
+    patches = patches.reshape(B, gh, ph, gw, pw, C)  # (B, gh, ph, gw, pw, C)
     tokens = np.einsum('bipjqc,pqcd->bijd', patches, kernel) + params['embedding/bias']  # (B, gh, gw, D)
     if order == 'columns':
         tokens = tokens.transpose(0, 2, 1, 3)
-    return tokens.reshape(B, gh * gw, D)
+    return tokens.reshape(B, gh * gw, D)  # (B, N, D)
 
 
 def _diagnose_embedding(cfg, params, features, got, precision, fed) -> list[dict]:
@@ -542,16 +544,18 @@ def resize_alternatives(raw: np.ndarray, cfg: ViTConfig) -> dict[str, np.ndarray
     n_tok = int(cfg.has_cls_token)
     tok, grid = raw[:, :n_tok], raw[0, n_tok:]
     gs = math.isqrt(grid.shape[0])
-    t = torch.from_numpy(np.ascontiguousarray(grid.reshape(gs, gs, -1).transpose(2, 0, 1)[None], np.float32))
+    t = grid.reshape(gs, gs, -1).transpose(2, 0, 1)[None]  # (1, D, gs, gs)
+    t = torch.from_numpy(np.ascontiguousarray(t, np.float32))
     out = {'scipy.ndimage.zoom order=1 (the official load_pretrained)': official}
     for mode, aa in (('bilinear', False), ('bicubic', False), ('bicubic', True)):
         r = F.interpolate(t, size=cfg.grid_size, mode=mode, align_corners=False, antialias=aa)[0]
-        grid_r = r.permute(1, 2, 0).reshape(1, -1, raw.shape[-1]).numpy()
+        grid_r = r.permute(1, 2, 0).reshape(1, -1, raw.shape[-1]).numpy()  # (1, N, D)
         out[f'torch {mode} (align_corners=False{", antialias" if aa else ""})'] = np.concatenate([tok, grid_r], 1)
     import scipy.ndimage
 
     zoom = scipy.ndimage.zoom(grid.reshape(gs, gs, -1), (cfg.grid_size[0] / gs, cfg.grid_size[1] / gs, 1), order=3)
-    out['scipy.ndimage.zoom order=3 (cubic spline)'] = np.concatenate([tok, zoom.reshape(1, -1, raw.shape[-1])], 1)
+    zoom = zoom.reshape(1, -1, raw.shape[-1])  # (1, N, D)
+    out['scipy.ndimage.zoom order=3 (cubic spline)'] = np.concatenate([tok, zoom], 1)
     return out
 
 

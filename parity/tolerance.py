@@ -48,6 +48,7 @@ PRECISIONS = tuple(POLICIES)
 
 
 def policy(precision: str = 'fp32') -> Policy:
+    """The policy of one precision: 'fp32', 'tf32' or 'bf16'."""
     return POLICIES[precision]
 
 
