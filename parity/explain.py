@@ -185,27 +185,27 @@ def write(directory: str, cfg: ViTConfig, image: np.ndarray, result: dict[str, n
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Attention rollout, raw attention, and the paper's Figure 7, from each framework, checked equal."""
-    parser = argparse.ArgumentParser(prog='python -m parity explain', description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog='python -m parity explain', formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Attention rollout, raw attention and the ViT paper\'s Figure 7 for one image,\n'
+                    'computed from vit_jax and from vit_torch and checked equal.',
+        epilog='writes to DIR: rollout.png, attention.png, position_similarity.png, filter_pca.png (not for '
+               'hybrids),\nattention_distance.png, each with its array as .npy, and probabilities.npy.\n'
+               'Exit 0 when the frameworks agree within the tolerance policy, 1 when not, 2 for a user error.')
     parser.add_argument('image', metavar='IMAGE', help='a JPEG/PNG file (grayscale and RGBA are converted to RGB)')
-    parser.add_argument('--checkpoint', required=True, metavar='CKPT.npz',
-                        help='a checkpoint with a classification head, released (or linen) npz layout')
-    cli.add_config_argument(parser)
+    predict.add_checkpoint_arguments(parser)
     parser.add_argument('--out', required=True, metavar='DIR', help='folder for the PNGs and .npy arrays (created)')
     parser.add_argument('--framework', choices=tuple(FRAMEWORKS), default='both',
                         help='which implementation(s) to run; both checks them against each other (default)')
     parser.add_argument('--layers', metavar='I,J,...',
-                        help='encoder blocks (0-based) for the raw attention figure, or "all" '
-                             '(default: first, middle, last)')
+                        help='encoder blocks (0-based, negative from the end) for the raw attention figure, or '
+                             '"all" (default: first, middle, last)')
     parser.add_argument('--heads', metavar='I,J,...', help='heads for the raw attention figure (default: all)')
     parser.add_argument('--query', metavar='cls|mean|ROW,COL',
                         help='whose attention the raw figure shows: the class token (default), the mean over '
                              'queries (default without a class token), or the patch at ROW,COL')
     parser.add_argument('--components', type=int, default=28, metavar='K',
                         help='principal components of the embedding filters to draw (default 28, as in the paper)')
-    parser.add_argument('--labels', metavar='FILE', help='class names for the title (as in predict)')
-    parser.add_argument('--image-size', type=int, metavar='N',
-                        help="build the model at NxN (default: the checkpoint's own resolution)")
     args = parser.parse_args(argv)
 
     cfg, params, labels, _ = predict.load(args, [args.image])

@@ -106,12 +106,18 @@ def format_predictions(paths: Sequence[str], probs: np.ndarray, labels: Sequence
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`IMAGE... --checkpoint CKPT [--config C] [--top K] [--labels F] [--image-size N]`."""
     parser.add_argument('images', nargs='+', metavar='IMAGE',
                         help='JPEG/PNG files (grayscale and RGBA are converted to RGB)')
+    add_checkpoint_arguments(parser)
+    parser.add_argument('--top', type=int, default=5, metavar='K', help='classes to print per image (default 5)')
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `predict` and `explain` share: the checkpoint, its config, class names and resolution."""
     parser.add_argument('--checkpoint', required=True, metavar='CKPT.npz',
                         help='a checkpoint with a classification head, released (or linen) npz layout')
     cli.add_config_argument(parser)
-    parser.add_argument('--top', type=int, default=5, metavar='K', help='classes to print per image (default 5)')
     parser.add_argument('--labels', metavar='FILE',
                         help='class names, one per line in logit order, or a bundled list (imagenet2012, '
                              'imagenet21k); default: chosen by the head size (1000, 21843), else class indices')
