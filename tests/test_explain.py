@@ -228,3 +228,13 @@ def test_explain_refuses_a_zero_head(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and 'all zeros' in lines[0] and 'ImageNet-21k' in lines[0], proc.stderr
     assert not os.path.exists(tmp_path / 'o')
+
+
+def test_compare_reports_a_mismatch(capsys):
+    a = {'rollout': np.full((2, 2), 0.25), 'attention_distance': np.array([[100.0, 50.0]])}
+    assert explain.compare(a, {k: v.copy() for k, v in a.items()}, ('vit_jax', 'vit_torch'))
+    b = {'rollout': a['rollout'] + 2e-5, 'attention_distance': a['attention_distance'] + 1e-4}
+    assert not explain.compare(a, b, ('vit_jax', 'vit_torch'))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith('rollout') and lines[-2].endswith('MISMATCH')
+    assert lines[-1].startswith('attention_distance') and lines[-1].endswith('ok')  # 1e-4 is within 1e-5 x 100
