@@ -54,31 +54,59 @@ class MlpBlock(Module):
 
 
 class Attention(Module):
-    """Multi-head self-attention, by hand, with the parameters of flax's MultiHeadDotProductAttention."""
+    """Multi-head self-attention with the parameters of flax's MultiHeadDotProductAttention.
+
+    By hand by default. `use_sdpa` is the fast path: q, k and v from one matmul (the
+    three kernels concatenated on the fly, so the parameters keep the official layout)
+    and `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU in half precision).
+    It takes the by-hand path where it cannot serve: during `init` (which creates the
+    parameters), when the caller records attention weights (a fused kernel never forms
+    them), and under attention dropout in training (the fused call has none).
+    """
 
     num_heads: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    use_sdpa: bool = False
 
     @nn.compact
     def __call__(self, x, *, deterministic):
         B, N, D = x.shape
         H = self.num_heads
         Dh = D // H
-        proj = functools.partial(nn.DenseGeneral, features=(H, Dh), dtype=self.dtype,
-                                 kernel_init=nn.initializers.xavier_uniform())
-        q = proj(name='query')(x)  # (B, N, H, Dh)
-        k = proj(name='key')(x)  # (B, N, H, Dh)
-        v = proj(name='value')(x)  # (B, N, H, Dh)
-        # Scale the queries rather than the logits, as flax does: same rounding as the official model.
-        q = q / jnp.sqrt(Dh).astype(q.dtype)
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)  # (B, H, N, N)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)  # (B, H, N, N)
-        self.sow('attention', 'attention', weights)
-        weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
-        y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)  # (B, N, H, Dh)
+        if (self.use_sdpa and not self.is_initializing() and not self.is_mutable_collection('attention')
+                and (deterministic or not self.dropout_rate)):
+            y = self.fused(x)  # (B, N, H, Dh)
+        else:
+            proj = functools.partial(nn.DenseGeneral, features=(H, Dh), dtype=self.dtype,
+                                     kernel_init=nn.initializers.xavier_uniform())
+            q = proj(name='query')(x)  # (B, N, H, Dh)
+            k = proj(name='key')(x)  # (B, N, H, Dh)
+            v = proj(name='value')(x)  # (B, N, H, Dh)
+            # Scale the queries rather than the logits, as flax does: same rounding as the official model.
+            q = q / jnp.sqrt(Dh).astype(q.dtype)
+            logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)  # (B, H, N, N)
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)  # (B, H, N, N)
+            self.sow('attention', 'attention', weights)
+            weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
+            y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)  # (B, N, H, Dh)
         return nn.DenseGeneral(features=D, axis=(-2, -1), dtype=self.dtype,
                                kernel_init=nn.initializers.xavier_uniform(), name='out')(y)  # (B, N, D)
+
+    def fused(self, x):
+        """The fast path's attention output (B, N, H, Dh), from the existing query/key/value parameters."""
+        B, N, D = x.shape
+        H = self.num_heads
+        Dh = D // H
+        p = self.variables['params']
+        w = jnp.concatenate([p[n]['kernel'].reshape(D, D) for n in ('query', 'key', 'value')], axis=1)  # (D, 3D)
+        b = jnp.concatenate([p[n]['bias'].reshape(D) for n in ('query', 'key', 'value')])  # (3D,)
+        x, w, b = nn.dtypes.promote_dtype(x, w, b, dtype=self.dtype)
+        qkv = (x @ w + b).reshape(B, N, 3, H, Dh)  # (B, N, 3, H, Dh)
+        half = jnp.dtype(self.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        implementation = 'cudnn' if half and jax.default_backend() == 'gpu' else None  # None: XLA's
+        return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                            implementation=implementation)  # (B, N, H, Dh)
 
 
 class EncoderBlock(Module):
@@ -89,12 +117,13 @@ class EncoderBlock(Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    use_sdpa: bool = False
 
     @nn.compact
     def __call__(self, x, *, deterministic):
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
         y = Attention(num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-                      name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
+                      use_sdpa=self.use_sdpa, name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
         y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
         x = x + y
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_1')(x)
@@ -124,6 +153,7 @@ class Encoder(Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    use_sdpa: bool = False
 
     @nn.compact
     def __call__(self, x, *, train):
@@ -133,7 +163,7 @@ class Encoder(Module):
         for i in range(self.num_layers):
             x = EncoderBlock(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
                              attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-                             name=f'encoderblock_{i}')(x, deterministic=not train)
+                             use_sdpa=self.use_sdpa, name=f'encoderblock_{i}')(x, deterministic=not train)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
         self.sow('intermediates', 'encoded', x)
         return x
@@ -202,10 +232,12 @@ class VisionTransformer(Module):
 
     `dtype` is the compute dtype (bfloat16 for speed); parameters stay float32 and the
     head runs in float32. Call with `train=True` (and a 'dropout' rng) to enable dropout.
+    `use_sdpa` switches attention to the fast path (see `Attention`).
     """
 
     config: ViTConfig
     dtype: Dtype = jnp.float32
+    use_sdpa: bool = False
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
@@ -228,7 +260,7 @@ class VisionTransformer(Module):
             cls = self.param('cls', nn.initializers.zeros, (1, 1, D))
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (B, 1, 1)), x], axis=1)  # (B, N, D)
         x = Encoder(cfg.num_layers, cfg.mlp_dim, cfg.num_heads, cfg.dropout_rate, cfg.attention_dropout_rate,
-                    self.dtype, name='Transformer')(x, train=train)
+                    self.dtype, self.use_sdpa, name='Transformer')(x, train=train)
         if cfg.classifier == 'token':
             x = x[:, 0]  # (B, D)
         elif cfg.classifier == 'gap':

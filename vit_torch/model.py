@@ -75,7 +75,14 @@ class MlpBlock(Module):
 
 
 class Attention(Module):
-    """Multi-head self-attention, by hand, or through `F.scaled_dot_product_attention` with `use_sdpa`."""
+    """Multi-head self-attention with the parameters of flax's MultiHeadDotProductAttention.
+
+    By hand by default. `use_sdpa` is the fast path: q, k and v from one matmul (the
+    three weights concatenated on the fly, so the parameters keep the official layout)
+    and `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU). It
+    takes the by-hand path when the caller records attention weights (a fused kernel
+    never forms them).
+    """
 
     def __init__(self, dim: int, num_heads: int, dropout_rate: float = 0.0, use_sdpa: bool = False):
         super().__init__()
@@ -94,12 +101,12 @@ class Attention(Module):
         B, N, D = x.shape
         H = self.num_heads
         Dh = D // H
-        q = self.query(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-        k = self.key(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-        v = self.value(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-        if self.use_sdpa and not self.sowing('attention'):  # fused kernels never form the weights
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_rate if self.training else 0.0)
+        if self.use_sdpa and not self.sowing('attention'):
+            y = self.fused(x)  # (B, H, N, Dh)
         else:
+            q = self.query(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+            k = self.key(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+            v = self.value(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
             # Scale the queries rather than the logits, as flax does: same rounding as the official model.
             q = q / math.sqrt(Dh)
             logits = q @ k.transpose(-2, -1)  # (B, H, N, N)
@@ -109,6 +116,16 @@ class Attention(Module):
             y = weights @ v  # (B, H, N, Dh)
         y = y.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.out(y)
+
+    def fused(self, x):
+        """The fast path's attention output (B, H, N, Dh), from the existing query/key/value parameters."""
+        B, N, D = x.shape
+        H = self.num_heads
+        Dh = D // H
+        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3D, D)
+        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3D,)
+        q, k, v = F.linear(x, w, b).view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_rate if self.training else 0.0)
 
 
 class EncoderBlock(Module):
