@@ -205,8 +205,22 @@ def _tf():
     """TensorFlow, imported on first use only and kept off any GPU (JAX and PyTorch own those)."""
     import tensorflow as tf
 
-    tf.config.set_visible_devices([], 'GPU')
+    try:
+        tf.config.set_visible_devices([], 'GPU')
+    except RuntimeError:  # already initialised by an earlier call; nothing to change
+        pass
     return tf
+
+
+def _online(host: str = 'storage.googleapis.com') -> bool:
+    """Whether the host that serves tfds's data resolves: a quick look for a network before downloading."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
 
 
 def _how_to_prepare(name: str, data_dir: Optional[str]) -> str:
@@ -235,12 +249,16 @@ class Tfds(Dataset):
         self.num_classes = features['label'].num_classes
         self.preset = PRESETS.get(name, DEFAULT_PRESET)
         if not self.builder.is_prepared():
-            # As the official pipeline does; offline this fails at once and says how to prepare it.
-            try:
+            where = data_dir or 'the default data dir'
+            # tfds retries a failing download for minutes: without network, say so at once.
+            if not _online():
+                raise UserError(f'--dataset {name}: not prepared in {where} and there is no network to download it; '
+                                + _how_to_prepare(name, data_dir))
+            try:  # as the official pipeline does
                 self.builder.download_and_prepare()
             except Exception as e:  # download and preparation raise many kinds of errors
-                raise UserError(f'--dataset {name}: not prepared in {data_dir or "the default data dir"} and it '
-                                f'cannot be downloaded here ({type(e).__name__}: {str(e).splitlines()[0][:120]}); '
+                raise UserError(f'--dataset {name}: not prepared in {where} and it could not be downloaded '
+                                f'({type(e).__name__}: {str(e).splitlines()[0][:120]}); '
                                 + _how_to_prepare(name, data_dir)) from None
         self._counts = {}
 

@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import hashlib
 import json
-import math
 import os
 import re
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -156,20 +154,52 @@ def _replicate(tree, mesh):
                         tree)
 
 
+def _new_state(tx, seed_key):
+    """`params -> TrainState` at step 0, for jit and eval_shape alike."""
+    import jax.numpy as jnp
+
+    TrainState = train_state_class()
+    return lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=seed_key)
+
+
+def init_params(cfg: ViTConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """The Flax model's own initialisation (zero head and class token, as the official code), canonical NumPy."""
+    import jax
+
+    from vit_jax.checkpoint import params_from_variables
+    from vit_jax.model import VisionTransformer
+
+    S = cfg.image_size
+    init = jax.jit(lambda key: VisionTransformer(cfg).init(key, np.zeros((1, S, S, 3), np.float32)))
+    with jax.default_device(jax.local_devices(backend='cpu')[0]):  # host memory, this process only
+        return params_from_variables(init(jax.random.PRNGKey(seed)))
+
+
 def create_train_state(cfg: ViTConfig, params: dict, tx, seed: int = 0, mesh=None):
-    """A fresh `TrainState` for canonical NumPy `params`, replicated over `mesh` (default `make_mesh()`)."""
+    """A fresh `TrainState` for canonical NumPy `params`, replicated over `mesh` (default `make_mesh()`).
+
+    `seed` makes the dropout key; `init_params(cfg, seed)` gives params for training from scratch.
+    """
     import jax
 
     from vit_jax.checkpoint import variables_from_params
 
     mesh = mesh if mesh is not None else make_mesh()
     replicated, _ = _shardings(mesh)
-    TrainState = train_state_class()
+    key = _replicate(np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))), mesh)
     tree = _replicate(variables_from_params(params)['params'], mesh)
-    rng = _replicate(np.asarray(jax.random.key_data(jax.random.PRNGKey(seed))), mesh)
-    init = jax.jit(lambda p, r: TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p,
-                                           opt_state=tx.init(p), rng=r), out_shardings=replicated)
-    return init(tree, rng)
+    return jax.jit(lambda p, k: _new_state(tx, k)(p), out_shardings=replicated)(tree, key)
+
+
+def abstract_train_state(cfg: ViTConfig, tx):
+    """The shapes and dtypes of a `TrainState` for `cfg`, computed without running anything."""
+    import jax
+
+    from vit_jax.checkpoint import variables_from_params
+
+    shapes = {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in weights.param_shapes(cfg).items()}
+    key = jax.ShapeDtypeStruct((2,), np.uint32)
+    return jax.eval_shape(lambda p, k: _new_state(tx, k)(p), variables_from_params(shapes)['params'], key)
 
 
 def shard_batch(batch: dict, mesh):
@@ -238,7 +268,7 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
             loss, acc, grads = jax.tree.map(lambda t: t / A, (loss, acc, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {'loss': loss, 'accuracy': acc, 'grad_norm': optax.global_norm(grads)}
+        metrics = {'loss': loss, 'accuracy': acc, 'grad_norm': optax.tree.norm(grads)}
         if lr_fn is not None:
             metrics['learning_rate'] = lr_fn(state.step)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -248,7 +278,8 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
 
 
 def make_eval_step(cfg: ViTConfig, *, mesh=None, dtype: str = 'float32'):
-    """Jitted `eval_step(params, batch) -> {'correct', 'loss', 'count'}`: sums over the unmasked rows."""
+    """Jitted `eval_step(params, batch, totals) -> totals`: adds the batch's 'correct', 'loss' and 'count'
+    over its unmasked rows to `totals` (start from `eval_totals(mesh)`), all on the devices."""
     import jax
     import jax.numpy as jnp
 
@@ -258,14 +289,20 @@ def make_eval_step(cfg: ViTConfig, *, mesh=None, dtype: str = 'float32'):
     replicated, sharded = _shardings(mesh)
     model = VisionTransformer(cfg, dtype=jnp.dtype(dtype))
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, totals):
         logits = model.apply({'params': params}, batch['image'], train=False)  # (B, C)
         mask = batch['mask']
-        return {'correct': jnp.sum((logits.argmax(-1) == batch['label']) & mask),
-                'loss': jnp.sum(jnp.where(mask, _cross_entropy(logits, batch['label']), 0.0)),
-                'count': jnp.sum(mask)}
+        return {'correct': totals['correct'] + jnp.sum((logits.argmax(-1) == batch['label']) & mask),
+                'loss': totals['loss'] + jnp.sum(jnp.where(mask, _cross_entropy(logits, batch['label']), 0.0)),
+                'count': totals['count'] + jnp.sum(mask)}
 
-    return jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
+    return jax.jit(eval_step, in_shardings=(replicated, sharded, replicated), out_shardings=replicated,
+                   donate_argnums=(2,))
+
+
+def eval_totals(mesh):
+    """Zero totals for `make_eval_step`."""
+    return _replicate({'correct': np.int32(0), 'loss': np.float32(0), 'count': np.int32(0)}, mesh)
 
 
 def to_host(tree):
@@ -292,23 +329,29 @@ def params_digest(params: dict[str, np.ndarray]) -> str:
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _state_arrays(state) -> dict[str, np.ndarray]:
-    """A TrainState as flat named arrays; params under `params/` in canonical names (so load_npz reads them)."""
+def _leaf_name(path) -> str:
+    """A TrainState leaf's name in checkpoints: params under `params/` in canonical names (so
+    `weights.load_npz` reads a training checkpoint as a model), the rest by pytree path."""
     import jax
 
-    host = to_host(state)
-    out = {'step': host.step, 'rng': host.rng}
-    out.update({f'params/{k}': v for k, v in canonical_params(state).items()})
-    for path, leaf in jax.tree_util.tree_flatten_with_path(host.opt_state)[0]:
-        out['opt_state' + jax.tree_util.keystr(path)] = leaf
-    return out
+    field, *rest = path
+    if field.name == 'params':
+        return 'params/' + '/'.join(str(k.key) for k in rest)
+    return field.name + jax.tree_util.keystr(tuple(rest))
+
+
+def state_arrays(state) -> dict[str, Any]:
+    """A TrainState (or its abstract shapes) as flat named leaves."""
+    import jax
+
+    return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
 def save_checkpoint(workdir: str, state, keep: int) -> str:
     """Writes DIR/checkpoints/ckpt-STEP.npz atomically (temp file, then rename); keeps the newest `keep`."""
     directory = os.path.join(workdir, CHECKPOINTS)
     os.makedirs(directory, exist_ok=True)
-    arrays = _state_arrays(state)
+    arrays = state_arrays(to_host(state))
     path = os.path.join(directory, f'ckpt-{int(arrays["step"]):07d}.npz')
     tmp = f'{path}.tmp-{os.getpid()}'
     with open(tmp, 'wb') as f:
@@ -332,25 +375,18 @@ def list_checkpoints(workdir: str) -> list[tuple[int, str]]:
 
 
 def restore_checkpoint(path: str, template, mesh):
-    """The TrainState saved at `path`, checked leaf by leaf against `template`, replicated over `mesh`."""
+    """The TrainState saved at `path`, checked leaf by leaf against `template` (see
+    `abstract_train_state`), replicated over `mesh`."""
     import jax
 
     saved = weights.read_npz(path)
-    host = to_host(template)
-    arrays = dict(_state_arrays(template))
-    problems = [k for k in arrays if k not in saved or saved[k].shape != arrays[k].shape
-                or saved[k].dtype != arrays[k].dtype]
-    if problems or len(saved) != len(arrays):
-        raise UserError(f'{path}: not a checkpoint of this run ({len(problems)} arrays missing or different, '
-                        f'e.g. {problems[:2]}); use a new --workdir')
-    params = {k[len('params/'):]: saved[k] for k in saved if k.startswith('params/')}
-    from vit_jax.checkpoint import variables_from_params
-
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(host.opt_state)
-    opt_state = jax.tree_util.tree_unflatten(treedef, [saved['opt_state' + jax.tree_util.keystr(p)] for p, _ in leaves])
-    restored = host.replace(step=saved['step'], rng=saved['rng'], opt_state=opt_state,
-                            params=variables_from_params(params)['params'])
-    return _replicate(restored, mesh)
+    want = state_arrays(template)
+    wrong = [k for k, v in want.items() if k not in saved or saved[k].shape != v.shape or saved[k].dtype != v.dtype]
+    if wrong or saved.keys() != want.keys():
+        raise UserError(f'{path}: not a checkpoint of this run ({len(wrong)} arrays missing or different, '
+                        f'e.g. {", ".join(wrong[:2])}); use a new --workdir')
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return _replicate(treedef.unflatten([saved[_leaf_name(p)] for p, _ in paths]), mesh)
 
 
 # --------------------------------------------------------------------------- the command
@@ -428,14 +464,14 @@ def _positive(args, *names):
 
 
 def _check_workdir(workdir: str) -> None:
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f'--workdir {workdir}: exists and is not a directory; pick another path')
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f'--workdir {workdir}: cannot create it ({e.strerror}); pick a writable path') from None
-    if not os.access(workdir, os.W_OK | os.X_OK):
-        raise UserError(f'--workdir {workdir}: not writable; pick a writable path')
+    """A directory that is or can be made writable; created only once every other check has passed."""
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UserError(f'--workdir {workdir}: {path} exists and is not a directory; pick another path')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f'--workdir {workdir}: {path} is not writable; pick a writable path')
 
 
 def _model(args, dataset: data.Dataset, image_size: int) -> tuple[ViTConfig, Optional[dict]]:
@@ -491,6 +527,7 @@ def _claim_workdir(workdir: str, settings: dict, is_writer: bool) -> None:
     elif list_checkpoints(workdir) or os.path.exists(os.path.join(workdir, 'final.npz')):
         raise UserError(f'--workdir {workdir} holds checkpoints of an unknown run; use a new --workdir')
     elif is_writer:
+        os.makedirs(workdir, exist_ok=True)
         _write_json(path, mine)
 
 
@@ -525,10 +562,9 @@ def evaluate(eval_step, params, dataset: data.Dataset, batch_size: int, image_si
     """Test-split loss and accuracy of replicated `params`; sums stay on the devices until the end."""
     import jax
 
-    totals = None
+    totals = eval_totals(mesh)
     for batch in dataset.eval_batches(None, batch_size, image_size, jax.process_index(), jax.process_count()):
-        out = eval_step(params, shard_batch(batch, mesh))
-        totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+        totals = eval_step(params, shard_batch(batch, mesh), totals)
     totals = to_host(totals)
     n = int(totals['count'])
     return {'examples': n, 'loss': float(totals['loss']) / max(n, 1), 'accuracy': int(totals['correct']) / max(n, 1)}
@@ -543,8 +579,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     checkpoint, data order and random state included.
     """
     args = _parser().parse_args(argv)
-    _positive(args, 'steps', 'batch_size', 'accum_steps', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
-              'log_every', 'image_size')
+    _positive(args, 'steps', 'batch_size', 'accum_steps', 'checkpoint_every', 'keep_checkpoints', 'log_every',
+              'image_size')
+    if args.eval_every is not None and args.eval_every < 0:
+        raise UserError(f'--eval-every {args.eval_every}: must be 0 (only at the end) or more')
     if args.seed < 0:
         raise UserError(f'--seed {args.seed}: must be 0 or more')
     _check_workdir(args.workdir)
@@ -565,17 +603,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     mesh = make_mesh()
     tx, lr_fn = make_optimizer(s['lr'], s['steps'], s['warmup_steps'], s['schedule'])
-    if finetune is None:
-        from vit_jax.checkpoint import params_from_variables
-        from vit_jax.model import VisionTransformer
-
-        init = jax.jit(lambda key: VisionTransformer(cfg).init(key, np.zeros((1, image_size, image_size, 3), np.float32)))
-        finetune = params_from_variables(init(jax.random.PRNGKey(args.seed)))
-    state = create_train_state(cfg, finetune, tx, args.seed, mesh)
     found = list_checkpoints(args.workdir)
     if found:
-        state = restore_checkpoint(found[-1][1], state, mesh)
+        state = restore_checkpoint(found[-1][1], abstract_train_state(cfg, tx), mesh)
+    else:
+        params = finetune if finetune is not None else init_params(cfg, args.seed)
+        state = create_train_state(cfg, params, tx, args.seed, mesh)
     start = int(to_host(state.step))
+    if procs > 1:
+        from jax.experimental import multihost_utils
+
+        starts = multihost_utils.process_allgather(np.int64(start))
+        if not (starts == start).all():
+            raise UserError(f'--workdir {args.workdir}: the processes found checkpoints of different steps '
+                            f'({", ".join(map(str, starts))}); the workdir must be one directory every process sees')
     steps = s['steps']
     if start > steps:
         raise UserError(f'--workdir {args.workdir} is at step {start}, past --steps {steps}; use a new --workdir')
@@ -588,8 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f'({dataset.num_examples(dataset.preset.train):,} train images); {devices} device(s) in {procs} '
                 f'process(es); batch {B}' + (f' in {A} microbatches' if A > 1 else '')
                 + (f'; resuming at step {start}' if start else ''))
-    result = _loop(args, s, dataset, state, train_step, eval_step, mesh, log, start, writer)
-    return result
+    return _loop(args, s, dataset, state, train_step, eval_step, mesh, log, start, writer)
 
 
 def _loop(args, s, dataset, state, train_step, eval_step, mesh, log, start, writer) -> int:
@@ -604,6 +644,7 @@ def _loop(args, s, dataset, state, train_step, eval_step, mesh, log, start, writ
     pending: list[tuple[int, dict]] = []
     last_good = list_checkpoints(args.workdir)[-1][1] if list_checkpoints(args.workdir) else None
     tick, ticked = time.perf_counter(), start
+    trained_seconds, trained_images = 0.0, 0  # after the compiling first step, eval and checkpoints left out
     ev = None
     t_start = time.perf_counter()
     try:
@@ -611,19 +652,24 @@ def _loop(args, s, dataset, state, train_step, eval_step, mesh, log, start, writ
             state, metrics = train_step(state, shard_batch(next(batches), mesh))
             pending.append((step, metrics))
             bar.update(1)
+            if step == start + 1:  # the first step compiles: leave it out of the throughput
+                jax.block_until_ready(metrics)
+                tick, ticked = time.perf_counter(), step
             due_eval = s['eval_every'] and step % s['eval_every'] == 0 or step == steps
             due_ckpt = step % s['checkpoint_every'] == 0 or step == steps
             if step % args.log_every and not (due_eval or due_ckpt):
                 continue
             # One device-to-host transfer per log interval; NaN is caught before any checkpoint is written.
             host = jax.device_get([m for _, m in pending])
-            bad = next((st for (st, _), m in zip(pending, host) if not np.isfinite(m['loss'])), None)
+            bad = next((st for (st, _), m in zip(pending, host)
+                        if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm']))), None)
             if bad is not None:
                 bar.close()
                 where = f'the last good checkpoint is {last_good}' if last_good else 'no checkpoint was written yet'
                 raise UserError(f'loss is not finite at step {bad}; stopped, {where}; lower --lr or raise --warmup-steps')
             now = time.perf_counter()
-            rate = B * (step - ticked) / max(now - tick, 1e-9)
+            trained_seconds, trained_images = trained_seconds + now - tick, trained_images + B * (step - ticked)
+            rate = B * (step - ticked) / max(now - tick, 1e-9) if step > ticked else 0.0
             record = {'step': step, 'split': 'train',
                       'loss': float(np.mean([m['loss'] for m in host])),
                       'accuracy': float(np.mean([m['accuracy'] for m in host])),
@@ -647,10 +693,13 @@ def _loop(args, s, dataset, state, train_step, eval_step, mesh, log, start, writ
         bar.close()
     if ev is None:  # resumed a finished run: score it again for the summary
         ev = evaluate(eval_step, state.params, dataset, B, S, mesh)
-    return _finish(args, s, state, ev, time.perf_counter() - t_start, writer)
+    ev = dict(ev, split=dataset.preset.test, seconds=round(time.perf_counter() - t_start, 1),
+              img_per_sec=round(trained_images / trained_seconds, 1) if trained_seconds else None)
+    return _finish(args, s, state, ev, writer)
 
 
-def _finish(args, s, state, ev: dict, seconds: float, writer: bool) -> int:
+def _finish(args, s, state, ev: dict, writer: bool) -> int:
+    """Writes final.npz and config.json (process 0) and prints the summary line (every process)."""
     import jax
 
     params = canonical_params(state)
@@ -666,7 +715,6 @@ def _finish(args, s, state, ev: dict, seconds: float, writer: bool) -> int:
     if writer:
         weights.save_npz(final, params)
         _write_json(config_path, cfg.to_official_dict())
-    print(json.dumps({'step': s['steps'], 'split': ev and 'test', 'accuracy': ev['accuracy'], 'examples': ev['examples'],
-                      'loss': ev['loss'], 'seconds': round(seconds, 1), 'final': final, 'config': config_path,
+    print(json.dumps({'step': s['steps'], **ev, 'final': final, 'config': config_path,
                       'process': jax.process_index(), 'params_sha256': digest}))
     return 0
