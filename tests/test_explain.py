@@ -160,13 +160,14 @@ def assert_png(path: Path, size: tuple[float, float]) -> None:
         assert len(np.unique(np.asarray(im.convert('L')))) > 50, f'{path.name} is nearly blank'
 
 
-def test_explain_command_writes_every_figure(tmp_path):
+def test_explain_writes_every_figure(tmp_path, capsys):
+    """In-process (the docs' test runs the command line itself, as a user would)."""
     ckpt = checkpoint(tiny(num_classes=1000), tmp_path / 'ckpt.npz')
     out = tmp_path / 'figs'
-    proc = run_cli('parity', 'explain', PHOTOS / 'chelsea.png', '--checkpoint', ckpt, '--out', out,
-                   '--layers', '0,-1', '--heads', '1,3', '--components', '10', check=True)
-    assert 'parity: OK' in proc.stdout, proc.stdout
-    assert 'top-1: ' in proc.stdout
+    assert explain.main([str(PHOTOS / 'chelsea.png'), '--checkpoint', str(ckpt), '--out', str(out),
+                         '--layers', '0,-1', '--heads', '1,3', '--components', '10']) == 0
+    text = capsys.readouterr().out
+    assert 'parity: OK' in text and 'top-1: ' in text, text
     assert_png(out / 'rollout.png', figures.rollout_size())
     assert_png(out / 'attention.png', figures.attention_size(2, 2))
     assert_png(out / 'position_similarity.png', figures.position_similarity_size())
