@@ -20,11 +20,10 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from parity import cli, counterparts, diagnosis, tolerance, weights
+from parity import cli, counterparts, diagnosis, images, tolerance, weights
 from parity.config import ViTConfig
 from parity.errors import UserError
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 MOMENTUM = 0.9
 REFERENCE = 'vit_jax, float32 at highest matmul precision'
 
@@ -55,34 +54,13 @@ def _add_precision(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument('--precision', choices=tolerance.PRECISIONS, default='fp32', help=what)
 
 
-def load_images(folder: str, size: int) -> np.ndarray:
-    """Every JPEG/PNG in `folder` (sorted by name) as float32 NHWC in [-1, 1], resized bilinearly to size x size."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not os.path.isdir(folder):
-        raise UserError(f'--images {folder}: not a folder')
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-        raise UserError(f'--images {folder}: no .jpg, .jpeg or .png files in it')
-    out = []
-    for f in files:
-        path = os.path.join(folder, f)
-        try:
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im).convert('RGB').resize((size, size), Image.BILINEAR)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise UserError(f'--images {path}: not a readable image ({type(e).__name__}: {e})') from None
-        out.append(np.asarray(im, np.float32) / 127.5 - 1.0)
-    return np.stack(out)
-
-
 def load_batch(args: argparse.Namespace, cfg: ViTConfig) -> tuple[np.ndarray, str]:
     """The batch the command runs on, and how to describe it."""
     if args.input is not None:
         x = cli.load_input(args.input, cfg)
         return x, f'{len(x)} images from {args.input}'
     if getattr(args, 'images', None) is not None:
-        x = load_images(args.images, cfg.image_size)
+        x = images.load_images(images.images_in(args.images), cfg.image_size)
         return x, f'{len(x)} images from {args.images}'
     n = 2 if args.random is None else args.random
     if n < 1:

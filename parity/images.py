@@ -23,13 +23,13 @@ def load_image(path: str, size: int) -> np.ndarray:
     as a viewer shows them), not rejected. Resized with bilinear interpolation, as the
     official eval pipeline does.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such image file')
     try:
         with Image.open(path) as im:
-            im.load()
+            im = ImageOps.exif_transpose(im)  # phones store rotation as a tag; show it upright
             if im.mode in ('RGBA', 'LA') or (im.mode == 'P' and 'transparency' in im.info):
                 rgba = im.convert('RGBA')
                 background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))

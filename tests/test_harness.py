@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REFERENCE, REPO, random_params, run_cli, tolerance
-from parity import counterparts, diagnosis, harness, weights
+from parity import counterparts, diagnosis, harness, images, weights
 from parity import tolerance as policy
 from parity.config import ViTConfig
 from parity.errors import UserError
@@ -233,16 +233,16 @@ def test_compare_reads_an_image_folder(tmp_path):
     Image.fromarray(rng.integers(0, 255, (20, 20), np.uint8), 'L').save(tmp_path / 'b.png')
     Image.fromarray(rng.integers(0, 255, (30, 30, 4), np.uint8), 'RGBA').save(tmp_path / 'c.png')
     (tmp_path / 'notes.txt').write_text('not an image')
-    x = harness.load_images(str(tmp_path), 32)
+    x = images.load_images(images.images_in(str(tmp_path)), 32)
     assert x.shape == (3, 32, 32, 3) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
     ckpt, cfg_flag, cfg_path, *_ = case_args(TINY)
     code, report = run(harness.compare_main, [ckpt, cfg_flag, cfg_path, '--images', tmp_path], tmp_path)
     assert code == 0 and report['batch'].startswith('3 images')
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(UserError, match='no .jpg'):
-        harness.load_images(str(tmp_path / 'empty'), 32)
-    with pytest.raises(UserError, match='not a folder'):
-        harness.load_images(str(tmp_path / 'missing'), 32)
+    with pytest.raises(UserError, match='holds no image files'):
+        images.images_in(str(tmp_path / 'empty'))
+    with pytest.raises(UserError, match='no such directory'):
+        images.images_in(str(tmp_path / 'missing'))
 
 
 def test_compare_command_line(tmp_path):
