@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -201,8 +202,14 @@ class Digits(Dataset):
 
 # --------------------------------------------------------------------------- tensorflow-datasets
 
-def _tf():
+def import_tensorflow():
     """TensorFlow, imported on first use only and kept off any GPU (JAX and PyTorch own those)."""
+    import importlib.util
+
+    if 'tensorflow' not in sys.modules and importlib.util.find_spec('triton') is not None:
+        # PyTorch loads triton lazily, and triton segfaults when it loads after TensorFlow (both
+        # carry their own LLVM): load it first, so eval and tests can hold both frameworks.
+        import triton  # noqa: F401
     import tensorflow as tf
 
     try:
@@ -234,7 +241,7 @@ class Tfds(Dataset):
     """A tensorflow-datasets image-classification dataset through the official pipeline."""
 
     def __init__(self, name: str, data_dir: Optional[str] = None):
-        _tf()
+        import_tensorflow()
         import tensorflow_datasets as tfds
 
         self.name, self.data_dir, self._tfds = name, data_dir, tfds
@@ -270,7 +277,8 @@ class Tfds(Dataset):
                                          shuffle_files=shuffle_seed is not None,
                                          read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
         except (ValueError, KeyError, AssertionError) as e:
-            raise UserError(f'--dataset {self.name}: cannot read split {split!r} ({str(e).splitlines()[0][:160]})') from None
+            raise UserError(f'--dataset {self.name}: cannot read split {split!r} '
+                            f'({str(e).splitlines()[0][:160]})') from None
         return ds.map(lambda ex: (ex['image'], ex['label']))
 
     def num_examples(self, split: str) -> int:
@@ -282,14 +290,14 @@ class Tfds(Dataset):
         return self._counts[split]
 
     def _decode(self, image):
-        tf = _tf()
+        tf = import_tensorflow()
         im = self.builder.info.features['image'].decode_example(image)
         if im.shape[-1] == 1:
             im = tf.image.grayscale_to_rgb(im)
         return im
 
     def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1):
-        tf = _tf()
+        tf = import_tensorflow()
         rows = local_rows(batch_size, process_index, process_count)
         split = self.preset.train
         n = self.num_examples(split)
@@ -323,7 +331,7 @@ class Tfds(Dataset):
             yield {'image': image, 'label': label}
 
     def _eval_stream(self, split, batch_size, image_size, rows):
-        tf = _tf()
+        tf = import_tensorflow()
         n = self.num_examples(split)
         ds = tf.data.Dataset.zip(tf.data.Dataset.range(n), self._read(split))
         ds = ds.filter(lambda g, record: (g % batch_size >= rows.start) & (g % batch_size < rows.stop))

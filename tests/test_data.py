@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from parity import data
 from parity.errors import UserError
+
+tf = data.import_tensorflow()  # through parity.data, which loads TensorFlow so that PyTorch can still run beside it
+import tensorflow_datasets as tfds  # noqa: E402
 
 
 @pytest.fixture(scope='module')

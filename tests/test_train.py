@@ -58,8 +58,9 @@ def tiny_config():
 def popen(*args, out: Path) -> subprocess.Popen:
     """`python -m ARGS...` in the background, stdout and stderr to files beside `out`."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, '-m', *map(str, args)], cwd=REPO, env=env, text=True,
-                            stdout=open(f'{out}.out', 'w'), stderr=open(f'{out}.err', 'w'))
+    with open(f'{out}.out', 'w') as stdout, open(f'{out}.err', 'w') as stderr:  # the child keeps its own copies
+        return subprocess.Popen([sys.executable, '-m', *map(str, args)], cwd=REPO, env=env, text=True,
+                                stdout=stdout, stderr=stderr)
 
 
 def summary(stdout: str) -> dict:
@@ -297,7 +298,8 @@ def test_both_eval_commands_agree_on_every_prediction(reference, tmp_path, capsy
 
 def summary_of(workdir: Path) -> dict:
     """The last test-split line of a run's metrics."""
-    return [r for r in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines()) if r['split'] == 'test'][-1]
+    lines = map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())
+    return [r for r in lines if r['split'] == 'test'][-1]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -328,11 +330,13 @@ def test_checkpoint_of_another_architecture(tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_json, tmp_path):
     workdir = tmp_path / 'run'
-    with pytest.raises(UserError, match=r'^loss is not finite at step 2; stopped, the last good checkpoint is .*ckpt-0000001'):
-        train_main('--config', tiny_json, '--workdir', workdir, '--lr', '1e30', '--warmup-steps', '0', '--steps', '20', '--batch-size', '32',
-                   '--checkpoint-every', '1')
+    stopped = r'^loss is not finite at step 2; stopped, the last good checkpoint is .*ckpt-0000001'
+    with pytest.raises(UserError, match=stopped):
+        train_main('--config', tiny_json, '--workdir', workdir, '--lr', '1e30', '--warmup-steps', '0', '--steps', '20',
+                   '--batch-size', '32', '--checkpoint-every', '1')
     assert [step for step, _ in train.list_checkpoints(str(workdir))] == [1]
-    assert all(np.isfinite(v).all() for v in weights.load_npz(str(workdir / 'checkpoints' / 'ckpt-0000001.npz')).values())
+    kept = weights.load_npz(str(workdir / 'checkpoints' / 'ckpt-0000001.npz'))
+    assert all(np.isfinite(v).all() for v in kept.values())
     assert not (workdir / 'final.npz').exists()
 
 
@@ -341,3 +345,24 @@ def test_train_errors_are_one_line_from_the_command_line(tmp_path):
                    '--accum-steps', '4')
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines() == ['error: --batch-size 30 is not divisible by --accum-steps 4']
+
+
+def test_trains_on_a_tfds_dataset_with_the_official_defaults(tiny_json, tmp_path, monkeypatch, capsys):
+    """cifar10 from `tfds.testing.mock_data` through the whole command: official crop pipeline, 8 microbatches."""
+    from parity import data
+
+    data.import_tensorflow()  # before tensorflow_datasets, which imports it too
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setattr(data, '_online', lambda: True)  # mock_data stands in for the download
+    workdir = tmp_path / 'run'
+    with tfds.testing.mock_data(num_examples=24):
+        assert train.main(['--config', str(tiny_json), '--dataset', 'cifar10', '--image-size', '16', '--steps', '3',
+                           '--batch-size', '16', '--warmup-steps', '1', '--workdir', str(workdir)]) == 0
+    out, err = capsys.readouterr()
+    assert 'batch 16 in 8 microbatches' in err
+    result = summary(out)
+    assert result['examples'] == 24 and result['split'] == 'test'
+    settings = json.loads((workdir / 'run.json').read_text())
+    assert (settings['lr'], settings['accum_steps'], settings['schedule']) == (0.03, 8, 'cosine')
+    assert final_params(workdir)[weights.POSEMB].shape == (1, 17, 32)  # 16x16 in 4x4 patches, and the class token

@@ -219,7 +219,7 @@ def _cross_entropy(logits, labels):
 
 
 def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mesh=None, accum_steps: int = 1,
-                    dtype: str = 'float32'):
+                    dtype: str = 'float32', use_sdpa: bool = False):
     """The jitted `train_step(state, batch) -> (state, metrics)` for `cfg` and optimizer `tx`.
 
     `batch` holds 'image' (B, S, S, 3) float32 and 'label' (B,) int32, sharded over `mesh`
@@ -227,6 +227,7 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
     (row i goes to microbatch i mod A, so every device keeps its rows) whose gradients are
     averaged before one update; B / devices must divide by A. Metrics (device scalars):
     loss, accuracy, grad_norm (before clipping), learning_rate (the one this update used).
+    `dtype` is the compute dtype; `use_sdpa` takes the model's fused attention path.
     """
     import jax
     import jax.numpy as jnp
@@ -237,7 +238,7 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
 
     mesh = mesh if mesh is not None else make_mesh()
     replicated, sharded = _shardings(mesh)
-    model = VisionTransformer(cfg, dtype=jnp.dtype(dtype))
+    model = VisionTransformer(cfg, dtype=jnp.dtype(dtype), use_sdpa=use_sdpa)
     A = accum_steps
 
     def loss_fn(params, images, labels, key):
@@ -254,8 +255,8 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
             (loss, acc), grads = grad_fn(state.params, images, labels, key)
         else:
             B = images.shape[0]
-            micro = jax.lax.with_sharding_constraint(
-                images.reshape(B // A, A, *images.shape[1:]).swapaxes(0, 1), jax.sharding.NamedSharding(mesh, P(None, 'data')))
+            micro = images.reshape(B // A, A, *images.shape[1:]).swapaxes(0, 1)  # (A, B/A, S, S, 3)
+            micro = jax.lax.with_sharding_constraint(micro, jax.sharding.NamedSharding(mesh, P(None, 'data')))
             micro_labels = labels.reshape(B // A, A).T  # (A, B/A)
 
             def accumulate(carry, xs):
@@ -277,7 +278,7 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
                    donate_argnums=(0,))
 
 
-def make_eval_step(cfg: ViTConfig, *, mesh=None, dtype: str = 'float32'):
+def make_eval_step(cfg: ViTConfig, *, mesh=None, dtype: str = 'float32', use_sdpa: bool = False):
     """Jitted `eval_step(params, batch, totals) -> totals`: adds the batch's 'correct', 'loss' and 'count'
     over its unmasked rows to `totals` (start from `eval_totals(mesh)`), all on the devices."""
     import jax
@@ -287,7 +288,7 @@ def make_eval_step(cfg: ViTConfig, *, mesh=None, dtype: str = 'float32'):
 
     mesh = mesh if mesh is not None else make_mesh()
     replicated, sharded = _shardings(mesh)
-    model = VisionTransformer(cfg, dtype=jnp.dtype(dtype))
+    model = VisionTransformer(cfg, dtype=jnp.dtype(dtype), use_sdpa=use_sdpa)
 
     def eval_step(params, batch, totals):
         logits = model.apply({'params': params}, batch['image'], train=False)  # (B, C)
@@ -415,15 +416,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--schedule', choices=('cosine', 'linear'), default='cosine', help='decay after warm-up')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                    help='compute dtype (parameters and optimizer state stay float32)')
-    p.add_argument('--eval-every', type=int, metavar='N', help='evaluate on the test split every N steps (0: only at the end)')
+    p.add_argument('--eval-every', type=int, metavar='N',
+                   help='evaluate on the test split every N steps (0: only at the end)')
     p.add_argument('--seed', type=int, default=0, metavar='N', help='initialisation, data order, augmentation, dropout')
-    p.add_argument('--checkpoint-every', type=int, metavar='N', help='write a checkpoint every N steps (default: --eval-every)')
+    p.add_argument('--checkpoint-every', type=int, metavar='N',
+                   help='write a checkpoint every N steps (default: --eval-every)')
     p.add_argument('--keep-checkpoints', type=int, default=3, metavar='N', help='newest checkpoints kept (default 3)')
     p.add_argument('--log-every', type=int, default=10, metavar='N', help='metrics line every N steps (default 10)')
     p.add_argument('--data-dir', metavar='DIR', help='tensorflow-datasets data directory')
-    p.add_argument('--coordinator', metavar='HOST:PORT', help='multi-host: address of process 0 (or JAX_COORDINATOR_ADDRESS)')
-    p.add_argument('--num-processes', type=int, metavar='N', help='multi-host: number of processes (or JAX_NUM_PROCESSES)')
-    p.add_argument('--process-id', type=int, metavar='I', help='multi-host: this process, 0..N-1 (or JAX_PROCESS_ID)')
+    p.add_argument('--coordinator', metavar='HOST:PORT',
+                   help='multi-host: address of process 0 (or JAX_COORDINATOR_ADDRESS)')
+    p.add_argument('--num-processes', type=int, metavar='N',
+                   help='multi-host: number of processes (or JAX_NUM_PROCESSES)')
+    p.add_argument('--process-id', type=int, metavar='I',
+                   help='multi-host: this process, 0..N-1 (or JAX_PROCESS_ID)')
     return p
 
 
@@ -666,7 +672,8 @@ def _loop(args, s, dataset, state, train_step, eval_step, mesh, log, start, writ
             if bad is not None:
                 bar.close()
                 where = f'the last good checkpoint is {last_good}' if last_good else 'no checkpoint was written yet'
-                raise UserError(f'loss is not finite at step {bad}; stopped, {where}; lower --lr or raise --warmup-steps')
+                raise UserError(f'loss is not finite at step {bad}; stopped, {where}; '
+                                'lower --lr or raise --warmup-steps')
             now = time.perf_counter()
             trained_seconds, trained_images = trained_seconds + now - tick, trained_images + B * (step - ticked)
             rate = B * (step - ticked) / max(now - tick, 1e-9) if step > ticked else 0.0
