@@ -122,6 +122,10 @@ def test_kill_and_restart_ends_with_the_same_parameters(reference, run_args, tmp
     assert not (workdir / 'final.npz').exists(), 'the run ended before it was killed; make it longer'
     killed_at = train.list_checkpoints(str(workdir))[-1][0]
     assert 10 <= killed_at < STEPS
+    # What a kill in the middle of writing leaves: half a checkpoint and half a metrics line.
+    (workdir / 'checkpoints' / f'ckpt-{STEPS:07d}.npz.tmp-1').write_bytes(b'PK\x03\x04')
+    with open(workdir / 'metrics.jsonl', 'a') as f:
+        f.write('{"step": 9')
 
     resumed = run_cli('vit_jax', 'train', *run_args, '--workdir', workdir, check=True)
     assert f'resuming at step {killed_at}' in resumed.stderr
@@ -132,6 +136,7 @@ def test_kill_and_restart_ends_with_the_same_parameters(reference, run_args, tmp
     steps = [json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()
              if json.loads(line)['split'] == 'train']
     assert steps == list(range(10, STEPS + 1, 10))
+    assert not list((workdir / 'checkpoints').glob('*.tmp-*'))
 
 
 def test_a_finished_run_is_not_trained_again(reference, run_args, capsys):

@@ -365,6 +365,14 @@ def save_checkpoint(workdir: str, state, keep: int) -> str:
     return path
 
 
+def remove_partial_checkpoints(workdir: str) -> None:
+    """Deletes temporary files a killed run left half-written (complete checkpoints are never temporary)."""
+    directory = os.path.join(workdir, CHECKPOINTS)
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+        if CHECKPOINT.match(name.split('.tmp-')[0]) and '.tmp-' in name:
+            os.unlink(os.path.join(directory, name))
+
+
 def list_checkpoints(workdir: str) -> list[tuple[int, str]]:
     """(step, path) of every complete checkpoint in DIR/checkpoints, oldest first."""
     directory = os.path.join(workdir, CHECKPOINTS)
@@ -545,6 +553,14 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def _step_of(line: str) -> Optional[int]:
+    """The step of a metrics line; None for a line cut short when a run was killed mid-write."""
+    try:
+        return json.loads(line)['step']
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 class MetricsLog:
     """DIR/metrics.jsonl; on restart, lines past the resumed step are dropped (they will be redone)."""
 
@@ -552,7 +568,7 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         if enabled and os.path.exists(path):
             with open(path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)['step'] <= start_step]
+                keep = [line for line in f if _step_of(line) is not None and _step_of(line) <= start_step]
             tmp = f'{path}.tmp-{os.getpid()}'
             with open(tmp, 'w') as f:
                 f.writelines(keep)
@@ -606,6 +622,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         f'pick a multiple of {devices * A}')
     writer = pid == 0
     _claim_workdir(args.workdir, s, writer)
+    if writer:
+        remove_partial_checkpoints(args.workdir)
 
     mesh = make_mesh()
     tx, lr_fn = make_optimizer(s['lr'], s['steps'], s['warmup_steps'], s['schedule'])
