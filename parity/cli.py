@@ -16,6 +16,7 @@ import numpy as np
 from parity import weights
 from parity.config import ViTConfig
 from parity.errors import UserError
+from parity.files import atomic_path
 
 
 def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> None:
@@ -120,13 +121,10 @@ def load_input(path: str, cfg: ViTConfig) -> np.ndarray:
 
 
 def save_output(path: str, y: np.ndarray) -> None:
-    """Writes an array atomically, so a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UserError(f'--output {path}: directory {directory} does not exist')
-    tmp = f'{path}.tmp-{os.getpid()}.npy'
-    np.save(tmp, np.asarray(y, dtype=np.float32))
-    os.replace(tmp, path)
+    """Writes a float32 array atomically, so a reader never sees half a file."""
+    with atomic_path(path, '--output') as tmp:
+        with open(tmp, 'wb') as f:
+            np.save(f, np.asarray(y, dtype=np.float32))
 
 
 def say(message: str) -> None:

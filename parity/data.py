@@ -43,6 +43,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from parity import files
 from parity.errors import UserError
 
 Batch = dict[str, np.ndarray]  # 'image' (Bl, S, S, 3) float32, 'label' (Bl,) int32, eval also 'mask' (Bl,) bool
@@ -398,9 +399,6 @@ def run_eval(args: argparse.Namespace, framework: str, predict: Callable[[np.nda
         cli.save_output(args.logits, np.concatenate(logits))
     text = json.dumps(result)
     if args.json:
-        tmp = f'{args.json}.tmp-{os.getpid()}'
-        with open(tmp, 'w') as f:
-            f.write(text + '\n')
-        os.replace(tmp, args.json)
+        files.write_text(args.json, text + '\n', '--json')
     print(text)
     return result

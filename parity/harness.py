@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import re
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from parity import cli, counterparts, diagnosis, images, tolerance, weights
+from parity import cli, counterparts, diagnosis, files, images, tolerance, weights
 from parity.config import ViTConfig
 from parity.errors import UserError
 
@@ -212,9 +211,6 @@ def write_json(path: Optional[str], payload: dict) -> None:
     """Atomically, with NaN/inf written as null (JSON has neither)."""
     if path is None:
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UserError(f'--json {path}: directory {directory} does not exist')
 
     def clean(v):
         if isinstance(v, float):
@@ -227,10 +223,7 @@ def write_json(path: Optional[str], payload: dict) -> None:
             return [clean(x) for x in v]
         return v
 
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(clean(payload), f, indent=1)
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(clean(payload), indent=1), '--json')
 
 
 def _print_header(candidate: str, cfg: ViTConfig, batch: str, notes: Sequence[str]) -> None:

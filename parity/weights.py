@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import zipfile
 import zlib
 from typing import Mapping, Optional
@@ -26,6 +25,7 @@ import numpy as np
 
 from parity.config import OFFICIAL_CONFIGS, ViTConfig, heads_for_width, is_square, load_config, official_name_for
 from parity.errors import UserError
+from parity.files import atomic_path
 
 Params = dict[str, np.ndarray]
 
@@ -292,16 +292,9 @@ def load_npz(path: str) -> Params:
 def save_npz(path: str, params: Mapping[str, np.ndarray]) -> None:
     """Writes canonical params as a released-layout .npz, atomically (temp file, then rename)."""
     released = to_released(params)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.npz')
-    try:
-        with os.fdopen(fd, 'wb') as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, 'wb') as f:
             np.savez(f, **released)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- configs

@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from parity import cli, data, weights
+from parity import cli, data, files, weights
 from parity.config import ViTConfig, load_config
 from parity.errors import UserError
 
@@ -354,12 +354,9 @@ def save_checkpoint(workdir: str, state, keep: int) -> str:
     os.makedirs(directory, exist_ok=True)
     arrays = state_arrays(to_host(state))
     path = os.path.join(directory, f'ckpt-{int(arrays["step"]):07d}.npz')
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with files.atomic_path(path, durable=True) as tmp:
+        with open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
     for old in list_checkpoints(workdir)[:-keep]:
         os.unlink(old[1])
     return path
@@ -546,11 +543,7 @@ def _claim_workdir(workdir: str, settings: dict, is_writer: bool) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-        f.write('\n')
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(obj, indent=2) + '\n')
 
 
 def _step_of(line: str) -> Optional[int]:
@@ -569,10 +562,7 @@ class MetricsLog:
         if enabled and os.path.exists(path):
             with open(path) as f:
                 keep = [line for line in f if _step_of(line) is not None and _step_of(line) <= start_step]
-            tmp = f'{path}.tmp-{os.getpid()}'
-            with open(tmp, 'w') as f:
-                f.writelines(keep)
-            os.replace(tmp, path)
+            files.write_text(path, ''.join(keep))
 
     def write(self, record: dict) -> None:
         if self.enabled:

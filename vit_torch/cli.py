@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from parity import cli, weights
+from parity import cli, files, weights
 from parity.config import ViTConfig
 from parity.errors import UserError
 
@@ -86,16 +86,16 @@ def _read_torch(path: str) -> tuple[dict[str, np.ndarray], Optional[ViTConfig]]:
 
 def _write_torch(path: str, params: dict[str, np.ndarray], cfg: ViTConfig) -> None:
     """Canonical `params` as a PyTorch state dict file; empties `params`, releasing each array once written."""
-    tmp = f'{path}.tmp-{os.getpid()}'
-    if path.endswith('.safetensors'):  # streamed array by array, without importing torch (~0.6 GB resident)
-        config = dict(cfg.to_official_dict(), image_size=cfg.image_size)
-        weights.write_safetensors(tmp, weights.torch_views(params, cfg, consume=True),
-                                  {CONFIG_METADATA_KEY: json.dumps(config)}, consume=True)
-    else:
-        import torch
+    with files.atomic_path(path) as tmp:
+        if path.endswith('.safetensors'):  # streamed array by array, without importing torch (~0.6 GB resident)
+            config = dict(cfg.to_official_dict(), image_size=cfg.image_size)
+            weights.write_safetensors(tmp, weights.torch_views(params, cfg, consume=True),
+                                      {CONFIG_METADATA_KEY: json.dumps(config)}, consume=True)
+        else:
+            import torch
 
-        torch.save({k: torch.from_numpy(v) for k, v in weights.to_torch(params, cfg, consume=True).items()}, tmp)
-    os.replace(tmp, path)
+            tensors = {k: torch.from_numpy(v) for k, v in weights.to_torch(params, cfg, consume=True).items()}
+            torch.save(tensors, tmp)
 
 
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:
