@@ -130,12 +130,16 @@ def check_params(params: Mapping[str, np.ndarray], cfg: ViTConfig, where: str) -
     wrong = [f'{k} expected {expected[k]} found {tuple(params[k].shape)}'
              for k in expected if k in params and tuple(params[k].shape) != expected[k]]
     if missing or extra or wrong:
-        parts = [f'{len(missing)} missing: {", ".join(missing)}' if missing else '',
-                 f'{len(extra)} extra: {", ".join(extra)}' if extra else '',
-                 f'{len(wrong)} shape mismatches: {"; ".join(wrong)}' if wrong else '']
-        raise UserError(f'{where} does not fit config {cfg.name or "(unnamed)"}: '
-                        + ' | '.join(p for p in parts if p)
-                        + ' -- pass the config it was trained with, or omit --config to infer it')
+        raise _misfit(where, cfg, missing, extra, wrong, 'pass the config it was trained with, or omit --config to infer it')
+
+
+def _misfit(where: str, cfg: ViTConfig, missing: list, extra: list, wrong: list, advice: str) -> UserError:
+    """The one-line strict-check error: every missing key, extra key and shape mismatch."""
+    parts = [f'{len(missing)} missing: {", ".join(missing)}' if missing else '',
+             f'{len(extra)} extra: {", ".join(extra)}' if extra else '',
+             f'{len(wrong)} shape mismatches: {"; ".join(wrong)}' if wrong else '']
+    return UserError(f'{where} does not fit config {cfg.name or "(unnamed)"}: '
+                     + ' | '.join(p for p in parts if p) + f' -- {advice}')
 
 
 # --------------------------------------------------------------------------- npz files
@@ -575,12 +579,7 @@ def from_torch(state: Mapping[str, np.ndarray], cfg: ViTConfig, where: str = 'st
             continue
         out[k] = np.ascontiguousarray(back(np.asarray(state[t]), shapes[k]))
     if missing or extra or wrong:
-        parts = [f'{len(missing)} missing: {", ".join(torch_name(k) for k in missing)}' if missing else '',
-                 f'{len(extra)} extra: {", ".join(extra)}' if extra else '',
-                 f'{len(wrong)} shape mismatches: {"; ".join(wrong)}' if wrong else '']
-        raise UserError(f'{where} does not fit config {cfg.name or "(unnamed)"}: '
-                        + ' | '.join(p for p in parts if p)
-                        + ' -- pass the config it was trained with')
+        raise _misfit(where, cfg, [torch_name(k) for k in missing], extra, wrong, 'pass the config it was trained with')
     return out
 
 
