@@ -3,9 +3,10 @@
 One process, one device (CUDA when PyTorch sees it, else the CPU), the same random batch
 and the same weights for vit_jax and vit_torch. For every model and mode each
 implementation is built and warmed up first (compilation excluded from the timings), then
-the timed runs go round-robin over the implementations, so a neighbour's load on a shared
-machine lands on all of them alike; the median run gives images per second, and
-`ratio_to_reference` divides it by timm's for the same model, mode and precision.
+the timed runs go round-robin over the implementations (each round starting one further
+on), so a neighbour's load on a shared machine lands on all of them alike; the median
+run gives images per second, and `ratio_to_reference` divides it by timm's for the same
+model, mode and precision.
 
 Implementations (`impl`):
     vit_jax             the whole step under `jax.jit`, attention on the fast path (`use_sdpa`);
@@ -146,6 +147,28 @@ def describe_device(device: str) -> str:
     return name
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+
+
+def reuse_freed_memory() -> None:
+    """Keep freed memory in the process for the next step, alike for every implementation (glibc).
+
+    XLA:CPU takes an execution's temporaries as one block (1 GB for a ViT-S/16 training
+    step at batch 8). glibc serves a block that large with a fresh mmap and unmaps it when
+    it is freed, so every step faults all of it back in, page by page; that kernel time grows
+    with what else the process has touched (a third of a ViT-B/16 step after timm's step
+    had run). PyTorch's tensors, smaller, mostly come back from the heap. One arena, no
+    mmap and no automatic trimming give every implementation its freed memory back
+    instead. Called before the runtimes start their threads (a thread keeps the arena
+    it first got); `_trim_heap` still hands memory back between rows.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL('libc.so.6')
+        for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)):  # -1: never
+            libc.mallopt(param, value)
+
+
 def _trim_heap() -> None:
     """Freed memory back to the system (glibc keeps it otherwise), so the next row starts clean."""
     gc.collect()
@@ -271,7 +294,7 @@ def jax_step(inputs: Inputs, mode: str, precision: str) -> Callable[[], None]:
 
     mesh = train.make_mesh()
     tx, _ = train.make_optimizer(LEARNING_RATE, steps=10 ** 6, warmup_steps=0)
-    step_fn = train.make_train_step(inputs.cfg, tx, mesh=mesh, dtype=jnp.dtype(dtype).name)
+    step_fn = train.make_train_step(inputs.cfg, tx, mesh=mesh, dtype=jnp.dtype(dtype).name, use_sdpa=True)
     state = train.create_train_state(inputs.cfg, inputs.params, tx, mesh=mesh)
     batch = train.shard_batch({'image': inputs.images, 'label': inputs.labels}, mesh)
 
@@ -367,11 +390,12 @@ def bench_model(cfg: ViTConfig, modes: Sequence[str], impls: Sequence[str], prec
             result.peak_mem_bytes = mem.peak
             steps[impl], results[impl] = step, result
         times = {impl: [] for impl in steps}
-        for _ in range(repeats):
-            for impl, step in steps.items():
+        order = list(steps)
+        for r in range(repeats):
+            for impl in order[r % len(order):] + order[:r % len(order)]:  # each takes every place in turn
                 time.sleep(PAUSE)
                 start = time.perf_counter()
-                step()
+                steps[impl]()
                 times[impl].append(time.perf_counter() - start)
         for impl, ts in times.items():
             results[impl].img_per_s = batch_size / statistics.median(ts)
@@ -414,6 +438,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError(f'--warmup {args.warmup}: must be 0 or more')
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise UserError(f'--json {args.json}: directory {os.path.dirname(os.path.abspath(args.json))} does not exist')
+    reuse_freed_memory()  # before timm, torch or jax start a thread
     impls = list(args.impls)
     if REFERENCE in impls:
         try:
