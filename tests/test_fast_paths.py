@@ -34,21 +34,47 @@ def params_for(name: str, scale: float = 0.2) -> dict:
 
 # --------------------------------------------------------------------------- fused attention
 
-@pytest.mark.parametrize('name', FAST_CASES)
-def test_flax_fused_attention_equals_by_hand(name):
+def flax_fast_vs_by_hand(name: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Logits by hand and on the fast path, and the fast path's jaxpr."""
     cfg = CONFIGS[name]
     variables = variables_from_params(params_for(name))
     x = images(cfg)
     ref = np.asarray(jax.jit(FlaxViT(cfg).apply)(variables, x))
-    got = np.asarray(jax.jit(FlaxViT(cfg, use_sdpa=True).apply)(variables, x))
+    fast = FlaxViT(cfg, use_sdpa=True).apply
+    return ref, np.asarray(jax.jit(fast)(variables, x)), str(jax.make_jaxpr(fast)(variables, x))
+
+
+@pytest.mark.parametrize('name', FAST_CASES)
+def test_flax_fused_attention_equals_by_hand(name):
+    ref, got, _ = flax_fast_vs_by_hand(name)
     assert np.abs(got - ref).max() <= tolerance(ref)
 
 
-def test_flax_fused_attention_is_what_runs():
-    """The switch really changes the computation: one q/k/v matmul and XLA's attention, not three."""
+@pytest.mark.parametrize('name', ['token', 'gap'])
+def test_flax_dot_product_attention_core_equals_by_hand(name, monkeypatch):
+    """Off the CPU the fast path calls jax.nn.dot_product_attention (XLA's form in float32): it runs here too."""
+    _, _, on_cpu = flax_fast_vs_by_hand(name)
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    ref, got, off_cpu = flax_fast_vs_by_hand(name)
+    assert off_cpu != on_cpu  # really the other formulation
+    assert np.abs(got - ref).max() <= tolerance(ref)
+
+
+def test_flax_fused_attention_is_what_runs(monkeypatch):
+    """The switch really changes the computation: on the CPU `fused_cpu` in every block; elsewhere
+    one q/k/v matmul and XLA's attention, not three."""
+    from vit_jax.model import Attention
+
     cfg = CONFIGS['token']
     variables = variables_from_params(params_for('token'))
     x = images(cfg)
+    calls = []
+    fused_cpu = Attention.fused_cpu
+    monkeypatch.setattr(Attention, 'fused_cpu', lambda self, *a: calls.append(self.name) or fused_cpu(self, *a))
+    jax.make_jaxpr(lambda v: FlaxViT(cfg, use_sdpa=True).apply(v, x))(variables)
+    assert len(calls) == cfg.num_layers
+
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     count = {use: str(jax.make_jaxpr(lambda v: FlaxViT(cfg, use_sdpa=use).apply(v, x))(variables)).count('dot_general')
              for use in (False, True)}
     assert count[True] == count[False] - 2 * cfg.num_layers  # q, k, v in one matmul per block

@@ -58,10 +58,11 @@ class Attention(Module):
 
     By hand by default. `use_sdpa` is the fast path: q, k and v from one matmul (the
     three kernels concatenated on the fly, so the parameters keep the official layout)
-    and `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU in half precision).
-    It takes the by-hand path where it cannot serve: during `init` (which creates the
-    parameters), when the caller records attention weights (a fused kernel never forms
-    them), and under attention dropout in training (the fused call has none).
+    and `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU in half precision);
+    on the CPU, `fused_cpu`. It takes the by-hand path where it cannot serve: during
+    `init` (which creates the parameters), when the caller records attention weights (a
+    fused kernel never forms them), and under attention dropout in training (the fused
+    call has none).
     """
 
     num_heads: int
@@ -99,14 +100,41 @@ class Attention(Module):
         H = self.num_heads
         Dh = D // H
         p = self.variables['params']
+        if jax.default_backend() == 'cpu':
+            return self.fused_cpu(x, p)
         w = jnp.concatenate([p[n]['kernel'].reshape(D, D) for n in ('query', 'key', 'value')], axis=1)  # (D, 3D)
         b = jnp.concatenate([p[n]['bias'].reshape(D) for n in ('query', 'key', 'value')])  # (3D,)
         x, w, b = nn.dtypes.promote_dtype(x, w, b, dtype=self.dtype)
         qkv = (x @ w + b).reshape(B, N, 3, H, Dh)  # (B, N, 3, H, Dh)
         half = jnp.dtype(self.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        implementation = 'cudnn' if half and jax.default_backend() == 'gpu' else None  # None: XLA's
         return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                            implementation=implementation)  # (B, N, H, Dh)
+                                            implementation='cudnn' if half and jax.default_backend() == 'gpu'
+                                            else None)  # (B, N, H, Dh)
+
+    def fused_cpu(self, x, p):
+        """The fast path on XLA:CPU, which has no fused attention kernel: the formulation it runs fastest.
+
+        The heads lead (XLA:CPU runs the einsums of `dot_product_attention`, heads inside,
+        a third slower), q, k and v come from three matmuls (concatenating the kernels
+        costs more there than it saves), and the softmax is normalised after the product
+        with v, on (B, H, N, Dh) rather than on the (B, H, N, N) weights, as flash
+        attention does.
+        """
+        B, N, D = x.shape
+        H = self.num_heads
+        Dh = D // H
+
+        def heads(name):
+            w, b = nn.dtypes.promote_dtype(p[name]['kernel'].reshape(D, D), p[name]['bias'].reshape(D),
+                                           dtype=self.dtype)
+            return (x.astype(w.dtype) @ w + b).reshape(B, N, H, Dh).transpose(0, 2, 1, 3)  # (B, H, N, Dh)
+
+        q, k, v = heads('query'), heads('key'), heads('value')
+        logits = ((q / jnp.sqrt(Dh).astype(q.dtype)) @ k.swapaxes(-1, -2)).astype(jnp.float32)  # (B, H, N, N)
+        # Subtracting the row maximum only guards exp against overflow; no gradient flows through it.
+        e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))  # (B, H, N, N)
+        y = (e.astype(self.dtype) @ v) / e.sum(-1, keepdims=True).astype(self.dtype)  # (B, H, N, Dh)
+        return y.transpose(0, 2, 1, 3)  # (B, N, H, Dh)
 
 
 class EncoderBlock(Module):
