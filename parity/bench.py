@@ -147,6 +147,12 @@ def describe_device(device: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=None)
+def _libc() -> ctypes.CDLL:
+    """glibc, for its allocator controls (OSError where there is none)."""
+    return ctypes.CDLL('libc.so.6')
+
+
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
@@ -164,16 +170,15 @@ def reuse_freed_memory() -> None:
     it first got); `_trim_heap` still hands memory back between rows.
     """
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL('libc.so.6')
         for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)):  # -1: never
-            libc.mallopt(param, value)
+            _libc().mallopt(param, value)
 
 
 def _trim_heap() -> None:
     """Freed memory back to the system (glibc keeps it otherwise), so the next row starts clean."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
+        _libc().malloc_trim(0)
 
 
 def _status_kb(field: str) -> Optional[int]:

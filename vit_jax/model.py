@@ -96,12 +96,12 @@ class Attention(Module):
 
     def fused(self, x):
         """The fast path's attention output (B, N, H, Dh), from the existing query/key/value parameters."""
-        B, N, D = x.shape
-        H = self.num_heads
-        Dh = D // H
         p = self.variables['params']
         if jax.default_backend() == 'cpu':
             return self.fused_cpu(x, p)
+        B, N, D = x.shape
+        H = self.num_heads
+        Dh = D // H
         w = jnp.concatenate([p[n]['kernel'].reshape(D, D) for n in ('query', 'key', 'value')], axis=1)  # (D, 3D)
         b = jnp.concatenate([p[n]['bias'].reshape(D) for n in ('query', 'key', 'value')])  # (3D,)
         x, w, b = nn.dtypes.promote_dtype(x, w, b, dtype=self.dtype)
@@ -123,11 +123,12 @@ class Attention(Module):
         B, N, D = x.shape
         H = self.num_heads
         Dh = D // H
+        (x,) = nn.dtypes.promote_dtype(x, dtype=self.dtype)
 
         def heads(name):
             w, b = nn.dtypes.promote_dtype(p[name]['kernel'].reshape(D, D), p[name]['bias'].reshape(D),
                                            dtype=self.dtype)
-            return (x.astype(w.dtype) @ w + b).reshape(B, N, H, Dh).transpose(0, 2, 1, 3)  # (B, H, N, Dh)
+            return (x @ w + b).reshape(B, N, H, Dh).transpose(0, 2, 1, 3)  # (B, H, N, Dh)
 
         q, k, v = heads('query'), heads('key'), heads('value')
         logits = ((q / jnp.sqrt(Dh).astype(q.dtype)) @ k.swapaxes(-1, -2)).astype(jnp.float32)  # (B, H, N, N)
