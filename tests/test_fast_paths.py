@@ -25,7 +25,8 @@ from vit_torch.checkpoint import build_model, params_from_state_dict
 from vit_torch.inspect import forward_with_intermediates as torch_intermediates
 from vit_jax.inspect import forward_with_intermediates as flax_intermediates
 
-FAST_CASES = ['token', 'gap', 'unpooled', 'hybrid-stages']
+FAST_CASES = ['token', 'gap', 'unpooled', 'non-square-patch', 'hybrid-stages']
+B_IMAGES = 2
 
 
 def params_for(name: str, scale: float = 0.2) -> dict:
@@ -80,9 +81,11 @@ def test_flax_fused_attention_is_what_runs(monkeypatch):
     assert count[True] == count[False] - 2 * cfg.num_layers  # q, k, v in one matmul per block
 
 
-def test_flax_fused_attention_gradients_equal_by_hand():
-    cfg = CONFIGS['token']
-    params = {k: jnp.asarray(v) for k, v in params_for('token', scale=0.1).items()}
+@pytest.mark.parametrize('name', ['token', 'hybrid-stages'])
+def test_flax_fused_attention_gradients_equal_by_hand(name):
+    """Every gradient of the fast path (ordered dense backward, patch matmul, CPU attention) equals by hand."""
+    cfg = CONFIGS[name]
+    params = {k: jnp.asarray(v) for k, v in params_for(name, scale=0.1).items()}
     x = images(cfg)
     labels = jnp.arange(x.shape[0]) % cfg.num_classes
 
@@ -96,6 +99,59 @@ def test_flax_fused_attention_gradients_equal_by_hand():
     for k in ref:
         g = np.asarray(ref[k])
         assert np.abs(np.asarray(got[k]) - g).max() <= policy.grad_bound(g), k
+
+
+DOT_CASES = [  # (lhs shape, rhs shape, dimension numbers)
+    ((6, 16), (16, 12), (((1,), (0,)), ((), ()))),  # nn.Dense on rows
+    ((2, 5, 16), (16, 12), (((2,), (0,)), ((), ()))),  # nn.Dense on tokens
+    ((2, 5, 3, 4), (3, 4, 16), (((2, 3), (0, 1)), ((), ()))),  # the attention's out projection
+    ((2, 3, 4, 4, 2, 3), (4, 2, 3, 8), (((3, 4, 5), (0, 1, 2)), ((), ()))),  # the patch matmul
+]
+
+
+@pytest.mark.parametrize('lhs,rhs,dims', DOT_CASES)
+def test_dot_general_in_order_equals_dot_general_and_orders_its_backward(lhs, rhs, dims):
+    from vit_jax.model import dot_general_in_order
+
+    n = len(dims[0][0])
+    out = lhs[:len(lhs) - n] + rhs[n:]
+    rng = np.random.default_rng(0)
+    x, w, g = (jnp.asarray(rng.standard_normal(s).astype(np.float32)) for s in (lhs, rhs, out))
+    ref, ref_vjp = jax.vjp(lambda x, w: jax.lax.dot_general(x, w, dims), x, w)
+    got, got_vjp = jax.vjp(lambda x, w: dot_general_in_order(x, w, dims), x, w)
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= tolerance(np.asarray(ref))
+    for a, b in zip(got_vjp(g), ref_vjp(g)):
+        assert a.shape == b.shape and np.abs(a - b).max() <= policy.grad_bound(np.asarray(b))
+    # The kernel gradient comes first, the input gradient waits for it behind a barrier.
+    jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(lambda x, w: dot_general_in_order(x, w, dims), x, w)[1](g))(x, w))
+    assert 'optimization_barrier' in jaxpr
+
+
+def test_dot_general_in_order_hands_other_products_to_dot_general():
+    from vit_jax.model import dot_general_in_order
+
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((3, 5, 4)).astype(np.float32), rng.standard_normal((3, 4, 6)).astype(np.float32)
+    dims = (((2,), (1,)), ((0,), (0,)))  # a batched product is no dense layer
+    np.testing.assert_array_equal(dot_general_in_order(x, w, dims), jax.lax.dot_general(x, w, dims))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: dot_general_in_order(x, w, dims).sum()))(w))
+    assert 'optimization_barrier' not in jaxpr
+
+
+def test_flax_patch_matmul_equals_the_strided_convolution():
+    """On the CPU fast path the patch embedding is a matmul: the same tokens as the convolution,
+    also for a non-square patch and for images with rows and columns left over past the last patch."""
+    cfg = CONFIGS['non-square-patch']
+    variables = variables_from_params(params_for('non-square-patch'))
+    x = np.random.default_rng(2).uniform(-1, 1, (B_IMAGES, cfg.image_size + 3, cfg.image_size + 2, 3)).astype(np.float32)
+    tokens = {}
+    for use_sdpa in (False, True):
+        _, state = FlaxViT(cfg, use_sdpa=use_sdpa).apply(variables, x, mutable=['intermediates'])
+        tokens[use_sdpa] = np.asarray(state['intermediates']['patch_tokens'][0])
+    assert tokens[True].shape == tokens[False].shape == (B_IMAGES, cfg.grid_size[0] * cfg.grid_size[1], cfg.hidden_size)
+    assert np.abs(tokens[True] - tokens[False]).max() <= tolerance(tokens[False])
+    jaxpr = str(jax.make_jaxpr(lambda v: FlaxViT(cfg, use_sdpa=True).apply(v, x))(variables))
+    assert 'conv_general_dilated' not in jaxpr  # really the matmul
 
 
 def test_flax_fused_attention_falls_back_where_it_cannot_serve():

@@ -15,6 +15,7 @@ caller makes that collection mutable.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -34,18 +35,69 @@ class Module(nn.Module):
             super().sow(collection, name, value)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_in_order(x, w, precision):
+    """x (M, K) @ w (K, F), whose backward computes dw before dx, never both at once."""
+    return jnp.matmul(x, w, precision=precision)
+
+
+def _matmul_in_order_fwd(x, w, precision):
+    return _matmul_in_order(x, w, precision), (x, w)
+
+
+def _matmul_in_order_bwd(precision, residuals, g):
+    x, w = residuals
+    dw = jnp.matmul(x.T, g, precision=precision)  # (K, F)
+    # The barrier makes dx wait for dw: left independent, XLA:CPU runs the two side by side.
+    dw, g = jax.lax.optimization_barrier((dw, g))
+    return jnp.matmul(g, w.T, precision=precision), dw  # (M, K), (K, F)
+
+
+_matmul_in_order.defvjp(_matmul_in_order_fwd, _matmul_in_order_bwd)
+
+
+def dot_general_in_order(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`lax.dot_general` for dense layers on the CPU fast path: the same product, a faster backward.
+
+    XLA:CPU runs independent operations concurrently, so the two matmuls of a dense layer's
+    backward (the input gradient and the kernel gradient, each from a different matmul library)
+    share the cores and take 1.6x as long as the one after the other (ViT-Ti/16's MLP on 2
+    cores). This orders them. It serves dense layers (the trailing axes of `lhs` contracted
+    with the leading axes of `rhs`, no batch axes); any other product goes to `lax.dot_general`.
+    """
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    n = len(lhs_contract)
+    if (lhs_batch or rhs_batch or preferred_element_type is not None
+            or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim)) or tuple(rhs_contract) != tuple(range(n))):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    K = math.prod(rhs.shape[:n])
+    y = _matmul_in_order(lhs.reshape(-1, K), rhs.reshape(K, -1), precision)  # (M, F)
+    return y.reshape(lhs.shape[:lhs.ndim - n] + rhs.shape[n:])
+
+
+def fast_dot_general(fast: bool):
+    """The dense layers' matmul: `dot_general_in_order` on the CPU fast path, else None (`lax.dot_general`)."""
+    return dot_general_in_order if fast and jax.default_backend() == 'cpu' else None
+
+
 class MlpBlock(Module):
-    """Dense, tanh-approximate GELU, Dense, with dropout after each."""
+    """Dense, tanh-approximate GELU, Dense, with dropout after each.
+
+    `dot_general` is the dense layers' matmul (None: `lax.dot_general`; the fast path passes
+    `dot_general_in_order` on the CPU).
+    """
 
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    dot_general: Any = None
 
     @nn.compact
     def __call__(self, x, *, deterministic):
         B, N, D = x.shape
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                                  bias_init=nn.initializers.normal(stddev=1e-6))
+                                  bias_init=nn.initializers.normal(stddev=1e-6), dot_general=self.dot_general)
         x = dense(self.mlp_dim, name='Dense_0')(x)  # (B, N, M)
         x = nn.gelu(x, approximate=True)  # the official model's GELU is flax's default, the tanh form
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
@@ -91,8 +143,8 @@ class Attention(Module):
             self.sow('attention', 'attention', weights)
             weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
             y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)  # (B, N, H, Dh)
-        return nn.DenseGeneral(features=D, axis=(-2, -1), dtype=self.dtype,
-                               kernel_init=nn.initializers.xavier_uniform(), name='out')(y)  # (B, N, D)
+        return nn.DenseGeneral(features=D, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                               dot_general=fast_dot_general(self.use_sdpa), name='out')(y)  # (B, N, D)
 
     def fused(self, x):
         """The fast path's attention output (B, N, H, Dh), from the existing query/key/value parameters."""
@@ -128,7 +180,8 @@ class Attention(Module):
         def heads(name):
             w, b = nn.dtypes.promote_dtype(p[name]['kernel'].reshape(D, D), p[name]['bias'].reshape(D),
                                            dtype=self.dtype)
-            return (x @ w + b).reshape(B, N, H, Dh).transpose(0, 2, 1, 3)  # (B, H, N, Dh)
+            y = dot_general_in_order(x, w, (((2,), (0,)), ((), ()))) + b  # (B, N, D)
+            return y.reshape(B, N, H, Dh).transpose(0, 2, 1, 3)  # (B, H, N, Dh)
 
         q, k, v = heads('query'), heads('key'), heads('value')
         logits = ((q / jnp.sqrt(Dh).astype(q.dtype)) @ k.swapaxes(-1, -2)).astype(jnp.float32)  # (B, H, N, N)
@@ -157,7 +210,7 @@ class EncoderBlock(Module):
         x = x + y
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_1')(x)
         y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
-                     name='MlpBlock_0')(y, deterministic=deterministic)
+                     dot_general=fast_dot_general(self.use_sdpa), name='MlpBlock_0')(y, deterministic=deterministic)
         x = x + y
         self.sow('intermediates', 'output', x)
         return x
@@ -280,8 +333,12 @@ class VisionTransformer(Module):
             for i, units in enumerate(cfg.resnet_num_layers):
                 x = ResNetStage(units, W * 2 ** i, 1 if i == 0 else 2, self.dtype, name=f'block{i + 1}')(x)
             self.sow('intermediates', 'stem', x)
-        x = nn.Conv(cfg.hidden_size, cfg.patch_size, strides=cfg.patch_size, padding='VALID', dtype=self.dtype,
-                    name='embedding')(x)  # (B, h, w, D)
+        embedding = nn.Conv(cfg.hidden_size, cfg.patch_size, strides=cfg.patch_size, padding='VALID', dtype=self.dtype,
+                            name='embedding')
+        if fast_dot_general(self.use_sdpa) and not self.is_initializing():
+            x = self.embed_patches(x, self.variables['params']['embedding'])  # (B, h, w, D)
+        else:
+            x = embedding(x)  # (B, h, w, D)
         B, h, w, D = x.shape
         x = x.reshape(B, h * w, D)  # (B, N, D)
         self.sow('intermediates', 'patch_tokens', x)
@@ -301,3 +358,17 @@ class VisionTransformer(Module):
             x = nn.Dense(cfg.num_classes, kernel_init=nn.initializers.zeros, name='head')(x.astype(jnp.float32))
         self.sow('intermediates', 'logits', x)
         return x
+
+    def embed_patches(self, x, p):
+        """The patch embedding on the CPU fast path: the same product as the strided convolution, as a matmul.
+
+        A convolution whose stride is its kernel size (VALID) multiplies each patch, flattened
+        in (row, column, channel) order as the HWIO kernel is, by the kernel. XLA:CPU runs
+        the convolution and its kernel gradient half as fast as this matmul.
+        """
+        B, S1, S2, C = x.shape
+        ph, pw = self.config.patch_size
+        h, w = S1 // ph, S2 // pw
+        x, k, b = nn.dtypes.promote_dtype(x[:, :h * ph, :w * pw], p['kernel'], p['bias'], dtype=self.dtype)
+        x = x.reshape(B, h, ph, w, pw, C).transpose(0, 1, 3, 2, 4, 5)  # (B, h, w, ph, pw, C)
+        return dot_general_in_order(x, k, (((3, 4, 5), (0, 1, 2)), ((), ()))) + b  # (B, h, w, D)
