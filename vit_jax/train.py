@@ -11,7 +11,7 @@ The library, for scripts and benchmarks (everything on one `Mesh` over all devic
     mesh = make_mesh()                                     # every device of every process
     tx, lr_fn = make_optimizer(lr=0.03, steps=500, warmup_steps=100)
     state = create_train_state(cfg, params, tx, mesh=mesh)  # params: canonical NumPy dict
-    train_step = make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=1, dtype='float32')
+    train_step = make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=1, dtype='float32', use_sdpa=True)
     state, metrics = train_step(state, shard_batch(batch, mesh))
 
 `train_step(state, batch) -> (state, metrics)` is pure and compiled once by `jax.jit`:
@@ -227,7 +227,7 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
     (row i goes to microbatch i mod A, so every device keeps its rows) whose gradients are
     averaged before one update; B / devices must divide by A. Metrics (device scalars):
     loss, accuracy, grad_norm (before clipping), learning_rate (the one this update used).
-    `dtype` is the compute dtype; `use_sdpa` takes the model's fused attention path.
+    `dtype` is the compute dtype; `use_sdpa` takes the model's fast path (see `VisionTransformer`).
     """
     import jax
     import jax.numpy as jnp
@@ -635,8 +635,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if start > steps:
         raise UserError(f'--workdir {args.workdir} is at step {start}, past --steps {steps}; use a new --workdir')
 
-    train_step = make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=A, dtype=s['dtype'])
-    eval_step = make_eval_step(cfg, mesh=mesh, dtype=s['dtype'])
+    # The fast path (fused attention, ordered dense backward, patch matmul): the same function, proven
+    # equal to the by-hand path in tests/test_fast_paths.py; it falls back by itself under attention dropout.
+    train_step = make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=A, dtype=s['dtype'], use_sdpa=True)
+    eval_step = make_eval_step(cfg, mesh=mesh, dtype=s['dtype'], use_sdpa=True)
     log = MetricsLog(os.path.join(args.workdir, 'metrics.jsonl'), start, writer)
     if writer:
         cli.say(f'vit_jax train: {cli.describe(cfg)}, {weights.count_params(cfg):,} params, on {args.dataset} '
