@@ -9,7 +9,8 @@ run gives images per second, and `ratio_to_reference` divides it by timm's for t
 model, mode and precision.
 
 Implementations (`impl`):
-    vit_jax             the whole step under `jax.jit`, attention on the fast path (`use_sdpa`);
+    vit_jax             the whole step under `jax.jit`, on the fast path (`use_sdpa`: fused attention;
+                        on the CPU also the ordered dense backward and the patch matmul);
                         training is `vit_jax.train`'s jitted step (official recipe: clip to
                         global norm 1, SGD momentum 0.9, donated state)
     vit_torch           eager PyTorch, attention on the fast path (`use_sdpa`)
