@@ -76,9 +76,14 @@ def dot_general_in_order(lhs, rhs, dimension_numbers, precision=None, preferred_
     return y.reshape(lhs.shape[:lhs.ndim - n] + rhs.shape[n:])
 
 
+def cpu_fast_path(fast: bool) -> bool:
+    """Whether the fast path runs on XLA:CPU, where it also orders dense backwards and embeds patches by matmul."""
+    return fast and jax.default_backend() == 'cpu'
+
+
 def fast_dot_general(fast: bool):
     """The dense layers' matmul: `dot_general_in_order` on the CPU fast path, else None (`lax.dot_general`)."""
-    return dot_general_in_order if fast and jax.default_backend() == 'cpu' else None
+    return dot_general_in_order if cpu_fast_path(fast) else None
 
 
 class MlpBlock(Module):
@@ -314,7 +319,8 @@ class VisionTransformer(Module):
 
     `dtype` is the compute dtype (bfloat16 for speed); parameters stay float32 and the
     head runs in float32. Call with `train=True` (and a 'dropout' rng) to enable dropout.
-    `use_sdpa` switches attention to the fast path (see `Attention`).
+    `use_sdpa` switches to the fast path: attention (see `Attention`) and, on the CPU, the
+    dense layers' ordered backward (`dot_general_in_order`) and the patch matmul (`embed_patches`).
     """
 
     config: ViTConfig
@@ -335,7 +341,7 @@ class VisionTransformer(Module):
             self.sow('intermediates', 'stem', x)
         embedding = nn.Conv(cfg.hidden_size, cfg.patch_size, strides=cfg.patch_size, padding='VALID', dtype=self.dtype,
                             name='embedding')
-        if fast_dot_general(self.use_sdpa) and not self.is_initializing():
+        if cpu_fast_path(self.use_sdpa) and not self.is_initializing():
             x = self.embed_patches(x, self.variables['params']['embedding'])  # (B, h, w, D)
         else:
             x = embedding(x)  # (B, h, w, D)
