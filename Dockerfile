@@ -2,7 +2,9 @@
 #   docker build -t vit-mirror .
 #   docker run --gpus all --rm -v /path/to/checkpoints:/ckpt vit-mirror \
 #       python -m vit_torch logits /ckpt/ViT-B_16.npz --config ViT-B_16 --input /ckpt/x.npy --output /ckpt/y.npy
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# CUDA 13 for both frameworks (torch 2.14.1 is a CUDA 13 build; the gpu extra installs jax[cuda13]):
+# the host needs an NVIDIA driver of the 580 series or newer.
+FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv make \
     && rm -rf /var/lib/apt/lists/*

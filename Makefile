@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast docs-links venv clean
 
 venv: $(STAMP)
 
@@ -16,10 +16,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m parity.demo
+	$(PY) -m parity.tools.demo
 
+# Everything, as CI runs it; the 15 slowest tests are listed at the end.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# The edit loop: everything but the tests marked slow (training runs, many subprocesses).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m 'not slow' --durations=10
+
+# Re-point the line anchors of the code citations in docs/*.md at the lines their quotes are on now.
+docs-links:
+	$(PYTHON) docs/citations.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,4 +1,8 @@
-"""Shared test set-up: float32 parity settings and the reference vectors beside the repo."""
+"""Shared test set-up: float32 parity settings, the reference vectors beside the repo, tiny configs and helpers.
+
+Markers: `slow` marks the tests that start training runs or many subprocesses;
+`make test-fast` leaves them out, `make test` (what CI runs) runs everything.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,62 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import torch
 
+from parity.core.config import ViTConfig
+from parity.harness.tolerance import bound as tolerance  # noqa: F401  the written policy: 1e-5 x max(1, max |ref|)
+from vit_jax import runtime as jax_runtime
+from vit_torch import runtime as torch_runtime
+
 # Parity is judged in true float32: highest matmul precision in JAX, no TF32 in PyTorch.
-jax.config.update('jax_default_matmul_precision', 'highest')
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
+jax_runtime.strict_float32()
+torch_runtime.strict_float32()
 
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repo with shared/ beside it; tests read the vectors in place, never copy them.
 REFERENCE = REPO.parent / 'shared' / 'reference'
+BATCH = 2  # images per batch in the tiny-config tests
 
 
 @pytest.fixture(scope='session')
 def reference() -> Path:
     assert REFERENCE.is_dir(), f'reference vectors not found at {REFERENCE}'
     return REFERENCE
+
+
+def tiny(**kw) -> ViTConfig:
+    """The tests' tiny ViT: 32x32 images in 8x8 patches, width 32, 2 blocks of 4 heads, 5 classes; any field overridden."""
+    base = dict(name='tiny', patch_size=(8, 8), hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4,
+                num_classes=5, image_size=32)
+    return ViTConfig(**{**base, **kw})
+
+
+# One of each structure both models must agree on: every classifier, a representation layer, no head,
+# non-square patches, a hybrid stem alone and with stages.
+CONFIGS = {
+    'token': tiny(),
+    'gap': tiny(classifier='gap'),
+    'unpooled': tiny(classifier='unpooled'),
+    'token_unpooled': tiny(classifier='token_unpooled'),
+    'representation': tiny(representation_size=24),
+    'no-head': tiny(num_classes=0, representation_size=16),
+    'non-square-patch': tiny(patch_size=(8, 4)),
+    'hybrid-stem': tiny(patch_size=(2, 2), resnet_num_layers=(), resnet_width_factor=0.5),
+    'hybrid-stages': tiny(patch_size=(1, 1), resnet_num_layers=(2, 1), resnet_width_factor=0.5),
+}
+
+
+def images(cfg: ViTConfig, seed: int = 1, n: int = BATCH) -> np.ndarray:
+    """`n` seeded uniform [-1, 1] images at the config's resolution, NHWC float32."""
+    return np.random.default_rng(seed).uniform(-1, 1, (n, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+
+
+def torch_forward(model, x: np.ndarray) -> np.ndarray:
+    """A torch model's output for an NHWC NumPy batch, without gradients."""
+    with torch.no_grad():
+        return model(torch_runtime.to_nchw(x, 'cpu')).numpy()
 
 
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
@@ -47,6 +88,3 @@ def random_params(shapes: dict[str, tuple[int, ...]], seed: int = 0, scale: floa
             v = 1.0 + v  # norms near identity keep activations in a sane range
         out[k] = v.astype(np.float32)
     return out
-
-
-from parity.tolerance import bound as tolerance  # noqa: E402  the written policy: 1e-5 x max(1, max |reference|)

@@ -1,6 +1,6 @@
 """Bad inputs to the command lines: one `error: ` line, exit code 2, no traceback, no output file.
 
-The checkpoint, config and input checks are shared code (`parity.cli`, `parity.weights`),
+The checkpoint, config and input checks are shared code (`parity.cli`, `parity.core.weights`),
 so most cases run in one framework and one representative case runs in the other. Each
 subprocess costs a few seconds of interpreter and framework start-up, so the cheap
 library-level cases call `parity` directly instead. The positive controls at the end run
@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity import cli, weights
-from parity.config import load_config
-from parity.errors import UserError
+from parity import cli
+from parity.core import weights
+from parity.core.config import load_config
+from parity.core.errors import UserError
 
 from conftest import REFERENCE, run_cli
 
@@ -73,6 +74,7 @@ def write_json(path: Path, d) -> Path:
 
 # --------------------------------------------------------------------------- damaged checkpoints
 
+@pytest.mark.slow
 def test_truncated_npz(tmp_path, out):
     bad = tmp_path / 'ckpt.npz'
     data = CKPT.read_bytes()
@@ -81,6 +83,7 @@ def test_truncated_npz(tmp_path, out):
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_corrupted_npz(tmp_path, out):
     bad = tmp_path / 'ckpt.npz'
     data = bytearray(CKPT.read_bytes())
@@ -108,6 +111,7 @@ def test_corrupted_compressed_npz_library(tmp_path):
     assert str(path) in str(e.value) and '\n' not in str(e.value)
 
 
+@pytest.mark.slow
 def test_not_an_npz(tmp_path, out):
     bad = tmp_path / 'ckpt.npz'
     bad.write_text('this is a text file, not a checkpoint\n')
@@ -115,6 +119,7 @@ def test_not_an_npz(tmp_path, out):
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_npy_as_checkpoint(tmp_path, out):
     bad = tmp_path / 'ckpt.npy'
     np.save(bad, np.zeros((2, 3), np.float32))
@@ -122,6 +127,7 @@ def test_npy_as_checkpoint(tmp_path, out):
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_npz_with_pickled_objects(tmp_path, out):
     bad = tmp_path / 'ckpt.npz'
     np.savez(bad, **reference_arrays(), evil=np.array([{'a': 1}, None], dtype=object))
@@ -129,6 +135,7 @@ def test_npz_with_pickled_objects(tmp_path, out):
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_torch(tmp_path, out):
     missing = tmp_path / 'nope.npz'
     assert_user_error(logits('vit_torch', missing, out), str(missing), 'no such file')
@@ -137,6 +144,7 @@ def test_missing_checkpoint_torch(tmp_path, out):
 
 # --------------------------------------------------------------------------- configs
 
+@pytest.mark.slow
 def test_official_config_does_not_fit(out):
     line = assert_user_error(logits('vit_jax', CKPT, out, config='ViT-B_16'), str(CKPT), 'ViT-B_16',
                              'missing', 'Transformer/encoderblock_11/MlpBlock_0/Dense_0/kernel')
@@ -144,6 +152,7 @@ def test_official_config_does_not_fit(out):
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_json_config_does_not_fit(tmp_path, out):
     d = json.loads(CFG.read_text())
     d['hidden_size'], d['transformer']['num_heads'], d['transformer']['num_layers'] = 32, 2, 3
@@ -164,6 +173,7 @@ def test_check_params_names_extra_keys_library():
     assert '1 missing: head/bias' in str(e.value) and '1 extra: stray/kernel' in str(e.value)
 
 
+@pytest.mark.slow
 def test_config_not_valid_json(tmp_path, out):
     bad = tmp_path / 'model.json'
     bad.write_text('{"hidden_size": 64, "patches": ')
@@ -171,6 +181,7 @@ def test_config_not_valid_json(tmp_path, out):
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_unknown_config_name(out):
     assert_user_error(logits('vit_jax', CKPT, out, config='ViT-Z_99'), 'ViT-Z_99', 'not an official config name',
                       'ViT-B_16')
@@ -179,6 +190,7 @@ def test_unknown_config_name(out):
 
 # --------------------------------------------------------------------------- resolution
 
+@pytest.mark.slow
 def test_non_square_position_grid(tmp_path, out):
     arrays = reference_arrays()
     arrays[POSEMB] = arrays[POSEMB][:, :1 + 15]  # class token + 15 patch tokens
@@ -199,6 +211,7 @@ def test_non_square_position_grid_library():
         weights.resolve_config(str(CFG), {POSEMB: posemb})
 
 
+@pytest.mark.slow
 def test_image_size_not_divisible_by_patch(out):
     assert_user_error(logits('vit_jax', CKPT, out, image_size=36), 'image size 36', '8x8')
     assert_nothing_written(out)
@@ -206,6 +219,7 @@ def test_image_size_not_divisible_by_patch(out):
 
 # --------------------------------------------------------------------------- inputs
 
+@pytest.mark.slow
 def test_input_float64(tmp_path, out):
     x = tmp_path / 'x.npy'
     np.save(x, np.load(X).astype(np.float64))
@@ -213,6 +227,7 @@ def test_input_float64(tmp_path, out):
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_input_nchw(tmp_path, out):
     x = tmp_path / 'x.npy'
     np.save(x, np.load(X).transpose(0, 3, 1, 2))
@@ -229,18 +244,21 @@ def test_input_shape_library(tmp_path, shape):
     assert str(shape) in str(e.value)
 
 
+@pytest.mark.slow
 def test_input_wrong_resolution_torch(out):
     x = TINY / 'x_resized.npy'  # 48x48, the model is built at the checkpoint's 32x32
     assert_user_error(logits('vit_torch', CKPT, out, x=x), str(x), '48x48', '32x32', '--image-size 48')
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_input_missing(tmp_path, out):
     x = tmp_path / 'nope.npy'
     assert_user_error(logits('vit_jax', CKPT, out, x=x), f'--input {x}', 'no such file')
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_input_nan(tmp_path, out):
     x = tmp_path / 'x.npy'
     a = np.load(X)
@@ -252,20 +270,24 @@ def test_input_nan(tmp_path, out):
 
 # --------------------------------------------------------------------------- convert
 
+@pytest.mark.slow
 def test_convert_bad_extension_pair(out):
     dst = out / 'copy.npz'
     assert_user_error(run_cli('vit_torch', 'convert', CKPT, dst), str(CKPT), str(dst), '.safetensors')
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_convert_pt_with_pickled_object(tmp_path, out):
-    torch = pytest.importorskip('torch')
+    import torch
+
     bad = tmp_path / 'evil.pt'
     torch.save({'a': object()}, bad)  # torch.load(weights_only=True) must refuse it
     assert_user_error(run_cli('vit_torch', 'convert', bad, out / 'y.npz'), str(bad), 'tensors-only')
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_convert_truncated_safetensors(tmp_path, out):
     from safetensors.numpy import save_file
 
@@ -286,11 +308,13 @@ def tiny_pt(tmp_path_factory) -> Path:
     return pt
 
 
+@pytest.mark.slow
 def test_convert_pt_unknown_width_needs_config(tiny_pt, out):
     assert_user_error(run_cli('vit_torch', 'convert', tiny_pt, out / 'back.npz'), 'width-64', 'pass --config')
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_convert_pt_with_config_succeeds(tiny_pt, out):
     """Positive control for the case above: with --config the same conversion works and round-trips."""
     back = out / 'back.npz'
@@ -306,6 +330,7 @@ def test_convert_pt_with_config_succeeds(tiny_pt, out):
 
 # --------------------------------------------------------------------------- positive controls
 
+@pytest.mark.slow
 @pytest.mark.parametrize('framework, x, image_size, want', [
     ('vit_jax', X, None, TINY / 'logits.npy'),
     ('vit_torch', TINY / 'x_resized.npy', 48, TINY / 'logits_resized.npy'),  # the fix the error suggests

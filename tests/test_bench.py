@@ -13,14 +13,16 @@ import torch
 from timm.models.vision_transformer import _load_weights
 
 from conftest import random_params, run_cli, tolerance
-from parity import bench, weights
-from parity.config import OFFICIAL_CONFIGS
-from parity.errors import UserError
+from parity.core import weights
+from parity.tools import bench
+from parity.core.config import OFFICIAL_CONFIGS
+from parity.core.errors import UserError
 from vit_torch.checkpoint import build_model
 
 FIELDS = {'model', 'impl', 'mode', 'precision', 'batch_size', 'img_per_s', 'peak_mem_bytes', 'ratio_to_reference'}
 
 
+@pytest.mark.slow
 def test_bench_runs_end_to_end_and_writes_the_contract(tmp_path):
     out = tmp_path / 'bench.json'
     proc = run_cli('parity', 'bench', '--models', 'testing', '--batch-size', '2', '--repeats', '2', '--warmup', '1',

@@ -6,9 +6,10 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import run_cli
-from parity import weights
+from parity.core import weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('suffix,config', [('.safetensors', None), ('.pt', 'model.json')])
 @pytest.mark.parametrize('case', ['tiny_token', 'hybrid_stem'])
 def test_convert_round_trip_is_bit_exact(reference, tmp_path, case, suffix, config):
@@ -25,6 +26,7 @@ def test_convert_round_trip_is_bit_exact(reference, tmp_path, case, suffix, conf
         assert original[k].tobytes() == again[k].tobytes(), k
 
 
+@pytest.mark.slow
 def test_converted_state_dict_loads_into_the_torch_model(reference, tmp_path):
     from vit_torch.model import VisionTransformer
 

@@ -7,34 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_params, tolerance
-from parity import weights
-from parity.config import ViTConfig
+from conftest import BATCH, CONFIGS, images, random_params, tiny, tolerance, torch_forward
+from parity.core import weights
+from parity.core.config import ViTConfig
 from vit_jax.checkpoint import params_from_variables, variables_from_params
 from vit_jax.model import VisionTransformer as FlaxViT
 from vit_torch.checkpoint import build_model, params_from_state_dict
 from vit_torch.model import VisionTransformer as TorchViT
 
-B = 2
-
-
-def tiny(**kw) -> ViTConfig:
-    base = dict(name='tiny', patch_size=(8, 8), hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4,
-                num_classes=5, image_size=32)
-    return ViTConfig(**{**base, **kw})
-
-
-CONFIGS = {
-    'token': tiny(),
-    'gap': tiny(classifier='gap'),
-    'unpooled': tiny(classifier='unpooled'),
-    'token_unpooled': tiny(classifier='token_unpooled'),
-    'representation': tiny(representation_size=24),
-    'no-head': tiny(num_classes=0, representation_size=16),
-    'non-square-patch': tiny(patch_size=(8, 4)),
-    'hybrid-stem': tiny(patch_size=(2, 2), resnet_num_layers=(), resnet_width_factor=0.5),
-    'hybrid-stages': tiny(patch_size=(1, 1), resnet_num_layers=(2, 1), resnet_width_factor=0.5),
-}
+B = BATCH
 
 
 def expected_shape(cfg: ViTConfig) -> tuple:
@@ -47,15 +28,6 @@ def expected_shape(cfg: ViTConfig) -> tuple:
     return (B, features)
 
 
-def images(cfg: ViTConfig, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(-1, 1, (B, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
-
-
-def torch_forward(model, x):
-    with torch.no_grad():
-        return model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
-
-
 @pytest.mark.parametrize('name', CONFIGS)
 def test_flax_and_torch_agree_on_random_weights(name):
     cfg = CONFIGS[name]
@@ -63,9 +35,9 @@ def test_flax_and_torch_agree_on_random_weights(name):
     x = images(cfg)
     ref = np.asarray(FlaxViT(cfg).apply(variables_from_params(params), x))
     assert ref.shape == expected_shape(cfg)
-    for use_sdpa in (False, True):
-        got = torch_forward(build_model(cfg, params, use_sdpa=use_sdpa), x)
-        assert np.abs(got - ref).max() <= tolerance(ref), f'{name}, sdpa={use_sdpa}'
+    for fast in (False, True):
+        got = torch_forward(build_model(cfg, params, fast=fast), x)
+        assert np.abs(got - ref).max() <= tolerance(ref), f'{name}, fast={fast}'
 
 
 @pytest.mark.parametrize('name', ['token', 'hybrid-stages'])

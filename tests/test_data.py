@@ -1,4 +1,4 @@
-"""Data pipelines (`parity.data`): the digits split and stream, and the tfds pipeline on mock cifar10.
+"""Data pipelines (`parity.data.datasets`): the digits split and stream, and the tfds pipeline on mock cifar10.
 
 The streams must be deterministic, resumable from any step (crossing epoch boundaries),
 and give every process its rows of the same global batch; eval batches must cover each
@@ -11,16 +11,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from parity import data
-from parity.errors import UserError
+from parity.core.errors import UserError
+from parity.data import datasets
 
-tf = data.import_tensorflow()  # through parity.data, which loads TensorFlow so that PyTorch can still run beside it
+# Through parity.data.datasets, which loads TensorFlow so that PyTorch can still run beside it.
+tf = datasets.import_tensorflow()
 import tensorflow_datasets as tfds  # noqa: E402
 
 
 @pytest.fixture(scope='module')
-def digits() -> data.Dataset:
-    return data.load('digits')
+def digits() -> datasets.Dataset:
+    return datasets.load('digits')
 
 
 def take(stream, n):
@@ -82,7 +83,7 @@ def test_digits_augmentation_is_on_train_only(digits, monkeypatch):
     on_grid = lambda x: np.isin(x, grid).all()  # noqa: E731
     assert on_grid(concat(digits.eval_batches(None, 128, 8), 'image'))
     assert not on_grid(next(digits.train_batches(128, 8, seed=0))['image'])  # sub-pixel shifts
-    monkeypatch.setattr(data, 'DIGITS_SHIFT', 0.0)
+    monkeypatch.setattr(datasets, 'DIGITS_SHIFT', 0.0)
     assert on_grid(next(digits.train_batches(128, 8, seed=0))['image'])
 
 
@@ -102,9 +103,9 @@ def test_digits_eval_batches_are_padded_and_masked(digits):
 @pytest.fixture
 def cifar(tmp_path, monkeypatch):
     # mock_data replaces the download (and the data); the look for a network must not stop it first.
-    monkeypatch.setattr(data, '_online', lambda: True)
+    monkeypatch.setattr(datasets, '_online', lambda: True)
     with tfds.testing.mock_data(num_examples=24):
-        yield data.load('cifar10', data_dir=str(tmp_path))
+        yield datasets.load('cifar10', data_dir=str(tmp_path))
 
 
 def plain(cifar, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +119,7 @@ def plain(cifar, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
 def test_tfds_presets_follow_the_official_configs(cifar):
     assert cifar.num_classes == 10
     assert (cifar.preset.train, cifar.preset.test, cifar.preset.image_size) == ('train[:98%]', 'test', 384)
-    assert data.PRESETS['imagenet2012'].test == 'validation'
+    assert datasets.PRESETS['imagenet2012'].test == 'validation'
 
 
 def test_tfds_eval_is_a_plain_resize(cifar):
@@ -148,7 +149,7 @@ def test_tfds_train_is_augmented_deterministic_and_resumable(cifar):
 
 def test_unknown_and_unprepared_datasets(tmp_path, monkeypatch):
     with pytest.raises(UserError, match='unknown dataset'):
-        data.load('no_such_dataset', data_dir=str(tmp_path))
+        datasets.load('no_such_dataset', data_dir=str(tmp_path))
 
     def offline(*args, **kwargs):
         raise OSError('no network (blocked by the test)')
@@ -158,4 +159,4 @@ def test_unknown_and_unprepared_datasets(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, 'getaddrinfo', offline)
     monkeypatch.setattr(socket.socket, 'connect', offline)
     with pytest.raises(UserError, match=r'not prepared .*tfds build cifar10 --data_dir'):
-        data.load('cifar10', data_dir=str(tmp_path))
+        datasets.load('cifar10', data_dir=str(tmp_path))

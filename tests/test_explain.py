@@ -1,4 +1,4 @@
-"""`parity explain` and `parity.figures`: hand-computed arrays, Flax vs PyTorch, and the PNGs on disk.
+"""`parity explain` and `parity.tools.figures`: hand-computed arrays, Flax vs PyTorch, and the PNGs on disk.
 
 The hand-computed cases use a 2x2 patch grid of 16-pixel patches, so every number below
 can be checked on paper: patch centres are 16 px apart in a row or column and 16*sqrt(2)
@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import random_params, run_cli, tolerance
-from parity import explain, figures, weights
-from parity.config import ViTConfig
-from parity.errors import UserError
+from conftest import random_params, run_cli, tiny, tolerance
+from parity.core import weights
+from parity.tools import explain, figures
+from parity.core.config import ViTConfig
+from parity.core.errors import UserError
 
 GRID, PATCH = (2, 2), (16, 16)
 R2 = np.sqrt(2.0)
@@ -98,10 +99,9 @@ def test_filter_pca_by_hand():
 
 # --------------------------------------------------------------------------- Flax vs PyTorch
 
-def tiny(**kw) -> ViTConfig:
-    base = dict(name=None, patch_size=(8, 8), hidden_size=32, num_layers=3, mlp_dim=64, num_heads=4,
-                num_classes=10, image_size=32)
-    return ViTConfig(**{**base, **kw})
+def tiny3(**kw) -> ViTConfig:
+    """The tiny config with three blocks (first, middle and last differ) and ten classes."""
+    return tiny(**{'num_layers': 3, 'num_classes': 10, **kw})
 
 
 def checkpoint(cfg: ViTConfig, path: Path, seed: int = 0) -> Path:
@@ -113,8 +113,8 @@ def selection(cfg: ViTConfig, query=None) -> explain.Selection:
     return explain.Selection(list(range(cfg.num_layers)), list(range(cfg.num_heads)), query, 'q', 28)
 
 
-@pytest.mark.parametrize('cfg', [tiny(), tiny(classifier='gap', patch_size=(8, 4)),
-                                 tiny(patch_size=(2, 2), resnet_num_layers=(), resnet_width_factor=0.5)],
+@pytest.mark.parametrize('cfg', [tiny3(), tiny3(classifier='gap', patch_size=(8, 4)),
+                                 tiny3(patch_size=(2, 2), resnet_num_layers=(), resnet_width_factor=0.5)],
                          ids=['token', 'gap-non-square-patch', 'hybrid'])
 def test_every_array_equal_between_frameworks(cfg):
     params = random_params(weights.param_shapes(cfg), seed=3)
@@ -140,7 +140,7 @@ def test_every_array_equal_between_frameworks(cfg):
 
 def test_filters_come_from_each_frameworks_own_layout():
     """The torch filters are read from the OIHW conv weight, not routed back through the weight layer."""
-    cfg = tiny(patch_size=(8, 4))
+    cfg = tiny3(patch_size=(8, 4))
     params = random_params(weights.param_shapes(cfg), seed=5)
     image = np.zeros((32, 32, 3), np.float32)
     kernel = params['embedding/kernel']  # (ph, pw, C, D)
@@ -162,7 +162,7 @@ def assert_png(path: Path, size: tuple[float, float]) -> None:
 
 def test_explain_writes_every_figure(tmp_path, capsys):
     """In-process (the docs' test runs the command line itself, as a user would)."""
-    ckpt = checkpoint(tiny(num_classes=1000), tmp_path / 'ckpt.npz')
+    ckpt = checkpoint(tiny3(num_classes=1000), tmp_path / 'ckpt.npz')
     out = tmp_path / 'figs'
     assert explain.main([str(PHOTOS / 'chelsea.png'), '--checkpoint', str(ckpt), '--out', str(out),
                          '--layers', '0,-1', '--heads', '1,3', '--components', '10']) == 0
@@ -183,7 +183,7 @@ def test_explain_writes_every_figure(tmp_path, capsys):
 
 def test_explain_one_framework_and_gap_model(tmp_path, capsys):
     """In-process: a gap model through PyTorch alone, on a grayscale photo, says what replaces the class token."""
-    ckpt = checkpoint(tiny(classifier='gap', num_layers=2), tmp_path / 'gap.npz')
+    ckpt = checkpoint(tiny3(classifier='gap', num_layers=2), tmp_path / 'gap.npz')
     out = tmp_path / 'figs'
     assert explain.main([str(PHOTOS / 'camera.png'), '--checkpoint', str(ckpt), '--out', str(out),
                          '--framework', 'torch', '--layers', 'all']) == 0
@@ -194,7 +194,7 @@ def test_explain_one_framework_and_gap_model(tmp_path, capsys):
 
 
 def test_explain_hybrid_skips_filter_pca(tmp_path, capsys):
-    cfg = tiny(patch_size=(2, 2), resnet_num_layers=(), resnet_width_factor=0.5, num_layers=1)
+    cfg = tiny3(patch_size=(2, 2), resnet_num_layers=(), resnet_width_factor=0.5, num_layers=1)
     ckpt = checkpoint(cfg, tmp_path / 'hybrid.npz')
     out = tmp_path / 'figs'
     assert explain.main([str(PHOTOS / 'logo.png'), '--checkpoint', str(ckpt), '--out', str(out)]) == 0
@@ -212,17 +212,18 @@ def test_explain_hybrid_skips_filter_pca(tmp_path, capsys):
     (['--labels', 'imagenet2012'], '1000 names for a head of 10 classes'),
 ])
 def test_explain_bad_selections(tmp_path, extra, needle):
-    ckpt = checkpoint(tiny(), tmp_path / 'ckpt.npz')
+    ckpt = checkpoint(tiny3(), tmp_path / 'ckpt.npz')
     with pytest.raises(UserError, match=needle.replace('(', r'\(').replace(')', r'\)')):
         explain.main([str(PHOTOS / 'chelsea.png'), '--checkpoint', str(ckpt), '--out', str(tmp_path / 'o'), *extra])
     assert not os.path.exists(tmp_path / 'o')
 
 
+@pytest.mark.slow
 def test_explain_refuses_a_zero_head(tmp_path):
-    params = random_params(weights.param_shapes(tiny()), seed=0)
+    params = random_params(weights.param_shapes(tiny3()), seed=0)
     params['head/kernel'][:] = 0
     weights.save_npz(str(tmp_path / 'zero.npz'), params)
-    (tmp_path / 'model.json').write_text(json.dumps(dict(tiny().to_official_dict(), image_size=32)))
+    (tmp_path / 'model.json').write_text(json.dumps(dict(tiny3().to_official_dict(), image_size=32)))
     proc = run_cli('parity', 'explain', PHOTOS / 'chelsea.png', '--checkpoint', tmp_path / 'zero.npz',
                    '--config', tmp_path / 'model.json', '--out', tmp_path / 'o')
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr

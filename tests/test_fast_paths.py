@@ -1,7 +1,7 @@
 """The fast paths equal the teaching paths: fused attention, bf16 compute, the jitted step, mapped reading.
 
 float32 results are held to the project's bound (`conftest.tolerance`), gradients to the
-policy's gradient bound, bf16 to the bf16 policy of `parity.tolerance` (a looser bound
+policy's gradient bound, bf16 to the bf16 policy of `parity.harness.tolerance` (a looser bound
 and top-1 agreement, ties excepted).
 """
 
@@ -14,19 +14,21 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import random_params, tolerance
-from parity import tolerance as policy
-from parity import weights
-from parity.errors import UserError
-from test_cross_framework import CONFIGS, images, torch_forward
+from conftest import BATCH, CONFIGS, images, random_params, tolerance, torch_forward
+from parity.core import weights
+from parity.core.errors import UserError
+from parity.core.weights import containers
+from parity.core.weights.formats import vit_torch as torch_format
+from parity.harness import tolerance as policy
+from vit_jax import fast as jax_fast
 from vit_jax.checkpoint import variables_from_params
+from vit_jax.inspect import forward_with_intermediates as flax_intermediates
 from vit_jax.model import VisionTransformer as FlaxViT
 from vit_torch.checkpoint import build_model, params_from_state_dict
 from vit_torch.inspect import forward_with_intermediates as torch_intermediates
-from vit_jax.inspect import forward_with_intermediates as flax_intermediates
+from vit_torch.runtime import to_nchw
 
 FAST_CASES = ['token', 'gap', 'unpooled', 'non-square-patch', 'hybrid-stages']
-B_IMAGES = 2
 
 
 def params_for(name: str, scale: float = 0.2) -> dict:
@@ -41,7 +43,7 @@ def flax_fast_vs_by_hand(name: str) -> tuple[np.ndarray, np.ndarray, str]:
     variables = variables_from_params(params_for(name))
     x = images(cfg)
     ref = np.asarray(jax.jit(FlaxViT(cfg).apply)(variables, x))
-    fast = FlaxViT(cfg, use_sdpa=True).apply
+    fast = FlaxViT(cfg, fast=True).apply
     return ref, np.asarray(jax.jit(fast)(variables, x)), str(jax.make_jaxpr(fast)(variables, x))
 
 
@@ -62,21 +64,19 @@ def test_flax_dot_product_attention_core_equals_by_hand(name, monkeypatch):
 
 
 def test_flax_fused_attention_is_what_runs(monkeypatch):
-    """The switch really changes the computation: on the CPU `fused_cpu` in every block; elsewhere
+    """The switch really changes the computation: on the CPU `attention_cpu` in every block; elsewhere
     one q/k/v matmul and XLA's attention, not three."""
-    from vit_jax.model import Attention
-
     cfg = CONFIGS['token']
     variables = variables_from_params(params_for('token'))
     x = images(cfg)
     calls = []
-    fused_cpu = Attention.fused_cpu
-    monkeypatch.setattr(Attention, 'fused_cpu', lambda self, *a: calls.append(self.name) or fused_cpu(self, *a))
-    jax.make_jaxpr(lambda v: FlaxViT(cfg, use_sdpa=True).apply(v, x))(variables)
-    assert len(calls) == cfg.num_layers
+    attention_cpu = jax_fast.attention_cpu
+    monkeypatch.setattr(jax_fast, 'attention_cpu', lambda *a: calls.append(a[2]) or attention_cpu(*a))
+    jax.make_jaxpr(lambda v: FlaxViT(cfg, fast=True).apply(v, x))(variables)
+    assert calls == [cfg.num_heads] * cfg.num_layers
 
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-    count = {use: str(jax.make_jaxpr(lambda v: FlaxViT(cfg, use_sdpa=use).apply(v, x))(variables)).count('dot_general')
+    count = {use: str(jax.make_jaxpr(lambda v: FlaxViT(cfg, fast=use).apply(v, x))(variables)).count('dot_general')
              for use in (False, True)}
     assert count[True] == count[False] - 2 * cfg.num_layers  # q, k, v in one matmul per block
 
@@ -89,9 +89,9 @@ def test_flax_fused_attention_gradients_equal_by_hand(name):
     x = images(cfg)
     labels = jnp.arange(x.shape[0]) % cfg.num_classes
 
-    def grads(use_sdpa):
+    def grads(fast):
         def f(p):
-            logits = FlaxViT(cfg, use_sdpa=use_sdpa).apply(variables_from_params(p), x)
+            logits = FlaxViT(cfg, fast=fast).apply(variables_from_params(p), x)
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
         return jax.jit(jax.grad(f))(params)
 
@@ -111,8 +111,7 @@ DOT_CASES = [  # (lhs shape, rhs shape, dimension numbers)
 
 @pytest.mark.parametrize('lhs,rhs,dims', DOT_CASES)
 def test_dot_general_in_order_equals_dot_general_and_orders_its_backward(lhs, rhs, dims):
-    from vit_jax.model import dot_general_in_order
-
+    dot_general_in_order = jax_fast.dot_general_in_order
     n = len(dims[0][0])
     out = lhs[:len(lhs) - n] + rhs[n:]
     rng = np.random.default_rng(0)
@@ -128,8 +127,7 @@ def test_dot_general_in_order_equals_dot_general_and_orders_its_backward(lhs, rh
 
 
 def test_dot_general_in_order_hands_other_products_to_dot_general():
-    from vit_jax.model import dot_general_in_order
-
+    dot_general_in_order = jax_fast.dot_general_in_order
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal((3, 5, 4)).astype(np.float32), rng.standard_normal((3, 4, 6)).astype(np.float32)
     dims = (((2,), (1,)), ((0,), (0,)))  # a batched product is no dense layer
@@ -143,14 +141,14 @@ def test_flax_patch_matmul_equals_the_strided_convolution():
     also for a non-square patch and for images with rows and columns left over past the last patch."""
     cfg = CONFIGS['non-square-patch']
     variables = variables_from_params(params_for('non-square-patch'))
-    x = np.random.default_rng(2).uniform(-1, 1, (B_IMAGES, cfg.image_size + 3, cfg.image_size + 2, 3)).astype(np.float32)
+    x = np.random.default_rng(2).uniform(-1, 1, (BATCH, cfg.image_size + 3, cfg.image_size + 2, 3)).astype(np.float32)
     tokens = {}
-    for use_sdpa in (False, True):
-        _, state = FlaxViT(cfg, use_sdpa=use_sdpa).apply(variables, x, mutable=['intermediates'])
-        tokens[use_sdpa] = np.asarray(state['intermediates']['patch_tokens'][0])
-    assert tokens[True].shape == tokens[False].shape == (B_IMAGES, cfg.grid_size[0] * cfg.grid_size[1], cfg.hidden_size)
+    for fast in (False, True):
+        _, state = FlaxViT(cfg, fast=fast).apply(variables, x, mutable=['intermediates'])
+        tokens[fast] = np.asarray(state['intermediates']['patch_tokens'][0])
+    assert tokens[True].shape == tokens[False].shape == (BATCH, cfg.grid_size[0] * cfg.grid_size[1], cfg.hidden_size)
     assert np.abs(tokens[True] - tokens[False]).max() <= tolerance(tokens[False])
-    jaxpr = str(jax.make_jaxpr(lambda v: FlaxViT(cfg, use_sdpa=True).apply(v, x))(variables))
+    jaxpr = str(jax.make_jaxpr(lambda v: FlaxViT(cfg, fast=True).apply(v, x))(variables))
     assert 'conv_general_dilated' not in jaxpr  # really the matmul
 
 
@@ -160,7 +158,7 @@ def test_flax_fused_attention_falls_back_where_it_cannot_serve():
     params = params_for('token')
     x = images(cfg)
     ref = flax_intermediates(FlaxViT(cfg), params, x, attention=True)
-    got = flax_intermediates(FlaxViT(cfg, use_sdpa=True), params, x, attention=True)
+    got = flax_intermediates(FlaxViT(cfg, fast=True), params, x, attention=True)
     assert ref.keys() == got.keys() and 'attention_0' in got
     for k in ref:
         assert np.abs(got[k] - ref[k]).max() <= tolerance(ref[k]), k
@@ -169,34 +167,34 @@ def test_flax_fused_attention_falls_back_where_it_cannot_serve():
     variables = variables_from_params(params)
     rngs = {'dropout': jax.random.PRNGKey(3)}
     by_hand = FlaxViT(cfg).apply(variables, x, train=True, rngs=rngs)
-    fused = FlaxViT(cfg, use_sdpa=True).apply(variables, x, train=True, rngs=rngs)
+    fused = FlaxViT(cfg, fast=True).apply(variables, x, train=True, rngs=rngs)
     np.testing.assert_array_equal(fused, by_hand)  # the same path, the same dropout mask
 
 
 @pytest.mark.parametrize('name', FAST_CASES)
-def test_torch_sdpa_equals_by_hand_forward_and_backward(name):
+def test_torch_fast_attention_equals_by_hand_forward_and_backward(name):
     cfg = CONFIGS[name]
     params = params_for(name, scale=0.1)
-    x = torch.from_numpy(images(cfg)).permute(0, 3, 1, 2)
+    x = to_nchw(images(cfg), 'cpu')
     out = {}
-    for use_sdpa in (False, True):
-        model = build_model(cfg, params, use_sdpa=use_sdpa).train()
+    for fast in (False, True):
+        model = build_model(cfg, params, fast=fast).train()
         logits = model(x)
         logits.square().mean().backward()  # any scalar of every output (unpooled logits are per token)
         grads = params_from_state_dict({n: p.grad for n, p in model.named_parameters()}, cfg)
-        out[use_sdpa] = logits.detach().numpy(), grads
+        out[fast] = logits.detach().numpy(), grads
     (ref, ref_grads), (got, got_grads) = out[False], out[True]
     assert np.abs(got - ref).max() <= tolerance(ref)
     for k, g in ref_grads.items():
         assert np.abs(got_grads[k] - g).max() <= policy.grad_bound(g), k
 
 
-def test_torch_sdpa_records_attention_through_the_by_hand_path():
+def test_torch_fast_path_records_attention_through_the_by_hand_path():
     cfg = CONFIGS['token']
     params = params_for('token')
-    x = torch.from_numpy(images(cfg)).permute(0, 3, 1, 2)
+    x = to_nchw(images(cfg), 'cpu')
     ref = torch_intermediates(build_model(cfg, params), x, attention=True)
-    got = torch_intermediates(build_model(cfg, params, use_sdpa=True), x, attention=True)
+    got = torch_intermediates(build_model(cfg, params, fast=True), x, attention=True)
     assert ref.keys() == got.keys() and 'attention_0' in got
     for k in ref:
         assert np.abs(got[k] - ref[k]).max() <= tolerance(ref[k]), k
@@ -219,19 +217,19 @@ def assert_bf16_agrees(ref: np.ndarray, got: np.ndarray) -> None:
     assert np.abs(got - ref).max() > 0  # bf16 really ran
 
 
-@pytest.mark.parametrize('use_sdpa', [False, True])
-def test_flax_bf16_within_its_bound_and_top1(use_sdpa):
+@pytest.mark.parametrize('fast', [False, True])
+def test_flax_bf16_within_its_bound_and_top1(fast):
     cfg, params, x = bf16_case()
     variables = variables_from_params(params)
     ref = np.asarray(FlaxViT(cfg).apply(variables, x))
-    got = np.asarray(FlaxViT(cfg, dtype=jnp.bfloat16, use_sdpa=use_sdpa).apply(variables, x))
+    got = np.asarray(FlaxViT(cfg, dtype=jnp.bfloat16, fast=fast).apply(variables, x))
     assert_bf16_agrees(ref, got)
 
 
-@pytest.mark.parametrize('use_sdpa', [False, True])
-def test_torch_autocast_bf16_within_its_bound_and_top1(use_sdpa):
+@pytest.mark.parametrize('fast', [False, True])
+def test_torch_autocast_bf16_within_its_bound_and_top1(fast):
     cfg, params, x = bf16_case()
-    model = build_model(cfg, params, use_sdpa=use_sdpa)
+    model = build_model(cfg, params, fast=fast)
     ref = torch_forward(model, x)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         got = torch_forward(model, x)
@@ -265,7 +263,7 @@ def test_jitted_train_step_donates_its_state_and_stays_on_device():
 @pytest.fixture
 def mixed_npz(tmp_path, monkeypatch):
     """An npz whose arrays take every path: mapped (several dtypes, orders, byte orders), small, compressed."""
-    monkeypatch.setattr(weights, 'MMAP_MIN_BYTES', 1024)
+    monkeypatch.setattr(containers, 'MMAP_MIN_BYTES', 1024)
     rng = np.random.default_rng(0)
     arrays = {
         'a/kernel': rng.standard_normal((64, 48)).astype(np.float32),
@@ -327,7 +325,7 @@ def test_streamed_safetensors_equal_to_the_state_dict(mixed_npz, tmp_path):
     views = {'t': arrays['a/kernel'].T, 'f': arrays['c/fortran'], 'be': arrays['d/big_endian'],
              'h': arrays['b/half'][::2], 'i': arrays['e/int8'], 's': arrays['g/scalar'], 'v': arrays['f/small_bias']}
     path = tmp_path / 'x.safetensors'
-    weights.write_safetensors(str(path), dict(views), {'note': 'hi'})
+    containers.write_safetensors(str(path), dict(views), {'note': 'hi'})
     with safe_open(str(path), framework='np') as f:
         assert f.metadata() == {'note': 'hi'}
         assert sorted(f.keys()) == sorted(views)
@@ -336,7 +334,7 @@ def test_streamed_safetensors_equal_to_the_state_dict(mixed_npz, tmp_path):
             assert got.shape == np.shape(v) and got.dtype == np.dtype(v.dtype).newbyteorder('='), k
             np.testing.assert_array_equal(got, v)
     consumed = dict(views)
-    weights.write_safetensors(str(path), consumed, consume=True)
+    containers.write_safetensors(str(path), consumed, consume=True)
     assert not consumed
 
 
@@ -344,9 +342,9 @@ def test_to_torch_copies_and_build_model_adopts_without_aliasing():
     cfg = CONFIGS['token']
     params = params_for('token')
     saved = {k: v.copy() for k, v in params.items()}
-    state = weights.to_torch(params, cfg)
+    state = torch_format.to_torch(params, cfg)
     for k, v in params.items():
-        assert not np.shares_memory(state[weights.torch_name(k)], v), k
+        assert not np.shares_memory(state[torch_format.torch_name(k)], v), k
     model = build_model(cfg, params)
     assert all(p.dtype == torch.float32 for p in build_model(cfg, {k: v.astype(np.float64) for k, v in params.items()}).parameters())
     back = params_from_state_dict(model.state_dict(), cfg)

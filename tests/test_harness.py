@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from conftest import REFERENCE, REPO, random_params, run_cli, tolerance
-from parity import counterparts, diagnosis, harness, images, weights
-from parity import tolerance as policy
-from parity.config import ViTConfig
-from parity.errors import UserError
+from parity.core import weights
+from parity.data import images
+from parity.harness import comparison, compare, counterparts, diagnosis, grad, verify
+from parity.harness import tolerance as policy
+from parity.core.config import ViTConfig
+from parity.core.errors import UserError
 
 TINY, HYBRID = REFERENCE / 'tiny_token', REFERENCE / 'hybrid_stem'
 EXAMPLE = REPO / 'examples' / 'numpy_vit.py'
@@ -38,9 +40,9 @@ def run(main, args, tmp_path, name='out.json'):
     return code, json.loads(out.read_text())
 
 
-def verify(fn, case, tmp_path, *extra):
+def run_verify(fn, case, tmp_path, *extra):
     ckpt, *rest = case_args(case)
-    return run(harness.verify_main, [fn, '--checkpoint', ckpt, *rest, *extra], tmp_path)
+    return run(verify.main, [fn, '--checkpoint', ckpt, *rest, *extra], tmp_path)
 
 
 def causes(report) -> set:
@@ -51,7 +53,7 @@ def causes(report) -> set:
 
 @pytest.mark.parametrize('case', [TINY, HYBRID], ids=['tiny_token', 'hybrid_stem'])
 def test_numpy_example_passes_verify(case, tmp_path):
-    code, report = verify(f'{EXAMPLE}:vit', case, tmp_path)
+    code, report = run_verify(f'{EXAMPLE}:vit', case, tmp_path)
     assert code == 0 and report['first_divergence'] is None and report['ok']
     names = [a['name'] for a in report['activations']]
     assert names[-1] == 'logits' and names.index('attention_1') < names.index('encoderblock_1')
@@ -117,7 +119,7 @@ def faulty(tmp_path, fault, block=1):
 @pytest.mark.parametrize('fault,block', [('erf_gelu', 1), ('layernorm_eps', 1), ('unscaled_queries', 1),
                                          ('out_projection_transposed', 1), ('erf_gelu', 0)])
 def test_one_fault_is_caught_at_its_block_and_named(fault, block, tmp_path):
-    code, report = verify(faulty(tmp_path, fault, block), TINY, tmp_path)
+    code, report = run_verify(faulty(tmp_path, fault, block), TINY, tmp_path)
     assert code == 1 and not report['ok']
     assert report['first_divergence'] == f'encoderblock_{block}'
     upstream = ('embedding', 'with_posemb') + (('attention_0', 'encoderblock_0') if block else ())
@@ -131,7 +133,7 @@ def test_symmetric_padding_in_the_stem_is_named(tmp_path):
         nv.same_padding = lambda size, kernel, stride: (kernel // 2, kernel // 2)  # PyTorch's padding=k//2
         vit = nv.vit
     ''')
-    code, report = verify(f'{path}:vit', HYBRID, tmp_path)
+    code, report = run_verify(f'{path}:vit', HYBRID, tmp_path)
     assert code == 1 and report['first_divergence'] == 'stem'
     assert causes(report) == {'same_padding'}
 
@@ -149,7 +151,7 @@ def test_verify_reads_what_outsiders_return(tmp_path):
                     'logits': torch.from_numpy(out['logits'].astype(np.float32)),
                     'encoderblock_01': out['encoderblock_1']}
     ''')
-    code, report = verify(f'{path}:forward', HYBRID, tmp_path)
+    code, report = run_verify(f'{path}:forward', HYBRID, tmp_path)
     assert code == 0 and report['first_divergence'] is None
     assert [a['name'] for a in report['activations']] == ['stem', 'embedding', 'encoderblock_1', 'logits']
     notes = ' '.join(report['notes'])
@@ -166,10 +168,11 @@ def test_verify_user_errors_are_one_line(tmp_path):
                          (f'{broken}:vit', "KeyError: 'no/such/param' (at broken.py:2)"),
                          (f'{broken}:other', 'returned int'), (str(broken), 'expected FILE.py:FUNCTION')]:
         with pytest.raises(UserError, match=None) as e:
-            harness.verify_main([spec, '--checkpoint', ckpt, *rest])
+            verify.main([spec, '--checkpoint', ckpt, *rest])
         assert needle in str(e.value) and '\n' not in str(e.value)
 
 
+@pytest.mark.slow
 def test_verify_command_line(tmp_path):
     out = tmp_path / 'v.json'
     ckpt, *rest = case_args(TINY)
@@ -189,7 +192,7 @@ def test_verify_command_line(tmp_path):
 @pytest.mark.parametrize('case,x,size', [(TINY, 'x', None), (TINY, 'x_resized', 48), (HYBRID, 'x', None)],
                          ids=['tiny_token', 'tiny_token-resized', 'hybrid_stem'])
 def test_compare_passes_on_the_reference_vectors(case, x, size, tmp_path):
-    code, report = run(harness.compare_main, case_args(case, x, size) + ['--attention'], tmp_path)
+    code, report = run(compare.main, case_args(case, x, size) + ['--attention'], tmp_path)
     assert code == 0 and report['first_divergence'] is None and report['diagnosis'] == []
     assert report['max_abs_logit_diff'] < 1e-5 and report['top1_agreement'] == 1.0
     assert any(a['name'] == 'attention_0' for a in report['activations'])
@@ -207,7 +210,7 @@ def test_compare_fails_on_a_mismatched_candidate(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(checkpoint, 'build_model', mismatched)
-    code, report = run(harness.compare_main, case_args(TINY), tmp_path)
+    code, report = run(compare.main, case_args(TINY), tmp_path)
     assert code == 1 and report['first_divergence'] == 'encoderblock_1'
     where = {f['where'] for f in report['diagnosis'] if f['kind'] == 'localisation'}
     assert where == {'encoderblock_1/LayerNorm_1'}
@@ -216,11 +219,11 @@ def test_compare_fails_on_a_mismatched_candidate(tmp_path, monkeypatch):
 
 
 def test_compare_reduced_precision(tmp_path):
-    code, report = run(harness.compare_main, case_args(TINY) + ['--precision', 'bf16'], tmp_path)
+    code, report = run(compare.main, case_args(TINY) + ['--precision', 'bf16'], tmp_path)
     assert code == 0 and report['precision'] == 'bf16' and report['top1_agreement'] == 1.0
     assert 1e-4 < report['max_abs_logit_diff'] < 0.1  # bf16 really ran, inside its bound
     assert 0 < report['yardstick']['max_abs_logit_diff'] < 0.1
-    code, report = run(harness.compare_main, case_args(TINY) + ['--precision', 'tf32'], tmp_path)
+    code, report = run(compare.main, case_args(TINY) + ['--precision', 'tf32'], tmp_path)
     assert code == 0 and any('no TF32 on CPU' in n for n in report['notes'])
     assert report['max_abs_logit_diff'] < 1e-5
 
@@ -236,7 +239,7 @@ def test_compare_reads_an_image_folder(tmp_path):
     x = images.load_images(images.images_in(str(tmp_path)), 32)
     assert x.shape == (3, 32, 32, 3) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
     ckpt, cfg_flag, cfg_path, *_ = case_args(TINY)
-    code, report = run(harness.compare_main, [ckpt, cfg_flag, cfg_path, '--images', tmp_path], tmp_path)
+    code, report = run(compare.main, [ckpt, cfg_flag, cfg_path, '--images', tmp_path], tmp_path)
     assert code == 0 and report['batch'].startswith('3 images')
     (tmp_path / 'empty').mkdir()
     with pytest.raises(UserError, match='holds no image files'):
@@ -245,6 +248,7 @@ def test_compare_reads_an_image_folder(tmp_path):
         images.images_in(str(tmp_path / 'missing'))
 
 
+@pytest.mark.slow
 def test_compare_command_line(tmp_path):
     out = tmp_path / 'c.json'
     proc = run_cli('parity', 'compare', *case_args(HYBRID), '--json', out)
@@ -272,7 +276,7 @@ def small(tmp_path_factory):
 
 
 def test_against_hf_names_erf_gelu_and_layernorm_eps(small, tmp_path):
-    code, report = run(harness.compare_main, [small, '--against', 'hf'], tmp_path)
+    code, report = run(compare.main, [small, '--against', 'hf'], tmp_path)
     assert code == 1 and report['first_divergence'] == 'encoderblock_0'
     assert [a['ok'] for a in report['activations'][:2]] == [True, True]  # embeddings convert exactly
     assert causes(report) == {'erf_gelu', 'layernorm_eps'}
@@ -303,7 +307,7 @@ def timm_small(tmp_path_factory):
 
 
 def test_against_timm_names_erf_gelu(timm_small, tmp_path):
-    code, report = run(harness.compare_main, [timm_small, '--against', 'timm:test_vit', '--attention'], tmp_path)
+    code, report = run(compare.main, [timm_small, '--against', 'timm:test_vit', '--attention'], tmp_path)
     assert code == 1 and report['first_divergence'] == 'encoderblock_0'
     assert [a['name'] for a in report['activations'] if a['ok']][:3] == ['embedding', 'with_posemb', 'attention_0']
     assert causes(report) == {'erf_gelu'}
@@ -311,7 +315,7 @@ def test_against_timm_names_erf_gelu(timm_small, tmp_path):
 
 
 def test_against_timm_names_its_position_embedding_resize(timm_small, tmp_path):
-    code, report = run(harness.compare_main, [timm_small, '--against', 'timm:test_vit', '--image-size', 96], tmp_path)
+    code, report = run(compare.main, [timm_small, '--against', 'timm:test_vit', '--image-size', 96], tmp_path)
     assert code == 1 and report['first_divergence'] == 'with_posemb'
     found = [f for f in report['diagnosis'] if f['cause'] == 'posemb_resize']
     assert found and found[0]['method'].startswith('torch bilinear')
@@ -321,7 +325,7 @@ def test_against_timm_refuses_what_it_cannot_hold(timm_small):
     for spec, needle in [('timm:vit_tiny_patch16_224', 'does not fit the checkpoint'),
                          ('timm:no_such_vit', 'timm has no such model'), ('tim:x', 'expected timm:MODEL_NAME')]:
         with pytest.raises(UserError, match=needle):
-            harness.compare_main([str(timm_small), '--against', spec])
+            compare.main([str(timm_small), '--against', spec])
 
 
 # --------------------------------------------------------------------------- grad
@@ -332,14 +336,14 @@ def test_numpy_stem_with_stages_is_the_reference_stem():
                     resnet_num_layers=(2, 1), resnet_width_factor=0.5, num_classes=5, image_size=32)
     params = random_params(weights.param_shapes(cfg), seed=2, scale=0.1)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-    ref = harness.run_reference(cfg, params, x)['stem']
+    ref = comparison.run_reference(cfg, params, x)['stem']
     assert np.abs(diagnosis.stem(cfg, params, x) - ref).max() <= tolerance(ref)
     symmetric = diagnosis.stem(cfg, params, x, diagnosis.StemNumerics('symmetric', 'symmetric'))
     assert not policy.within(ref, symmetric)
 
 
 def test_grad_parity_on_a_hybrid(tmp_path):
-    code, report = run(harness.grad_main, case_args(HYBRID) + ['--lr', '0.1'], tmp_path)
+    code, report = run(grad.main, case_args(HYBRID) + ['--lr', '0.1'], tmp_path)
     assert code == 0 and report['first_divergence'] is None and report['loss']['ok']
     names = [g['name'] for g in report['gradients']]
     cfg = weights.resolve_config(str(HYBRID / 'model.json'), weights.load_npz(str(HYBRID / 'ckpt.npz')))
@@ -349,6 +353,7 @@ def test_grad_parity_on_a_hybrid(tmp_path):
     assert max(g['max_abs_diff'] for g in report['gradients']) > 0  # two real backward passes
 
 
+@pytest.mark.slow
 def test_grad_command_line_on_a_tiny_vit(tmp_path):
     out, labels = tmp_path / 'g.json', tmp_path / 'labels.npy'
     np.save(labels, np.array([3, 7]))
@@ -359,7 +364,7 @@ def test_grad_command_line_on_a_tiny_vit(tmp_path):
     assert len(report['gradients']) == len(report['updated_params']) == 40
     np.save(labels, np.array([3, 70]))
     with pytest.raises(UserError, match=r'class indices must lie in \[0, 10\)'):
-        harness.grad_main([*case_args(TINY), '--labels', str(labels)])
+        grad.main([*case_args(TINY), '--labels', str(labels)])
 
 
 # --------------------------------------------------------------------------- the pieces
@@ -368,7 +373,7 @@ def test_faithful_numpy_block_is_the_reference_block():
     raw = weights.load_npz(str(TINY / 'ckpt.npz'))
     cfg = weights.resolve_config(str(TINY / 'model.json'), raw)
     params = weights.prepare_for_inference(raw, cfg, 'tiny')
-    ref = harness.run_reference(cfg, params, np.load(TINY / 'x.npy'), attention=True)
+    ref = comparison.run_reference(cfg, params, np.load(TINY / 'x.npy'), attention=True)
     got = diagnosis.block(ref['encoderblock_0'], diagnosis.block_params(params, 1))
     assert np.abs(got['output'] - ref['encoderblock_1']).max() <= tolerance(ref['encoderblock_1'])
     assert np.abs(got['weights'] - ref['attention_1']).max() <= tolerance(ref['attention_1'])

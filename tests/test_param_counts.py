@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import pytest
 import torch
 
-from parity import weights
-from parity.config import OFFICIAL_CONFIGS
+from parity.core import weights
+from parity.core.weights.formats import vit_torch as torch_format
+from parity.core.config import OFFICIAL_CONFIGS
 from vit_jax.checkpoint import params_from_variables
 from vit_jax.model import VisionTransformer as FlaxViT
 from vit_torch.model import VisionTransformer as TorchViT
@@ -55,7 +56,7 @@ def test_official_parameter_count(name):
     with torch.device('meta'):
         model = TorchViT(cfg)
     assert sum(p.numel() for p in model.parameters()) == GOLDEN[name]
-    assert set(model.state_dict()) == {weights.torch_name(k) for k in spec}
+    assert set(model.state_dict()) == {torch_format.torch_name(k) for k in spec}
 
 
 def params_from_variables_abstract(variables):

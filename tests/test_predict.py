@@ -8,26 +8,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import random_params, run_cli
-from parity import predict, weights
-from parity.config import ViTConfig
-from parity.errors import UserError
-from vit_jax import predict as jax_predict
-from vit_torch import predict as torch_predict
+from conftest import random_params, run_cli, tiny
+from parity.cli import predict
+from parity.core import weights
+from parity.core.config import ViTConfig
+from parity.core.errors import UserError
+from parity.data import class_names
+from vit_jax import cli as jax_cli
+from vit_torch import cli as torch_cli
 
 PHOTOS = Path(__import__('skimage.data').data.__file__).parent
 # RGB, grayscale and RGBA photos: all three must go through, converted.
 IMAGES = [PHOTOS / 'chelsea.png', PHOTOS / 'camera.png', PHOTOS / 'logo.png', PHOTOS / 'rocket.jpg']
 
 
-def tiny(**kw) -> ViTConfig:
-    base = dict(name=None, patch_size=(8, 8), hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4,
-                num_classes=1000, image_size=32)
-    return ViTConfig(**{**base, **kw})
+def imagenet_tiny(**kw) -> ViTConfig:
+    """The tiny config with an ImageNet-sized head, so the bundled class names apply."""
+    return tiny(**{'num_classes': 1000, **kw})
 
 
 def checkpoint(tmp_path: Path, cfg: ViTConfig = None, name: str = 'ckpt.npz', **edits) -> Path:
-    cfg = cfg or tiny()
+    cfg = cfg or imagenet_tiny()
     params = random_params(weights.param_shapes(cfg), seed=0)
     params.update(edits)
     path = tmp_path / name
@@ -50,8 +51,8 @@ def parse(stdout: str) -> list[tuple[str, list[tuple[float, int, str]]]]:
 # --------------------------------------------------------------------------- labels
 
 def test_bundled_label_lists():
-    in1k = predict.bundled_labels('imagenet2012')
-    in21k = predict.bundled_labels('imagenet21k')
+    in1k = class_names.bundled_labels('imagenet2012')
+    in21k = class_names.bundled_labels('imagenet21k')
     assert len(in1k) == 1000 and len(in21k) == 21843
     assert in1k[0] == 'tench, Tinca tinca' and in1k[281] == 'tabby, tabby cat' and in1k[999].startswith('toilet tissue')
     assert in21k[0] == 'organism, being'
@@ -59,19 +60,19 @@ def test_bundled_label_lists():
 
 
 def test_labels_chosen_by_head_size(tmp_path):
-    assert predict.labels_for(1000)[1] == 'imagenet2012'
-    assert predict.labels_for(21843)[1] == 'imagenet21k'
-    names, source = predict.labels_for(3)
+    assert class_names.labels_for(1000)[1] == 'imagenet2012'
+    assert class_names.labels_for(21843)[1] == 'imagenet21k'
+    names, source = class_names.labels_for(3)
     assert names == ['class 0', 'class 1', 'class 2'] and 'class indices' in source
     f = tmp_path / 'names.txt'
     f.write_text('zero\none\ntwo\n\n')
-    assert predict.labels_for(3, str(f)) == (['zero', 'one', 'two'], str(f))
+    assert class_names.labels_for(3, str(f)) == (['zero', 'one', 'two'], str(f))
     with pytest.raises(UserError, match=r'3 names for a head of 10 classes'):
-        predict.labels_for(10, str(f))
+        class_names.labels_for(10, str(f))
     with pytest.raises(UserError, match=r'1000 names for a head of 21843 classes'):
-        predict.labels_for(21843, 'imagenet2012')
+        class_names.labels_for(21843, 'imagenet2012')
     with pytest.raises(UserError, match=r'no such file, nor a bundled list'):
-        predict.labels_for(3, str(tmp_path / 'missing.txt'))
+        class_names.labels_for(3, str(tmp_path / 'missing.txt'))
 
 
 def test_softmax_top_k_and_table():
@@ -85,6 +86,7 @@ def test_softmax_top_k_and_table():
 
 # --------------------------------------------------------------------------- both frameworks
 
+@pytest.mark.slow
 def test_same_top5_in_both_frameworks(tmp_path):
     ckpt = checkpoint(tmp_path)
     results = {}
@@ -99,7 +101,7 @@ def test_same_top5_in_both_frameworks(tmp_path):
         assert [(c, n) for _, c, n in a] == [(c, n) for _, c, n in b], image
         assert max(abs(pa - pb) for (pa, _, _), (pb, _, _) in zip(a, b)) <= 1e-5
         assert [p for p, _, _ in a] == sorted((p for p, _, _ in a), reverse=True)
-    names = predict.bundled_labels('imagenet2012')
+    names = class_names.bundled_labels('imagenet2012')
     assert all(names[c] == n for _, rows in jax_rows for _, c, n in rows)
     # Different photos, different predictions: the images really reach the model.
     assert len({tuple(c for _, c, _ in rows) for _, rows in jax_rows}) > 1
@@ -109,12 +111,12 @@ def test_in_process_probabilities_agree_across_batches_and_sizes(tmp_path, capsy
     """More images than one batch (the last chunk padded), at a resized resolution, with --labels."""
     labels = tmp_path / 'names.txt'
     labels.write_text(''.join(f'thing {i}\n' for i in range(7)))
-    ckpt = checkpoint(tmp_path, tiny(num_classes=7))
+    ckpt = checkpoint(tmp_path, imagenet_tiny(num_classes=7))
     images = [str(IMAGES[i % len(IMAGES)]) for i in range(predict.BATCH + 2)]
     args = [*images, '--checkpoint', str(ckpt), '--top', '9', '--labels', str(labels), '--image-size', '48']
     tables = []
-    for module in (jax_predict, torch_predict):
-        assert module.main(args) == 0
+    for predict_main in (jax_cli.predict_main, torch_cli.predict_main):
+        assert predict_main(args) == 0
         tables.append(parse(capsys.readouterr().out))
     assert len(tables[0]) == len(tables[1]) == len(images)
     for (_, rows_a), (_, rows_b) in zip(*tables):
@@ -127,6 +129,7 @@ def test_in_process_probabilities_agree_across_batches_and_sizes(tmp_path, capsy
 
 # --------------------------------------------------------------------------- bad inputs
 
+@pytest.mark.slow
 def test_missing_image_is_one_line_exit_2(tmp_path):
     proc = run_cli('vit_torch', 'predict', tmp_path / 'nope.jpg', '--checkpoint', tmp_path / 'whatever.npz')
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr
@@ -148,11 +151,11 @@ def test_bad_inputs(tmp_path, case, needle):
         image = str(tmp_path / 'photo.jpg')
         Path(image).write_text('not a jpeg')
     elif case == 'no head':
-        ckpt = checkpoint(tmp_path, tiny(num_classes=0, representation_size=16))
+        ckpt = checkpoint(tmp_path, imagenet_tiny(num_classes=0, representation_size=16))
     elif case == 'zero head':
         ckpt = checkpoint(tmp_path, **{'head/kernel': np.zeros((32, 1000), np.float32)})
     elif case == 'unpooled':
-        cfg = tiny(classifier='unpooled')
+        cfg = imagenet_tiny(classifier='unpooled')
         ckpt = checkpoint(tmp_path, cfg)
         config = tmp_path / 'model.json'
         config.write_text(json.dumps(dict(cfg.to_official_dict(), image_size=32)))
@@ -163,7 +166,7 @@ def test_bad_inputs(tmp_path, case, needle):
     elif case == 'top':
         extra = ['--top', '0']
     with pytest.raises(UserError) as info:
-        jax_predict.main([image, '--checkpoint', str(ckpt), *extra])
+        jax_cli.predict_main([image, '--checkpoint', str(ckpt), *extra])
     assert needle in str(info.value)
     if case in ('no head', 'zero head'):  # and what to do instead
         assert 'imagenet21k+imagenet2012' in str(info.value) and 'python -m vit_jax train --checkpoint' in str(info.value)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from parity import weights
+from parity.core import weights
 from vit_jax.checkpoint import variables_from_params
 from vit_jax.model import VisionTransformer as FlaxViT
 from vit_torch.checkpoint import build_model
@@ -32,16 +32,17 @@ def test_flax_reproduces_official_logits(reference, case, x, y, size):
     assert np.abs(out - np.load(reference / case / f'{y}.npy')).max() < BOUND
 
 
-@pytest.mark.parametrize('use_sdpa', [False, True], ids=['by-hand', 'sdpa'])
+@pytest.mark.parametrize('fast', [False, True], ids=['by-hand', 'fast'])
 @pytest.mark.parametrize('case,x,y,size', CASES)
-def test_torch_reproduces_official_logits(reference, case, x, y, size, use_sdpa):
+def test_torch_reproduces_official_logits(reference, case, x, y, size, fast):
     cfg, params = _load(reference, case, size)
-    model = build_model(cfg, params, use_sdpa=use_sdpa)
+    model = build_model(cfg, params, fast=fast)
     with torch.no_grad():
         out = model(torch.from_numpy(np.load(reference / case / f'{x}.npy')).permute(0, 3, 1, 2)).numpy()
     assert np.abs(out - np.load(reference / case / f'{y}.npy')).max() < BOUND
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('framework', ['vit_jax', 'vit_torch'])
 @pytest.mark.parametrize('case,x,y,size', CASES)
 def test_logits_command(reference, tmp_path, framework, case, x, y, size):
@@ -57,6 +58,7 @@ def test_logits_command(reference, tmp_path, framework, case, x, y, size):
     assert np.abs(got - np.load(reference / case / f'{y}.npy')).max() < BOUND
 
 
+@pytest.mark.slow
 def test_logits_command_infers_config(reference, tmp_path):
     """Without --config the config is read off the checkpoint's shapes."""
     out = tmp_path / 'y.npy'

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import random_params, run_cli, tolerance
-from parity import weights
-from parity.config import OFFICIAL_CONFIGS
+from parity.core import weights
+from parity.core.config import OFFICIAL_CONFIGS
 
 import timm  # part of the test extra: a missing timm fails, never skips
 from timm.models.vision_transformer import _load_weights
@@ -28,6 +28,7 @@ def ti16_npz(tmp_path_factory):
     return path, x
 
 
+@pytest.mark.slow
 def test_timm_npz_loader_matches_both_frameworks(ti16_npz):
     path, x = ti16_npz
     model = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=1000, act_layer='gelu_tanh')

@@ -23,11 +23,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from parity import weights
-from parity.errors import UserError
-from vit_jax import train
+from parity.core import weights
+from parity.core.config import ViTConfig
+from parity.core.errors import UserError
+from parity.data import datasets
+from vit_jax import settings, train, trainer
 
 from conftest import REFERENCE, REPO, random_params, run_cli, tolerance
+
+pytestmark = pytest.mark.slow  # every test here trains, or runs the command line
 
 # One layer of width 32 on 8x8 digits in 2x2 patches of 4x4: XLA compiles it in a few seconds.
 TINY = {'model_name': 'tiny', 'hidden_size': 32, 'patches': {'size': [4, 4]}, 'classifier': 'token',
@@ -49,9 +53,7 @@ def run_args(tiny_json) -> tuple:
             '--warmup-steps', '10', '--eval-every', '50', '--checkpoint-every', '10')
 
 
-def tiny_config():
-    from parity.config import ViTConfig
-
+def tiny_config() -> ViTConfig:
     return ViTConfig.from_official_dict(TINY).replace(image_size=8)
 
 
@@ -141,7 +143,7 @@ def test_kill_and_restart_ends_with_the_same_parameters(reference, run_args, tmp
 
 def test_a_finished_run_is_not_trained_again(reference, run_args, capsys):
     before = (reference / 'checkpoints' / 'ckpt-0000100.npz').stat().st_mtime_ns
-    assert train.main([*map(str, run_args), '--workdir', str(reference)]) == 0
+    assert trainer.main([*map(str, run_args), '--workdir', str(reference)]) == 0
     out, err = capsys.readouterr()
     assert f'resuming at step {STEPS}' in err
     assert summary(out)['params_sha256'] == train.params_digest(final_params(reference))
@@ -153,18 +155,20 @@ def test_a_finished_run_is_not_trained_again(reference, run_args, capsys):
 SHARDED = r'''
 import json, sys
 import jax, numpy as np
-jax.config.update('jax_default_matmul_precision', 'highest')
+from vit_jax import runtime
+runtime.strict_float32()
 sys.path.insert(0, 'tests')
 from conftest import random_params
-from parity import data, weights
-from parity.config import load_config
-from parity.errors import UserError
-from vit_jax import train
+from parity.core import weights
+from parity.data import datasets
+from parity.core.config import load_config
+from parity.core.errors import UserError
+from vit_jax import train, trainer
 
 assert jax.device_count() == 8
 cfg = load_config(sys.argv[2]).replace(image_size=8, dropout_rate=0.1)
 params = random_params(weights.param_shapes(cfg), seed=1, scale=0.1)  # no zero head: every leaf learns
-batch = next(data.load('digits').train_batches(32, 8, seed=0))
+batch = next(datasets.load('digits').train_batches(32, 8, seed=0))
 tx, lr_fn = train.make_optimizer(0.01, 10, 0)
 result = {}
 for name, mesh in (('one', train.make_mesh(jax.devices()[:1])), ('eight', train.make_mesh())):
@@ -180,7 +184,7 @@ out = {'update_error': float(np.linalg.norm(dw - dg) / np.linalg.norm(dw)), 'los
        'leaves_moved': sum(not np.array_equal(want[k], params[k]) for k in params), 'errors': []}
 for extra in (['--batch-size', '12'], ['--batch-size', '16', '--accum-steps', '4']):
     try:
-        train.main(['--dataset', 'digits', '--config', sys.argv[2], '--workdir', sys.argv[1], *extra])
+        trainer.main(['--dataset', 'digits', '--config', sys.argv[2], '--workdir', sys.argv[1], *extra])
     except UserError as e:
         out['errors'].append(str(e))
 print(json.dumps(out))
@@ -203,13 +207,11 @@ def test_sharded_step_equals_the_unsharded_step(tiny_json, tmp_path):
 
 def library_run(cfg, params, steps: int, batch_size: int, accum_steps: int = 1, warmup_steps: int = 0):
     """`steps` updates on digits through the library, on one device: what `train` does, minus the workdir."""
-    from parity import data
-
     tx, lr_fn = train.make_optimizer(0.1, steps, warmup_steps)
     mesh = train.make_mesh()
     state = train.create_train_state(cfg, params, tx, 0, mesh)
     step = train.make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=accum_steps)
-    batches = data.load('digits').train_batches(batch_size, cfg.image_size, seed=0)
+    batches = datasets.load('digits').train_batches(batch_size, cfg.image_size, seed=0)
     for _ in range(steps):
         state, _ = step(state, train.shard_batch(next(batches), mesh))
     return train.canonical_params(state)
@@ -310,7 +312,7 @@ def summary_of(workdir: Path) -> dict:
 # --------------------------------------------------------------------------- bad input
 
 def train_main(*args):
-    return train.main(['--dataset', 'digits', *map(str, args)])
+    return trainer.main(['--dataset', 'digits', *map(str, args)])
 
 
 def test_bad_workdirs(reference, run_args, tmp_path):
@@ -325,11 +327,11 @@ def test_bad_workdirs(reference, run_args, tmp_path):
 def test_checkpoint_of_another_architecture(tmp_path):
     ckpt = REFERENCE / 'tiny_token' / 'ckpt.npz'  # patch 8, 2 layers; the digits model has patch 4, 4 layers
     with pytest.raises(UserError, match=r'does not fit config ViT-digits: .*missing.*shape mismatches'):
-        train_main('--checkpoint', ckpt, '--config', train.DIGITS_CONFIG, '--workdir', tmp_path / 'run')
+        train_main('--checkpoint', ckpt, '--config', settings.DIGITS_CONFIG, '--workdir', tmp_path / 'run')
     with pytest.raises(UserError, match='--warmup-steps 50 must be .* below --steps 10'):
         train_main('--steps', '10', '--workdir', tmp_path / 'run')
     with pytest.raises(UserError, match='pass --config'):
-        train._model(SimpleNamespace(checkpoint=None, config=None), SimpleNamespace(name='cifar10'), 32)
+        trainer._model(SimpleNamespace(checkpoint=None, config=None), SimpleNamespace(name='cifar10'), 32)
     assert not (tmp_path / 'run').exists()
 
 
@@ -354,15 +356,13 @@ def test_train_errors_are_one_line_from_the_command_line(tmp_path):
 
 def test_trains_on_a_tfds_dataset_with_the_official_defaults(tiny_json, tmp_path, monkeypatch, capsys):
     """cifar10 from `tfds.testing.mock_data` through the whole command: official crop pipeline, 8 microbatches."""
-    from parity import data
-
-    data.import_tensorflow()  # before tensorflow_datasets, which imports it too
+    datasets.import_tensorflow()  # before tensorflow_datasets, which imports it too
     import tensorflow_datasets as tfds
 
-    monkeypatch.setattr(data, '_online', lambda: True)  # mock_data stands in for the download
+    monkeypatch.setattr(datasets, '_online', lambda: True)  # mock_data stands in for the download
     workdir = tmp_path / 'run'
     with tfds.testing.mock_data(num_examples=24):
-        assert train.main(['--config', str(tiny_json), '--dataset', 'cifar10', '--image-size', '16', '--steps', '3',
+        assert trainer.main(['--config', str(tiny_json), '--dataset', 'cifar10', '--image-size', '16', '--steps', '3',
                            '--batch-size', '16', '--warmup-steps', '1', '--workdir', str(workdir)]) == 0
     out, err = capsys.readouterr()
     assert 'batch 16 in 8 microbatches' in err

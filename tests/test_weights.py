@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from conftest import random_params
-from parity import weights
-from parity.config import OFFICIAL_CONFIGS, ViTConfig, load_config
-from parity.errors import UserError
+from conftest import random_params, tiny
+from parity.core import weights
+from parity.core.weights.formats import released, vit_torch as torch_format
+from parity.core.config import OFFICIAL_CONFIGS, ViTConfig, load_config
+from parity.core.errors import UserError
 
-TINY = ViTConfig('tiny', (8, 8), 32, 2, 64, 4, num_classes=5, image_size=32)
+TINY = tiny()
 HYBRID = ViTConfig('hyb', (1, 1), 32, 1, 64, 4, resnet_num_layers=(2, 1), resnet_width_factor=0.5,
                    num_classes=5, image_size=32)
 
@@ -18,7 +19,7 @@ def test_reference_checkpoints_are_pre_linen_and_load_canonical(reference):
     raw = weights.read_npz(str(reference / 'hybrid_stem' / 'ckpt.npz'))
     assert any('MultiHeadDotProductAttention_1' in k for k in raw)
     assert raw['gn_root/scale'].shape == (1, 1, 1, 32)
-    params = weights.canonicalize(raw)
+    params = released.canonicalize(raw)
     assert 'Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel' in params
     assert 'Transformer/encoderblock_0/MlpBlock_0/Dense_1/bias' in params
     assert 'Transformer/encoderblock_1/LayerNorm_1/scale' in params
@@ -29,7 +30,7 @@ def test_reference_checkpoints_are_pre_linen_and_load_canonical(reference):
 @pytest.mark.parametrize('numbering', ['released', 'linen'])
 def test_every_file_flavour_reads_to_the_same_params(tmp_path, prefix, numbering):
     params = random_params(weights.param_shapes(HYBRID))
-    flat = weights.to_released(params) if numbering == 'released' else dict(params)
+    flat = released.to_released(params) if numbering == 'released' else dict(params)
     flat = {prefix + k: v for k, v in flat.items()}
     if prefix == 'opt/target/':  # training checkpoints also carry optimizer state, which is not params
         flat['opt/state/step'] = np.array(3)
@@ -41,7 +42,7 @@ def test_every_file_flavour_reads_to_the_same_params(tmp_path, prefix, numbering
 
 def test_released_layout_round_trip_is_bit_exact(tmp_path, reference):
     original = weights.read_npz(str(reference / 'hybrid_stem' / 'ckpt.npz'))
-    weights.save_npz(str(tmp_path / 'again.npz'), weights.canonicalize(original))
+    weights.save_npz(str(tmp_path / 'again.npz'), released.canonicalize(original))
     again = weights.read_npz(str(tmp_path / 'again.npz'))
     assert again.keys() == original.keys()
     for k in original:
@@ -53,16 +54,16 @@ def test_released_layout_round_trip_is_bit_exact(tmp_path, reference):
 def test_torch_state_dict_round_trip_is_bit_exact():
     for cfg in (TINY, HYBRID, TINY.replace(representation_size=16, classifier='gap')):
         params = random_params(weights.param_shapes(cfg))
-        state = weights.to_torch(params, cfg)
+        state = torch_format.to_torch(params, cfg)
         assert all(v.flags['C_CONTIGUOUS'] for v in state.values())
-        back = weights.from_torch(state, cfg)
+        back = torch_format.from_torch(state, cfg)
         assert back.keys() == params.keys()
         assert all(back[k].tobytes() == params[k].tobytes() for k in params)
 
 
 def test_torch_layouts():
     params = random_params(weights.param_shapes(TINY))
-    state = weights.to_torch(params, TINY)
+    state = torch_format.to_torch(params, TINY)
     q = params['Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel']  # (D, H, Dh)
     assert np.array_equal(state['Transformer.encoderblock_0.MultiHeadDotProductAttention_0.query.weight'],
                           q.reshape(32, 32).T)
@@ -90,11 +91,11 @@ def test_strict_check_lists_every_problem_at_once():
 
 
 def test_torch_strictness():
-    state = weights.to_torch(random_params(weights.param_shapes(TINY)), TINY)
+    state = torch_format.to_torch(random_params(weights.param_shapes(TINY)), TINY)
     del state['cls']
     state['extra.weight'] = np.zeros(1, np.float32)
     with pytest.raises(UserError, match=r'1 missing: cls \| 1 extra: extra.weight'):
-        weights.from_torch(state, TINY)
+        torch_format.from_torch(state, TINY)
 
 
 def test_posemb_resize_is_the_official_bilinear_zoom():
@@ -134,9 +135,9 @@ def test_infer_config_names_the_official_variant(name):
     assert inferred.num_classes == 21843 and inferred.representation_size == 768 and inferred.image_size == 384
     assert inferred.same_architecture(cfg)
     # PyTorch state dicts carry no head count; the official width table supplies it.
-    torch_shapes = {weights.torch_name(k): weights._LAYOUTS[weights._torch_rule(k)[1]][0](v)
+    torch_shapes = {torch_format.torch_name(k): torch_format.LAYOUTS[torch_format.torch_rule(k)[1]][0](v)
                     for k, v in stand_ins.items()}
-    assert weights.infer_config_from_torch(torch_shapes).name == name
+    assert torch_format.infer_config_from_torch(torch_shapes).name == name
 
 
 def test_official_name_takes_head_and_representation_from_the_checkpoint():

@@ -1,4 +1,4 @@
-"""Canonical params (see `parity.weights`) into and out of the Flax model's variables."""
+"""Canonical params (see `parity.core.weights`) into and out of the Flax model's variables."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Named intermediates of the Flax model (names in `parity.intermediates`)."""
+"""Named intermediates of the Flax model (names in `parity.core.intermediates`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from parity.intermediates import flat_name, forward_order
+from parity.core.intermediates import flat_name, forward_order
+from vit_jax.checkpoint import variables_from_params
 
 
 def forward_with_intermediates(model, params: Mapping[str, Any], images, *, attention: bool = False
@@ -17,8 +18,6 @@ def forward_with_intermediates(model, params: Mapping[str, Any], images, *, atte
     `params` is the canonical flat dict or a `{'params': tree}` variables dict. Attention
     weights (`attention_{i}`) are collected only when `attention` is set.
     """
-    from vit_jax.checkpoint import variables_from_params
-
     variables = params if 'params' in params else variables_from_params(params)
     collections = ['intermediates'] + (['attention'] if attention else [])
     _, state = model.apply({'params': variables['params']}, images, mutable=collections)

@@ -1,11 +1,11 @@
-"""Named intermediates of the PyTorch model, in the Flax layout (names in `parity.intermediates`)."""
+"""Named intermediates of the PyTorch model, in the Flax layout (names in `parity.core.intermediates`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from parity.intermediates import flat_name, forward_order
+from parity.core.intermediates import flat_name, forward_order
 from vit_torch.model import Module, VisionTransformer
 
 

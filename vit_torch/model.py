@@ -2,7 +2,7 @@
 
 Same classes, same order, same submodule names as the Flax model, so every
 state-dict key is the official parameter name with '.' for '/' (the layouts are in
-`parity.weights.TORCH_LAYOUT`). Numerics follow the official code, not PyTorch
+`parity.core.weights.formats.vit_torch.TORCH_LAYOUT`). Numerics follow the official code, not PyTorch
 habits: tanh GELU, LayerNorm eps 1e-6, weight-standardised convolutions with
 GroupNorm(32, 1e-6), TF `SAME` padding. For bf16 compute run under
 `torch.autocast`; the parameters stay float32.
@@ -10,9 +10,13 @@ GroupNorm(32, 1e-6), TF `SAME` padding. For bf16 compute run under
 Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP size,
 h x w the patch grid, C channels. Images are NCHW in [-1, 1].
 
-Named intermediates (see `parity.intermediates`) are recorded through `Module.sow`,
+Named intermediates (see `parity.core.intermediates`) are recorded through `Module.sow`,
 flax's idea: a no-op unless a recorder is attached (`vit_torch.inspect`), so the
 plain forward pass pays one attribute lookup per sow.
+
+`fast=True` takes the fast path where it serves: the same function from the same
+parameters, with the kernels of `vit_torch.fast`. This file chooses it in one place (the
+attention); what is written here is the teaching path.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parity.config import ViTConfig
+from parity.core.config import ViTConfig
+from vit_torch import fast as fast_path
 
 
 class Module(nn.Module):
@@ -77,18 +82,14 @@ class MlpBlock(Module):
 class Attention(Module):
     """Multi-head self-attention with the parameters of flax's MultiHeadDotProductAttention.
 
-    By hand by default. `use_sdpa` is the fast path: q, k and v from one matmul (the
-    three weights concatenated on the fly, so the parameters keep the official layout)
-    and `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU). It
-    takes the by-hand path when the caller records attention weights (a fused kernel
-    never forms them).
+    By hand, as the paper writes it; `fast` takes `vit_torch.fast.attention` where it can serve.
     """
 
-    def __init__(self, dim: int, num_heads: int, dropout_rate: float = 0.0, use_sdpa: bool = False):
+    def __init__(self, dim: int, num_heads: int, dropout_rate: float = 0.0, fast: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.dropout_rate = dropout_rate
-        self.use_sdpa = use_sdpa
+        self.fast = fast
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
@@ -98,44 +99,33 @@ class Attention(Module):
             nn.init.zeros_(proj.bias)
 
     def forward(self, x):
+        if self.fast and fast_path.serves_attention(self):
+            return fast_path.attention(self, x)  # (B, N, D)
         B, N, D = x.shape
         H = self.num_heads
         Dh = D // H
-        if self.use_sdpa and not self.sowing('attention'):
-            y = self.fused(x)  # (B, H, N, Dh)
-        else:
-            q = self.query(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-            k = self.key(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-            v = self.value(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-            # Scale the queries rather than the logits, as flax does: same rounding as the official model.
-            q = q / math.sqrt(Dh)
-            logits = q @ k.transpose(-2, -1)  # (B, H, N, N)
-            weights = logits.float().softmax(dim=-1).to(q.dtype)  # (B, H, N, N)
-            self.sow('attention', 'attention', weights)
-            weights = F.dropout(weights, self.dropout_rate, self.training)
-            y = weights @ v  # (B, H, N, Dh)
+        q = self.query(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+        k = self.key(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+        v = self.value(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+        # Scale the queries rather than the logits, as flax does: same rounding as the official model.
+        q = q / math.sqrt(Dh)
+        logits = q @ k.transpose(-2, -1)  # (B, H, N, N)
+        weights = logits.float().softmax(dim=-1).to(q.dtype)  # (B, H, N, N)
+        self.sow('attention', 'attention', weights)
+        weights = F.dropout(weights, self.dropout_rate, self.training)
+        y = weights @ v  # (B, H, N, Dh)
         y = y.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.out(y)
-
-    def fused(self, x):
-        """The fast path's attention output (B, H, N, Dh), from the existing query/key/value parameters."""
-        B, N, D = x.shape
-        H = self.num_heads
-        Dh = D // H
-        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3D, D)
-        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3D,)
-        q, k, v = F.linear(x, w, b).view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_rate if self.training else 0.0)
 
 
 class EncoderBlock(Module):
     """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, mlp_dim: int, num_heads: int, dropout_rate: float = 0.0,
-                 attention_dropout_rate: float = 0.0, use_sdpa: bool = False):
+                 attention_dropout_rate: float = 0.0, fast: bool = False):
         super().__init__()
         self.LayerNorm_0 = nn.LayerNorm(dim, eps=1e-6)
-        self.MultiHeadDotProductAttention_0 = Attention(dim, num_heads, attention_dropout_rate, use_sdpa)
+        self.MultiHeadDotProductAttention_0 = Attention(dim, num_heads, attention_dropout_rate, fast)
         self.LayerNorm_1 = nn.LayerNorm(dim, eps=1e-6)
         self.MlpBlock_0 = MlpBlock(dim, mlp_dim, dropout_rate)
         self.dropout_rate = dropout_rate
@@ -168,14 +158,14 @@ class Encoder(Module):
     """Position embeddings, `num_layers` blocks, final LayerNorm."""
 
     def __init__(self, num_tokens: int, dim: int, num_layers: int, mlp_dim: int, num_heads: int,
-                 dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0, use_sdpa: bool = False):
+                 dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0, fast: bool = False):
         super().__init__()
         self.posembed_input = AddPositionEmbs(num_tokens, dim)
         self.num_layers = num_layers
         self.dropout_rate = dropout_rate
         for i in range(num_layers):
             self.add_module(f'encoderblock_{i}', EncoderBlock(dim, mlp_dim, num_heads, dropout_rate,
-                                                              attention_dropout_rate, use_sdpa))
+                                                              attention_dropout_rate, fast))
         self.encoder_norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x):
@@ -255,11 +245,10 @@ class ResNetStage(Module):
 class VisionTransformer(Module):
     """The official ViT (and R+ViT hybrid) for one `ViTConfig`, built at `config.image_size`.
 
-    Takes NCHW images in [-1, 1]. `use_sdpa` switches attention to
-    `F.scaled_dot_product_attention` (fused kernels on GPU).
+    Takes NCHW images in [-1, 1]. `fast` takes the fast path (`vit_torch.fast`): fused attention.
     """
 
-    def __init__(self, config: ViTConfig, use_sdpa: bool = False):
+    def __init__(self, config: ViTConfig, fast: bool = False):
         super().__init__()
         cfg = self.config = config
         D = cfg.hidden_size
@@ -278,7 +267,7 @@ class VisionTransformer(Module):
         if cfg.has_cls_token:
             self.cls = nn.Parameter(torch.zeros(1, 1, D))
         self.Transformer = Encoder(cfg.num_tokens, D, cfg.num_layers, cfg.mlp_dim, cfg.num_heads,
-                                   cfg.dropout_rate, cfg.attention_dropout_rate, use_sdpa)
+                                   cfg.dropout_rate, cfg.attention_dropout_rate, fast)
         features = D
         if cfg.representation_size is not None:
             self.pre_logits = nn.Linear(D, cfg.representation_size)

@@ -1,22 +1,31 @@
-"""What the command lines of both frameworks share: arguments, input checks, error handling.
+"""Tier 2, what the command lines of both frameworks share: arguments, input checks, error handling.
 
 Each framework's `__main__` parses with these, runs its own model, and lets `run`
-turn a `UserError` into one line on stderr and exit code 2.
+turn a `UserError` into one line on stderr and exit code 2. A command that both
+frameworks have is written here once (`logits_main`, `predict.main`, `evaluate.main`),
+and each framework only hands in its forward pass, a `Forward`.
+
+    predict   top-k classes for image files, the head checks and the printed table
+    evaluate  accuracy of a checkpoint on a dataset split
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from parity import weights
-from parity.config import ViTConfig
-from parity.errors import UserError
-from parity.files import atomic_path
+from parity.core import weights
+from parity.core.config import ViTConfig
+from parity.core.errors import UserError
+from parity.core.files import atomic_path
+
+
+Forward = Callable[[np.ndarray], np.ndarray]  # NHWC float32 batch in [-1, 1] -> (B, C) float32 logits
 
 
 def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> None:
@@ -38,8 +47,6 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]],
     `commands` maps a name to ('package.module:function', one-line help). Each command
     builds its own parser (with prog `prog COMMAND`), so commands live in their own modules.
     """
-    import importlib
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog=prog, description=description,
@@ -53,8 +60,7 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]],
         parser.parse_args(argv[:1])  # --help prints help (exit 0); an unknown command is a usage error (exit 2)
         return 2
     target, _ = commands[argv[0]]
-    module, function = target.split(':')
-    return getattr(importlib.import_module(module), function)(argv[1:])
+    return _resolve(target)(argv[1:])
 
 
 def add_logits_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +72,44 @@ def add_logits_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--image-size', type=int, metavar='N',
                         help="build the model at NxN, resizing the position embeddings from the checkpoint's grid "
                              "(default: the checkpoint's own resolution)")
+
+
+def logits_main(framework: str, make_forward: Callable[[ViTConfig, dict], Forward],
+                argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m FRAMEWORK logits ...`: `make_forward` builds the framework's model, set up for true float32."""
+    parser = argparse.ArgumentParser(prog=f'python -m {framework} logits',
+                                     description='Official-model logits for a batch, in true float32 (JAX at the '
+                                                 'highest matmul precision, PyTorch with TF32 off).')
+    add_logits_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg, params = load_checkpoint(args.checkpoint, args.config, args.image_size)
+    x = load_input(args.input, cfg)
+    y = make_forward(cfg, params)(x)
+    save_output(args.output, y)
+    say(f'{framework}: {describe(cfg)} on {x.shape[0]} images -> {args.output} {tuple(y.shape)}')
+    return 0
+
+
+# The commands both frameworks share, written once: 'module:function' taking (framework, forward, argv).
+SHARED = {'logits': 'parity.cli:logits_main', 'eval': 'parity.cli.evaluate:main', 'predict': 'parity.cli.predict:main'}
+
+
+def _resolve(target: str) -> Callable:
+    """'package.module:function', imported now."""
+    module, function = target.split(':')
+    return getattr(importlib.import_module(module), function)
+
+
+def framework_command(framework: str, command: str) -> Callable[[Optional[Sequence[str]]], int]:
+    """`python -m FRAMEWORK COMMAND` for a `SHARED` command, run with `FRAMEWORK.runtime.forward`.
+
+    Both are imported when the command runs, so `--help` of another command stays quick.
+    """
+    def main(argv: Optional[Sequence[str]] = None) -> int:
+        return _resolve(SHARED[command])(framework, _resolve(f'{framework}.runtime:forward'), argv)
+
+    main.__doc__ = f'`python -m {framework} {command}` (see `{SHARED[command].split(":")[0]}`).'
+    return main
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:

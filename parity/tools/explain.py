@@ -3,7 +3,7 @@
 Runs the image through each chosen framework, takes the attention weights from that
 framework's own forward pass and the position embeddings and patch-embedding filters
 from that framework's own loaded model (in its own layout), computes every figure's
-array with `parity.figures`, and checks the two frameworks' arrays agree within the
+array with `parity.tools.figures`, and checks the two frameworks' arrays agree within the
 project's float32 bound. Figures and arrays are written from the first framework.
 
 Shapes: N tokens, D width, H heads, h x w the patch grid, ph x pw x C a patch-embedding filter.
@@ -18,10 +18,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from parity import cli, figures, predict, tolerance
-from parity.config import ViTConfig
-from parity.errors import UserError
-from parity.images import load_image
+from parity import cli
+from parity.cli import predict
+from parity.core.config import ViTConfig
+from parity.core.errors import UserError
+from parity.data.images import load_image
+from parity.harness import tolerance
+from parity.tools import figures
 
 FRAMEWORKS = {'jax': ('jax',), 'torch': ('torch',), 'both': ('jax', 'torch')}
 
@@ -38,13 +41,12 @@ class Outputs:
 
 def run_jax(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
     """The Flax model on one (h, w, 3) image; parameters read from its variables tree (HWIO kernel)."""
-    import jax
-
-    jax.config.update('jax_default_matmul_precision', 'highest')
+    from vit_jax import runtime
     from vit_jax.checkpoint import variables_from_params
     from vit_jax.inspect import forward_with_intermediates
     from vit_jax.model import VisionTransformer
 
+    runtime.strict_float32()
     variables = variables_from_params(params)
     got = forward_with_intermediates(VisionTransformer(cfg), variables, image[None], attention=True)
     tree = variables['params']
@@ -56,15 +58,13 @@ def run_jax(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
 
 def run_torch(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
     """The PyTorch model on one (h, w, 3) image; parameters read from its modules (OIHW conv weight)."""
-    import torch
-
+    from vit_torch import runtime
     from vit_torch.checkpoint import build_model
-    from vit_torch.cli import _strict_float32
     from vit_torch.inspect import forward_with_intermediates
 
-    _strict_float32()
+    runtime.strict_float32()
     model = build_model(cfg, params)
-    got = forward_with_intermediates(model, torch.from_numpy(image[None]).permute(0, 3, 1, 2), attention=True)
+    got = forward_with_intermediates(model, runtime.to_nchw(image[None], 'cpu'), attention=True)
     weight = model.embedding.weight.detach().numpy()  # (D, C, ph, pw), torch OIHW
     return Outputs(logits=got['logits'][0], attentions=[got[f'attention_{i}'] for i in range(cfg.num_layers)],
                    posemb=model.Transformer.posembed_input.pos_embedding.detach().numpy(),

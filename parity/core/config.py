@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any, Optional
 
-from parity.errors import UserError
+from parity.core.errors import UserError
 
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
 

@@ -1,7 +1,7 @@
 """The candidates a reference is compared with: vit_torch, timm, transformers, or your own function.
 
-Each returns the named intermediates of `parity.intermediates` (Flax layouts) and, where
-it can, the sub-step outputs the diagnosis uses (`parity.diagnosis.substep_key`):
+Each returns the named intermediates of `parity.core.intermediates` (Flax layouts) and, where
+it can, the sub-step outputs the diagnosis uses (`parity.harness.diagnosis.substep_key`):
 vit_torch, timm and transformers through forward hooks, a user's function through
 whatever it returns.
 
@@ -9,7 +9,7 @@ whatever it returns.
 resolution, pooling) and loads the checkpoint with timm's own npz loader
 (`_load_weights`); numerics stay timm's defaults (erf GELU). `--against hf` converts
 the canonical params to transformers' ViT with `HF_NAMES` (NumPy only; layouts are
-`weights.TORCH_LAYOUT`'s, since transformers lays Linear and Conv2d weights out as
+`parity.core.weights.formats.vit_torch.TORCH_LAYOUT`'s, since transformers lays Linear and Conv2d weights out as
 torch does) and runs transformers' own model with its defaults (LayerNorm eps 1e-12,
 erf GELU).
 
@@ -30,35 +30,16 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from parity import weights
-from parity.config import ViTConfig
-from parity.diagnosis import SUBSTEPS, substep_key
-from parity.errors import UserError
-from parity.intermediates import forward_order
+from parity.core import weights
+from parity.core.config import ViTConfig
+from parity.core.errors import UserError
+from parity.core.intermediates import forward_order
+from parity.core.weights.formats import vit_torch as torch_format
+from parity.harness.diagnosis import SUBSTEPS, substep_key
 
 Intermediates = dict[str, np.ndarray]
 
 # --------------------------------------------------------------------------- torch plumbing
-
-
-@contextlib.contextmanager
-def torch_precision(precision: str, device: str):
-    """fp32: TF32 off; tf32: TF32 matmuls and convolutions; bf16: autocast to bfloat16."""
-    import torch
-
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == 'tf32'
-    try:
-        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=precision == 'bf16'):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def torch_device() -> str:
-    import torch
-
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def to_numpy(value) -> np.ndarray:
@@ -126,12 +107,6 @@ def _finish(got: Intermediates, cfg: ViTConfig, logits, attention: bool) -> Inte
     return out
 
 
-def _nchw(x: np.ndarray, device: str):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(device)
-
-
 # --------------------------------------------------------------------------- vit_torch
 
 VIT_TORCH_TAPS: tuple[Tap, ...] = tuple(
@@ -141,12 +116,12 @@ VIT_TORCH_TAPS: tuple[Tap, ...] = tuple(
 def run_vit_torch(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, precision: str = 'fp32',
                   attention: bool = False) -> Intermediates:
     """vit_torch at `precision`: its named intermediates and every block's sub-steps."""
-    from vit_torch import checkpoint, inspect
+    from vit_torch import checkpoint, inspect, runtime
 
-    device = torch_device()
+    device = runtime.device()
     model = checkpoint.build_model(cfg, params).to(device)
-    with torch_precision(precision, device), tapped(model, _expand(VIT_TORCH_TAPS, cfg)) as subs:
-        named = inspect.forward_with_intermediates(model, _nchw(x, device), attention=attention)
+    with runtime.precision(precision, device), tapped(model, _expand(VIT_TORCH_TAPS, cfg)) as subs:
+        named = inspect.forward_with_intermediates(model, runtime.to_nchw(x, device), attention=attention)
     return {**named, **{k: v.astype(np.float32) for k, v in subs.items()}}
 
 
@@ -216,7 +191,9 @@ def build_timm(name: str, cfg: ViTConfig, raw: Mapping[str, np.ndarray]):
 
 def run_timm(name: str, cfg: ViTConfig, raw: Mapping[str, np.ndarray], x: np.ndarray, precision: str = 'fp32',
              attention: bool = False) -> Intermediates:
-    device = torch_device()
+    from vit_torch import runtime
+
+    device = runtime.device()
     model = build_timm(name, cfg, raw).to(device)
     taps = _expand(TIMM_TAPS, cfg)
     if cfg.is_hybrid:
@@ -226,8 +203,8 @@ def run_timm(name: str, cfg: ViTConfig, raw: Mapping[str, np.ndarray], x: np.nda
             blk.attn.fused_attn = False  # the fused kernel never forms the weights
     else:
         taps = [t for t in taps if not t[0].startswith('attention_')]
-    with torch_precision(precision, device), tapped(model, taps) as got:
-        logits = model(_nchw(x, device))
+    with runtime.precision(precision, device), tapped(model, taps) as got:
+        logits = model(runtime.to_nchw(x, device))
     return _finish(got, cfg, logits, attention)
 
 
@@ -238,7 +215,7 @@ def timm_notes(name: str) -> list[str]:
 
 # --------------------------------------------------------------------------- transformers
 
-# Our PyTorch state-dict names (canonical '/' -> '.', see weights.torch_name) to
+# Our PyTorch state-dict names (canonical '/' -> '.', see torch_format.torch_name) to
 # transformers' ViTForImageClassification names, for transformers 5 and 4. Layouts need
 # no table of their own: transformers keeps Linear (out, in) and Conv2d (O, I, kh, kw)
 # as the torch mirror does.
@@ -316,7 +293,7 @@ def to_hf(params: Mapping[str, np.ndarray], cfg: ViTConfig, generation: Optional
     """Canonical params as a transformers ViTForImageClassification state dict (NumPy)."""
     check_hf_expressible(cfg)
     generation = generation or _hf_generation()
-    return {hf_name(k, generation): v for k, v in weights.to_torch(params, cfg).items()}
+    return {hf_name(k, generation): v for k, v in torch_format.to_torch(params, cfg).items()}
 
 
 def build_hf(cfg: ViTConfig, params: Mapping[str, np.ndarray]):
@@ -331,17 +308,19 @@ def build_hf(cfg: ViTConfig, params: Mapping[str, np.ndarray]):
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise UserError(f'--against hf: this transformers version names ViT weights differently '
-                        f'(missing {missing[:3]}, unexpected {unexpected[:3]}); update parity.counterparts.HF_NAMES')
+                        f'(missing {missing[:3]}, unexpected {unexpected[:3]}); update parity.harness.counterparts.HF_NAMES')
     return model.eval()
 
 
 def run_hf(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, precision: str = 'fp32',
            attention: bool = False) -> Intermediates:
-    device = torch_device()
+    from vit_torch import runtime
+
+    device = runtime.device()
     model = build_hf(cfg, params).to(device)
     taps = [t for t in _expand(hf_taps(_hf_generation()), cfg) if attention or not t[0].startswith('attention_')]
-    with torch_precision(precision, device), tapped(model, taps) as got:
-        logits = model(pixel_values=_nchw(x, device)).logits
+    with runtime.precision(precision, device), tapped(model, taps) as got:
+        logits = model(pixel_values=runtime.to_nchw(x, device)).logits
     return _finish(got, cfg, logits, attention)
 
 

@@ -29,8 +29,9 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from parity import tolerance, weights
-from parity.config import ViTConfig
+from parity.core import weights
+from parity.core.config import ViTConfig
+from parity.harness import tolerance
 
 OFFICIAL_EPS = 1e-6
 # Optional sub-step outputs of block i, under the block's parameter path: LayerNorm
@@ -464,19 +465,31 @@ def _diagnose_whole_block(i, p, u, have, faithful, precision, where_input) -> li
 
 def _pairs(name, run, y, precision) -> list[dict]:
     """Two switches at once (transformers differs in GELU and eps together)."""
-    singles = [(nx, words, cause) for nx, _, cause, words in ALTERNATIVES]
-    singles += [(Numerics(ln_eps=e), f'LayerNorm eps {_eps_words(e)}', 'layernorm_eps') for e in (1e-12, 1e-5)]
-    for (a, wa, ca), (b, wb, cb) in itertools.combinations(singles, 2):
+    singles = [(nx, cause, words) for nx, _, cause, words in ALTERNATIVES]
+    singles += [(Numerics(ln_eps=e), 'layernorm_eps', f'LayerNorm eps {_eps_words(e)}') for e in (1e-12, 1e-5)]
+    pair = _pair_search(singles, OFFICIAL, run, y, precision)
+    if pair is None:
+        return []
+    causes, gap = pair
+    return [finding('cause', name, f'{w}: together with the other switch, the reference block reproduces the '
+                    f'candidate to {gap:.1e}', c) for c, w in causes]
+
+
+def _pair_search(singles, official, run, got, precision):
+    """The first two alternatives of different causes that reproduce `got` together.
+
+    `singles` holds (numerics, cause, words); `run(numerics)` recomputes the step that
+    way. Returns ([(cause, words), (cause, words)], gap), or None when no pair does.
+    """
+    for (a, ca, wa), (b, cb, wb) in itertools.combinations(singles, 2):
         merged = dataclasses.replace(a, **{f.name: getattr(b, f.name) for f in dataclasses.fields(b)
-                                           if getattr(b, f.name) != getattr(OFFICIAL, f.name)})
+                                           if getattr(b, f.name) != getattr(official, f.name)})
         if ca == cb or merged == a:
             continue
         alt = run(merged)
-        if _reproduces(alt, y, precision):
-            gap = _gap(alt, y)
-            return [finding('cause', name, f'{w}: together with the other switch, the reference block reproduces the '
-                            f'candidate to {gap:.1e}', c) for w, c in ((wa, ca), (wb, cb))]
-    return []
+        if _reproduces(alt, got, precision):
+            return [(ca, wa), (cb, wb)], _gap(alt, got)
+    return None
 
 
 # --------------------------------------------------------------------------- the layers around the blocks
@@ -488,22 +501,16 @@ def _diagnose_stem(cfg, params, x, got, precision) -> list[dict]:
                         'the reference ResNet reproduces the candidate\'s stem from the same images')]
     out = [finding('localisation', 'stem', f'the divergence starts in the hybrid ResNet stem '
                    f'({_gap(ref, got):.1e} on the same images)')]
-    singles = [(nx, cause, words) for nx, cause, words in STEM_ALTERNATIVES]
-    for nx, cause, words in singles:
+    for nx, cause, words in STEM_ALTERNATIVES:
         alt = stem(cfg, params, x, nx)
         if _reproduces(alt, got, precision):
             return out + [finding('cause', 'stem', f'{words}: the reference stem computed that way reproduces the '
                                   f'candidate to {_gap(alt, got):.1e}', cause)]
-    for (a, ca, wa), (b, cb, wb) in itertools.combinations(singles, 2):
-        merged = dataclasses.replace(a, **{f.name: getattr(b, f.name) for f in dataclasses.fields(b)
-                                           if getattr(b, f.name) != getattr(StemNumerics(), f.name)})
-        if ca == cb:
-            continue
-        alt = stem(cfg, params, x, merged)
-        if _reproduces(alt, got, precision):
-            gap = _gap(alt, got)
-            return out + [finding('cause', 'stem', f'{w}: together with the other difference, the reference stem '
-                                  f'reproduces the candidate to {gap:.1e}', c) for w, c in ((wa, ca), (wb, cb))]
+    pair = _pair_search(STEM_ALTERNATIVES, StemNumerics(), lambda nx: stem(cfg, params, x, nx), got, precision)
+    if pair is not None:
+        causes, gap = pair
+        return out + [finding('cause', 'stem', f'{w}: together with the other difference, the reference stem '
+                              f'reproduces the candidate to {gap:.1e}', c) for c, w in causes]
     return out + [finding('unexplained', 'stem', 'no known stem difference (padding, weight standardisation, '
                           'GroupNorm eps), alone or in pairs, reproduces it')]
 

@@ -31,7 +31,7 @@ def run(*args: str) -> dict:
 
 
 def main() -> int:
-    from parity import tolerance
+    from parity.harness import tolerance
 
     shutil.rmtree(WORKDIR, ignore_errors=True)  # the demo's own output: train afresh every time
     trained = run('vit_jax', 'train', '--dataset', 'digits', '--workdir', WORKDIR)

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from parity.errors import UserError
+from parity.core.errors import UserError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 

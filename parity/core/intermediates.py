@@ -12,7 +12,7 @@ a value and a submodule of one name in one scope); `flat_name` maps a sow path
 
 from __future__ import annotations
 
-from parity.config import ViTConfig
+from parity.core.config import ViTConfig
 
 _LOCAL = {'patch_tokens': 'embedding', 'features': 'pre_logits', 'encoded': 'encoder_norm'}
 

@@ -9,11 +9,11 @@ run gives images per second, and `ratio_to_reference` divides it by timm's for t
 model, mode and precision.
 
 Implementations (`impl`):
-    vit_jax             the whole step under `jax.jit`, on the fast path (`use_sdpa`: fused attention;
-                        on the CPU also the ordered dense backward and the patch matmul);
+    vit_jax             the whole step under `jax.jit`, on the fast path (`fast`, `vit_jax.fast`: fused
+                        attention; on the CPU also the ordered dense backward and the patch matmul);
                         training is `vit_jax.train`'s jitted step (official recipe: clip to
                         global norm 1, SGD momentum 0.9, donated state)
-    vit_torch           eager PyTorch, attention on the fast path (`use_sdpa`)
+    vit_torch           eager PyTorch, attention on the fast path (`fast`, `vit_torch.fast`)
     vit_torch_compiled  the same model under `torch.compile` (a failure is reported, not raised)
     timm                timm's VisionTransformer for the same config with tanh GELU: the same
                         function, the PyTorch reference (when timm is installed)
@@ -50,8 +50,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from parity import cli
-from parity.config import OFFICIAL_CONFIGS, ViTConfig
-from parity.errors import UserError
+from parity.core import files
+from parity.core.config import OFFICIAL_CONFIGS, ViTConfig
+from parity.core.errors import UserError
 
 IMPLS = ('vit_jax', 'vit_torch', 'vit_torch_compiled', 'timm')
 MODES = ('infer', 'train')
@@ -269,7 +270,7 @@ def timm_model(cfg: ViTConfig):
     """timm's VisionTransformer computing the same function as `cfg`'s official model, or a reason why none does."""
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-    from parity.counterparts import TIMM_POOL
+    from parity.harness.counterparts import TIMM_POOL
 
     if cfg.is_hybrid or cfg.representation_size is not None or cfg.patch_size[0] != cfg.patch_size[1]:
         return None
@@ -291,7 +292,7 @@ def jax_step(inputs: Inputs, mode: str, precision: str) -> Callable[[], None]:
         from vit_jax.checkpoint import variables_from_params
         from vit_jax.model import VisionTransformer
 
-        apply = jax.jit(functools.partial(VisionTransformer(inputs.cfg, dtype=dtype, use_sdpa=True).apply, train=False))
+        apply = jax.jit(functools.partial(VisionTransformer(inputs.cfg, dtype=dtype, fast=True).apply, train=False))
         variables = jax.device_put(variables_from_params(inputs.params))
         images = jax.device_put(inputs.images)
         return lambda: apply(variables, images).block_until_ready()
@@ -300,7 +301,7 @@ def jax_step(inputs: Inputs, mode: str, precision: str) -> Callable[[], None]:
 
     mesh = train.make_mesh()
     tx, _ = train.make_optimizer(LEARNING_RATE, steps=10 ** 6, warmup_steps=0)
-    step_fn = train.make_train_step(inputs.cfg, tx, mesh=mesh, dtype=jnp.dtype(dtype).name, use_sdpa=True)
+    step_fn = train.make_train_step(inputs.cfg, tx, mesh=mesh, dtype=jnp.dtype(dtype).name, fast=True)
     state = train.create_train_state(inputs.cfg, inputs.params, tx, mesh=mesh)
     batch = train.shard_batch({'image': inputs.images, 'label': inputs.labels}, mesh)
 
@@ -357,7 +358,7 @@ def make_step(impl: str, inputs: Inputs, mode: str, precision: str, device: str)
     else:
         from vit_torch.checkpoint import build_model
 
-        model = build_model(inputs.cfg, inputs.params, use_sdpa=True).to(device)
+        model = build_model(inputs.cfg, inputs.params, fast=True).to(device)
         if impl == 'vit_torch_compiled':
             model = torch.compile(model)
     return torch_step(model, inputs, mode, precision, device)
@@ -442,8 +443,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UserError(f'{flag} {value}: must be at least 1')
     if args.warmup < 0:
         raise UserError(f'--warmup {args.warmup}: must be 0 or more')
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise UserError(f'--json {args.json}: directory {os.path.dirname(os.path.abspath(args.json))} does not exist')
+    if args.json:
+        files.check_directory(args.json, '--json')
     reuse_freed_memory()  # before timm, torch or jax start a thread
     impls = list(args.impls)
     if REFERENCE in impls:
@@ -453,15 +454,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cli.say('bench: timm is not installed: no reference rows, ratio_to_reference is null')
             impls.remove(REFERENCE)
 
-    import jax
-    import torch
+    from vit_jax import runtime as jax_runtime
+    from vit_torch import runtime as torch_runtime
 
-    from parity.counterparts import torch_device
-
-    # fp32 means true float32 in both frameworks, as in every parity command.
-    jax.config.update('jax_default_matmul_precision', 'highest' if args.precision == 'fp32' else 'default')
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    device = torch_device()
+    # fp32 means true float32 in both frameworks, as in every parity command; bf16 is bf16 compute either way.
+    if args.precision == 'fp32':
+        jax_runtime.strict_float32()
+    torch_runtime.strict_float32()
+    device = torch_runtime.device()
     described = describe_device(device)
     cli.say(f'bench: {described}')
     rows = []
@@ -470,8 +470,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             args.repeats)
     print(format_table(described, rows))
     if args.json:
-        tmp = f'{args.json}.tmp-{os.getpid()}'
-        with open(tmp, 'w') as f:
-            json.dump({'device': described, 'results': [r.to_json() for r in rows]}, f, indent=1)
-        os.replace(tmp, args.json)
+        report = {'device': described, 'results': [r.to_json() for r in rows]}
+        files.write_text(args.json, json.dumps(report, indent=1), '--json')
     return 0

@@ -6,7 +6,7 @@ import contextlib
 import os
 from typing import Iterator, Optional
 
-from parity.errors import UserError
+from parity.core.errors import UserError
 
 
 @contextlib.contextmanager
@@ -18,9 +18,7 @@ def atomic_path(path: str, flag: Optional[str] = None, durable: bool = False) ->
     for checkpoints that must survive a machine crash, not only a killed process.
     `flag` names the option the path came from, for the error when its directory is missing.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UserError(f'{flag + " " if flag else ""}{path}: directory {directory} does not exist')
+    directory = check_directory(path, flag)
     tmp = os.path.join(directory, f'.tmp-{os.getpid()}-{os.path.basename(path)}')
     try:
         yield tmp
@@ -34,6 +32,14 @@ def atomic_path(path: str, flag: Optional[str] = None, durable: bool = False) ->
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_directory(path: str, flag: Optional[str] = None) -> str:
+    """The directory `path` would be written in; a one-line error when it does not exist."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f'{flag + " " if flag else ""}{path}: directory {directory} does not exist')
+    return directory
 
 
 def write_text(path: str, text: str, flag: Optional[str] = None) -> None:

@@ -1,8 +1,8 @@
-"""`predict`, framework-neutral: class names, the head checks, softmax, top-k and the printed table.
+"""`python -m vit_jax|vit_torch predict`, framework-neutral: the head checks, softmax, top-k and the table.
 
-`vit_jax.predict` and `vit_torch.predict` only say how their model turns a batch of
-images into logits; everything a user sees is decided here, once, so both print the
-same thing. Bundled class names live in `parity/labels/` (see the README there).
+Each framework only says how its model turns a batch of images into logits (a
+`cli.Forward`); everything a user sees is decided here, once, so both print the same
+thing. Class names come from `parity.data.class_names`.
 
 Shapes: B images, C classes.
 """
@@ -11,60 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
-from importlib import resources
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from parity import cli
-from parity.config import ViTConfig
-from parity.errors import UserError
-from parity.images import load_images
+from parity.core.config import ViTConfig
+from parity.core.errors import UserError
+from parity.data.class_names import labels_for
+from parity.data.images import load_images
 
-# Which bundled list names a head of this size.
-BUNDLED = {1000: 'imagenet2012', 21843: 'imagenet21k'}
 BATCH = 16  # images per forward pass: bounds memory on large models, one compiled shape in JAX
-
-Forward = Callable[[np.ndarray], np.ndarray]  # NHWC float32 batch in [-1, 1] -> (B, C) logits
-
-
-def bundled_labels(name: str) -> list[str]:
-    """One of the class-name lists that ship with the package (`imagenet2012`, `imagenet21k`)."""
-    if name not in BUNDLED.values():
-        raise UserError(f'--labels {name}: no such file, nor a bundled list ({", ".join(BUNDLED.values())})')
-    return _read_names(resources.files('parity').joinpath('labels', f'{name}.txt').read_text('utf-8'))
-
-
-def _read_names(text: str) -> list[str]:
-    names = [line.strip() for line in text.splitlines()]
-    while names and not names[-1]:  # a trailing blank line is not a class
-        names.pop()
-    return names
-
-
-def labels_for(num_classes: int, spec: Optional[str] = None) -> tuple[list[str], str]:
-    """Class names for a head of `num_classes`, and where they came from.
-
-    `spec` is a text file (one name per line) or a bundled list's name. Without it the
-    head size picks: 1000 -> imagenet2012, 21843 -> imagenet21k, otherwise class indices.
-    """
-    if spec is None:
-        if num_classes in BUNDLED:
-            return bundled_labels(BUNDLED[num_classes]), BUNDLED[num_classes]
-        return [f'class {i}' for i in range(num_classes)], 'class indices (pass --labels FILE for names)'
-    if os.path.isfile(spec):
-        try:
-            with open(spec, encoding='utf-8') as f:
-                names = _read_names(f.read())
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f'--labels {spec}: cannot read it as UTF-8 text ({e})') from None
-        source = spec
-    else:
-        names, source = bundled_labels(spec), spec
-    if len(names) != num_classes:
-        raise UserError(f'--labels {spec}: {len(names)} names for a head of {num_classes} classes; '
-                        'pass a list with one name per line for every class, in logit order')
-    return names, source
 
 
 def check_head(params: dict, cfg: ViTConfig, where: str) -> None:
@@ -137,7 +94,7 @@ def load(args: argparse.Namespace, images: Sequence[str]) -> tuple[ViTConfig, di
     return cfg, params, labels, source
 
 
-def predict(forward: Forward, images: np.ndarray) -> np.ndarray:
+def predict(forward: cli.Forward, images: np.ndarray) -> np.ndarray:
     """Probabilities for a batch, BATCH images at a time; the last chunk is padded to keep one shape."""
     out = []
     for start in range(0, len(images), BATCH):
@@ -149,7 +106,7 @@ def predict(forward: Forward, images: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def main(framework: str, make_forward: Callable[[ViTConfig, dict], Forward],
+def main(framework: str, make_forward: Callable[[ViTConfig, dict], cli.Forward],
          argv: Optional[Sequence[str]] = None) -> int:
     """`python -m FRAMEWORK predict IMAGE... --checkpoint CKPT [--config C] [--top K] [--labels F]`."""
     parser = argparse.ArgumentParser(

@@ -26,25 +26,20 @@ global batch, so the global batch is the same for any process count.
 Eval batches are padded to the full batch size and carry a boolean `mask`; every split
 yields ceil(n / B) batches on every process, so a jitted step sees fixed shapes.
 
-The end of the module holds the evaluation loop and arguments both `eval` commands share.
-
 Shapes: B global batch, Bl = B / P rows per process, S image size.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
-from parity import files
-from parity.errors import UserError
+from parity.core.errors import UserError
 
 Batch = dict[str, np.ndarray]  # 'image' (Bl, S, S, 3) float32, 'label' (Bl,) int32, eval also 'mask' (Bl,) bool
 
@@ -351,54 +346,3 @@ def load(name: str, data_dir: Optional[str] = None) -> Dataset:
     if name == DIGITS:
         return Digits()
     return Tfds(name, data_dir)
-
-
-# --------------------------------------------------------------------------- the eval commands
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """`eval CKPT --config NAME_OR_JSON --dataset NAME [--split S] [--json OUT]` and a few extras."""
-    from parity import cli
-
-    parser.add_argument('checkpoint', metavar='CKPT', help='checkpoint (.npz, released or training layout)')
-    cli.add_config_argument(parser)
-    parser.add_argument('--dataset', required=True, metavar='NAME', help='digits, or a tensorflow-datasets name')
-    parser.add_argument('--split', metavar='S', help="split to score (default: the dataset's test split)")
-    parser.add_argument('--json', metavar='OUT', help='also write the result JSON here')
-    parser.add_argument('--image-size', type=int, metavar='N',
-                        help="evaluate at NxN (default: the checkpoint's own resolution)")
-    parser.add_argument('--batch-size', type=int, default=256, metavar='N', help='images per batch (default 256)')
-    parser.add_argument('--data-dir', metavar='DIR', help='tensorflow-datasets data directory')
-    parser.add_argument('--logits', metavar='OUT.npy', help='also save every float32 logit, in dataset order')
-
-
-def run_eval(args: argparse.Namespace, framework: str, predict: Callable[[np.ndarray], np.ndarray],
-             cfg) -> dict:
-    """Scores `predict` (NHWC batch -> logits) on the dataset; prints and writes the result JSON."""
-    from parity import cli
-
-    if args.batch_size < 1:
-        raise UserError(f'--batch-size {args.batch_size}: must be positive')
-    dataset = load(args.dataset, args.data_dir)
-    if cfg.num_classes != dataset.num_classes:
-        raise UserError(f'{args.checkpoint} has {cfg.num_classes} classes but {args.dataset} has '
-                        f'{dataset.num_classes}; evaluate a checkpoint trained on {args.dataset}')
-    for path in (args.json, args.logits):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UserError(f'{path}: directory {os.path.dirname(os.path.abspath(path))} does not exist')
-    split = args.split or dataset.preset.test
-    correct, total, logits = 0, 0, []
-    for batch in dataset.eval_batches(split, args.batch_size, cfg.image_size):
-        y = predict(batch['image'])[batch['mask']]
-        correct += int((y.argmax(-1) == batch['label'][batch['mask']]).sum())
-        total += len(y)
-        if args.logits:
-            logits.append(y)
-    result = {'framework': framework, 'checkpoint': args.checkpoint, 'dataset': args.dataset, 'split': split,
-              'image_size': cfg.image_size, 'examples': total, 'correct': correct, 'accuracy': correct / max(total, 1)}
-    if args.logits:
-        cli.save_output(args.logits, np.concatenate(logits))
-    text = json.dumps(result)
-    if args.json:
-        files.write_text(args.json, text + '\n', '--json')
-    print(text)
-    return result

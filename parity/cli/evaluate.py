@@ -1,0 +1,80 @@
+"""`python -m vit_jax|vit_torch eval CKPT --config NAME_OR_JSON --dataset NAME [--split S] [--json OUT]`.
+
+Framework-neutral: the arguments, the batches, the counting and the printed JSON are
+decided here once, so both frameworks score the same batches the same way; each only
+hands in its forward pass (`Forward`, NHWC float32 batch -> logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from parity import cli
+from parity.core import files
+from parity.core.config import ViTConfig
+from parity.core.errors import UserError
+from parity.data import datasets
+
+
+DESCRIPTION = ('Accuracy of a checkpoint on a dataset split, in true float32 (JAX at the highest matmul '
+               'precision, PyTorch with TF32 off). Prints one JSON line (accuracy, examples, correct, ...); '
+               'vit_jax eval and vit_torch eval take the same arguments and agree on every prediction.')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`eval CKPT --config NAME_OR_JSON --dataset NAME [--split S] [--json OUT]` and a few extras."""
+    parser.add_argument('checkpoint', metavar='CKPT', help='checkpoint (.npz, released or training layout)')
+    cli.add_config_argument(parser)
+    parser.add_argument('--dataset', required=True, metavar='NAME', help='digits, or a tensorflow-datasets name')
+    parser.add_argument('--split', metavar='S', help="split to score (default: the dataset's test split)")
+    parser.add_argument('--json', metavar='OUT', help='also write the result JSON here')
+    parser.add_argument('--image-size', type=int, metavar='N',
+                        help="evaluate at NxN (default: the checkpoint's own resolution)")
+    parser.add_argument('--batch-size', type=int, default=256, metavar='N', help='images per batch (default 256)')
+    parser.add_argument('--data-dir', metavar='DIR', help='tensorflow-datasets data directory')
+    parser.add_argument('--logits', metavar='OUT.npy', help='also save every float32 logit, in dataset order')
+
+
+def run_eval(args: argparse.Namespace, framework: str, forward: cli.Forward, cfg: ViTConfig) -> dict:
+    """Scores `forward` (NHWC batch -> logits) on the dataset; prints and writes the result JSON."""
+    if args.batch_size < 1:
+        raise UserError(f'--batch-size {args.batch_size}: must be positive')
+    dataset = datasets.load(args.dataset, args.data_dir)
+    if cfg.num_classes != dataset.num_classes:
+        raise UserError(f'{args.checkpoint} has {cfg.num_classes} classes but {args.dataset} has '
+                        f'{dataset.num_classes}; evaluate a checkpoint trained on {args.dataset}')
+    for path, flag in ((args.json, '--json'), (args.logits, '--logits')):
+        if path:
+            files.check_directory(path, flag)
+    split = args.split or dataset.preset.test
+    correct, total, logits = 0, 0, []
+    for batch in dataset.eval_batches(split, args.batch_size, cfg.image_size):
+        y = forward(batch['image'])[batch['mask']]
+        correct += int((y.argmax(-1) == batch['label'][batch['mask']]).sum())
+        total += len(y)
+        if args.logits:
+            logits.append(y)
+    result = {'framework': framework, 'checkpoint': args.checkpoint, 'dataset': args.dataset, 'split': split,
+              'image_size': cfg.image_size, 'examples': total, 'correct': correct, 'accuracy': correct / max(total, 1)}
+    if args.logits:
+        cli.save_output(args.logits, np.concatenate(logits))
+    text = json.dumps(result)
+    if args.json:
+        files.write_text(args.json, text + '\n', '--json')
+    print(text)
+    return result
+
+
+def main(framework: str, make_forward: Callable[[ViTConfig, dict], cli.Forward],
+         argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m FRAMEWORK eval ...`: `make_forward` builds the framework's model, set up for true float32."""
+    parser = argparse.ArgumentParser(prog=f'python -m {framework} eval', description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg, params = cli.load_checkpoint(args.checkpoint, args.config, args.image_size)
+    run_eval(args, framework, make_forward(cfg, params), cfg)
+    return 0

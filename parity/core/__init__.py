@@ -1,0 +1,8 @@
+"""Tier 1, what both models and everything else stand on. NumPy only, no framework.
+
+    config         ViTConfig (frozen, framework-neutral) and the official variant table
+    errors         UserError, the one exception for mistakes a user can fix
+    files          atomic writes
+    intermediates  the names and order of the intermediates both models hand out
+    weights/       the shared weight layer: the canonical form, file containers and formats
+"""

@@ -1,0 +1,273 @@
+"""Checkpoint containers: the bytes on disk to flat dicts of named NumPy arrays, and back.
+
+What a file holds, not what its names mean (that is `formats/`):
+
+- `.npz` (a zip of `.npy` arrays, as `np.savez` and the released checkpoints write it):
+  read with large stored members memory-mapped and every CRC checked; written atomically.
+- `.safetensors`: read with the safetensors library; written here, streamed array by
+  array, so a state dict of views over a memory-mapped checkpoint is never copied whole.
+- `.pt` / `.pth`: PyTorch pickles, read with `torch.load(weights_only=True)` only (never
+  an arbitrary unpickle) and written with `torch.save`; torch is imported for these alone.
+
+Every writer is atomic (`parity.core.files.atomic_path`): a reader sees the old file or
+the whole new one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import re
+import zipfile
+import zlib
+from typing import Mapping, Optional
+
+import numpy as np
+
+from parity.core.errors import UserError
+from parity.core.files import atomic_path
+
+Arrays = dict[str, np.ndarray]
+
+# --------------------------------------------------------------------------- .npz
+
+# Stored (uncompressed) members at least this large are memory-mapped instead of read:
+# a large checkpoint then costs page cache rather than a private copy, and a converter
+# that drops each array when done holds one array at a time. np.load cannot map an
+# npz; a stored member's bytes are a plain .npy file at a known offset, so they can be.
+MMAP_MIN_BYTES = 1 << 20
+_NPY_MAGIC = b'\x93NUMPY'
+_ZIP_LOCAL_HEADER = 30  # fixed part of a zip local file header; name and extra field follow
+_CRC_CHUNK = 1 << 22
+
+
+def read_npz(path: str) -> Arrays:
+    """Every array of an npz file, checked whole (so a damaged file fails here, before any use).
+
+    Large stored members (as `np.savez` and the released checkpoints write them) come back
+    memory-mapped copy-on-write: plain writable ndarrays whose writes stay private, read
+    from the file only when touched. Their CRC-32 is checked here by streaming the bytes,
+    so corruption is caught as `np.load` would catch it. Compressed and small members are
+    read into memory.
+    """
+    if not os.path.exists(path):
+        raise UserError(f'{path}: no such file')
+    if os.path.isdir(path):
+        raise UserError(f'{path}: is a directory, expected an .npz checkpoint')
+    try:
+        with open(path, 'rb') as f:
+            magic = f.read(len(_NPY_MAGIC))
+            if magic == _NPY_MAGIC:
+                raise UserError(f'{path}: is a single .npy array, not an .npz checkpoint')
+            if not magic.startswith(b'PK'):
+                raise UserError(f'{path}: not an .npz archive (a zip of .npy arrays, as np.savez writes)')
+            f.seek(0)
+            with zipfile.ZipFile(f) as z:
+                out = {}
+                for info in z.infolist():
+                    if info.is_dir():
+                        continue
+                    if not info.filename.endswith('.npy'):
+                        raise UserError(f'{path}: member {info.filename!r} is not a .npy array; '
+                                        'an .npz checkpoint holds arrays only')
+                    out[info.filename[:-len('.npy')]] = _read_member(path, f, z, info)
+    except UserError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, NotImplementedError) as e:
+        raise UserError(f'{path}: truncated or corrupted .npz ({type(e).__name__}: {e}); '
+                        'download or copy it again') from None
+    if not out:
+        raise UserError(f'{path}: the .npz archive is empty')
+    bad = [k for k, v in out.items() if v.dtype.kind not in 'fiub']
+    if bad:
+        raise UserError(f'{path}: arrays {", ".join(bad)} are not numeric (dtype {out[bad[0]].dtype})')
+    return out
+
+
+def _read_member(path: str, f, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One member: memory-mapped when it is stored and large, else read (zipfile checks the CRC)."""
+    key = info.filename[:-len('.npy')]
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size < MMAP_MIN_BYTES:
+        return _read_whole(path, z, info)
+    f.seek(info.header_offset)
+    local = f.read(_ZIP_LOCAL_HEADER)
+    if len(local) != _ZIP_LOCAL_HEADER or local[:4] != b'PK\x03\x04':
+        raise zipfile.BadZipFile(f'bad local header for {info.filename!r}')
+    start = info.header_offset + _ZIP_LOCAL_HEADER + int.from_bytes(local[26:28], 'little') \
+        + int.from_bytes(local[28:30], 'little')
+    if start + info.file_size > os.fstat(f.fileno()).st_size:
+        raise EOFError(f'member {info.filename!r} runs past the end of the file')
+    f.seek(start)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+    else:  # format 3.0 only adds utf-8 field names; no checkpoint needs mapping it
+        return _read_whole(path, z, info)
+    if dtype.hasobject:
+        raise _pickled(path, key)
+    offset = f.tell()
+    if offset - start + math.prod(shape) * dtype.itemsize != info.file_size:
+        raise ValueError(f'member {info.filename!r}: .npy header does not match its size')
+    crc, left = 0, info.file_size
+    f.seek(start)
+    buffer = bytearray(min(_CRC_CHUNK, left))
+    while left:
+        n = f.readinto(memoryview(buffer)[:min(left, len(buffer))])
+        if not n:
+            raise EOFError(f'member {info.filename!r} ends early')
+        crc, left = zlib.crc32(memoryview(buffer)[:n], crc), left - n
+    if crc != info.CRC:
+        raise zipfile.BadZipFile(f'bad CRC-32 for member {info.filename!r}')
+    return np.asarray(np.memmap(f, dtype=dtype, mode='c', offset=offset, shape=shape,
+                                order='F' if fortran_order else 'C'))
+
+
+def _read_whole(path: str, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One member read into memory, as np.load does it (zipfile checks the CRC on the way)."""
+    with z.open(info) as member:
+        try:
+            return np.lib.format.read_array(member, allow_pickle=False)
+        except ValueError as e:
+            if 'allow_pickle' in str(e):
+                raise _pickled(path, info.filename[:-len('.npy')]) from None
+            raise
+
+
+def _pickled(path: str, key: str) -> UserError:
+    return UserError(f'{path}: array {key!r} holds pickled Python objects, '
+                     'which are never loaded; re-save it with plain arrays')
+
+
+def write_npz(path: str, arrays: Mapping[str, np.ndarray], durable: bool = False) -> None:
+    """`arrays` as an uncompressed .npz (what `np.savez` writes), atomically; `durable` fsyncs first."""
+    with atomic_path(path, durable=durable) as tmp:
+        with open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
+
+
+# --------------------------------------------------------------------------- .safetensors
+
+# safetensors dtype names by NumPy kind and item size.
+_SAFETENSORS_DTYPES = {'f2': 'F16', 'f4': 'F32', 'f8': 'F64', 'i1': 'I8', 'i2': 'I16', 'i4': 'I32', 'i8': 'I64',
+                       'u1': 'U8', 'u2': 'U16', 'u4': 'U32', 'u8': 'U64', 'b1': 'BOOL'}
+
+
+def read_safetensors(path: str) -> tuple[Arrays, dict[str, str]]:
+    """Every tensor of a .safetensors file as NumPy, and the file's string metadata."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: no such file')
+    try:
+        with safe_open(path, framework='np') as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise UserError(f'{path}: not a readable .safetensors file ({type(e).__name__}: {e})') from None
+
+
+def write_safetensors(path: str, arrays: dict, metadata: Optional[Mapping[str, str]] = None,
+                      consume: bool = False) -> None:
+    """`arrays` (NumPy, any strides: views are fine) as a .safetensors file, one array at a time, atomically.
+
+    The safetensors library needs every array in memory at once; this writes the same
+    format (8-byte header length, JSON header, aligned little-endian data) through two
+    reused buffers, so a state dict of views over a memory-mapped checkpoint is never
+    copied whole. `consume=True` pops each array once written, releasing its mapping.
+    """
+    dtypes = {}
+    for k, v in arrays.items():
+        code = _SAFETENSORS_DTYPES.get(f'{v.dtype.kind}{v.dtype.itemsize}')
+        if code is None:
+            raise UserError(f'{path}: array {k!r} has dtype {v.dtype}, which safetensors cannot store')
+        dtypes[k] = code
+    # Widest items first, as the safetensors library orders them, so every array stays aligned.
+    order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    header, offset = {}, 0
+    for k in order:
+        header[k] = {'dtype': dtypes[k], 'shape': list(arrays[k].shape), 'data_offsets': [offset, offset + arrays[k].nbytes]}
+        offset += arrays[k].nbytes
+    if metadata:
+        header['__metadata__'] = dict(metadata)
+    text = json.dumps(header, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)
+    # Two buffers: one array is laid out in one while the other is being written (a thread).
+    size = max((v.nbytes for v in arrays.values()), default=0)
+    buffers, busy, writes = [np.empty(size, np.uint8), np.empty(size, np.uint8)], [None, None], []
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f, concurrent.futures.ThreadPoolExecutor(1) as writer:
+        if hasattr(os, 'posix_fallocate'):  # extents reserved up front: much faster large writes on ext4
+            try:
+                os.posix_fallocate(f.fileno(), 0, 8 + len(text) + offset)
+            except OSError:  # a filesystem without it: plain writes work as well
+                pass
+        f.write(len(text).to_bytes(8, 'little'))
+        f.write(text)
+        for i, k in enumerate(order):
+            v = arrays.pop(k) if consume else arrays[k]
+            le = v.dtype.newbyteorder('<')
+            if v.flags.c_contiguous and v.dtype == le:
+                data = v
+            else:
+                if busy[i % 2] is not None:
+                    busy[i % 2].result()
+                data = contiguous_copy(v, buffers[i % 2][:v.nbytes].view(le).reshape(v.shape))
+            writes.append(writer.submit(f.write, data.reshape(-1).view(np.uint8)))
+            busy[i % 2] = writes[-1]
+            del v, data
+        for w in writes:
+            w.result()  # re-raises a failed write (a full disk, say)
+
+
+# --------------------------------------------------------------------------- .pt / .pth
+
+def read_pt(path: str) -> Arrays:
+    """A tensors-only PyTorch state dict file as NumPy arrays; `torch.load(weights_only=True)` only."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: no such file')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # weights_only refuses pickled objects with an UnpicklingError
+        # torch's message spans many lines with terminal escapes; keep the line that names the refused object.
+        lines = [re.sub(r'\x1b\[[0-9;]*m', '', line).strip() for line in str(e).splitlines()] or ['']
+        why = next((line.split('. ')[0] for line in lines if line.startswith('WeightsUnpickler error:')), lines[0])
+        raise UserError(f'{path}: not a tensors-only PyTorch state dict ({type(e).__name__}: {why})') from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f'{path}: expected a dict of tensors (a state_dict), found {type(state).__name__}')
+    return {k: v.detach().numpy() for k, v in state.items()}
+
+
+def write_pt(path: str, arrays: dict) -> None:
+    """NumPy `arrays` as a PyTorch state dict file (`torch.save` of tensors), atomically; empties `arrays`."""
+    import torch
+
+    tensors = {k: torch.from_numpy(arrays.pop(k)) for k in list(arrays)}
+    with atomic_path(path) as tmp:
+        torch.save(tensors, tmp)
+
+
+# --------------------------------------------------------------------------- arrays
+
+_STRIP = 8  # source rows per step of a transposing copy
+
+
+def contiguous_copy(a: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """`a` copied into `out` (default: a new array), C-contiguous.
+
+    A transposed matrix (every dense kernel on its way to PyTorch) is copied a strip of
+    source rows at a time: a plain copy walks the source a whole row apart per element
+    and runs several times slower on large kernels.
+    """
+    out = np.empty(a.shape, a.dtype) if out is None else out
+    if a.ndim == 2 and a.T.flags.c_contiguous and not a.flags.c_contiguous:
+        src = a.T  # (m, n), contiguous; a is its (n, m) transpose
+        for i in range(0, src.shape[0], _STRIP):
+            out[:, i:i + _STRIP] = src[i:i + _STRIP].T
+    else:
+        np.copyto(out, a)
+    return out

@@ -1,0 +1,93 @@
+"""`python -m parity compare CKPT`: one checkpoint through vit_jax and a candidate, layer by layer.
+
+The candidate is vit_torch at `--precision`, or with `--against` timm's model loaded by
+timm's own npz loader or transformers' ViT after conversion (`counterparts`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from parity import cli
+from parity.core import weights
+from parity.core.errors import UserError
+from parity.harness import comparison, counterparts, tolerance
+from parity.harness.comparison import REFERENCE
+
+HELP = f"""\
+Runs one checkpoint through the reference ({REFERENCE})
+and a candidate, and compares every named intermediate in forward order: stem, embedding,
+with_posemb, encoderblock_i (attention_i with --attention), encoder_norm, pre_logits, logits.
+
+The candidate is vit_torch at --precision (fp32: TF32 off; tf32: TF32 matmuls and
+convolutions; bf16: torch.autocast to bfloat16), or with --against, timm's model loaded
+by timm's own npz loader (timm:MODEL_NAME) or transformers' ViT after conversion (hf),
+each with its library's default numerics. The reference stays float32 at highest
+precision, so a tf32/bf16 run measures what the reduced precision costs; vit_jax at
+the same reduced precision is shown as a yardstick.
+
+Tolerance (parity.harness.tolerance): fp32 within 1e-5 x max(1, max |reference|) per tensor;
+tf32 1e-2 and bf16 1e-1 of the same, where the verdict rests on top-1 agreement.
+Exit 0 when all is within tolerance, 1 when not, 2 for a user error."""
+
+
+def _against(spec: Optional[str]) -> Optional[tuple[str, Optional[str]]]:
+    if spec is None:
+        return None
+    if spec == 'hf':
+        return 'hf', None
+    if spec.startswith('timm:') and len(spec) > 5:
+        return 'timm', spec[5:]
+    raise UserError(f'--against {spec}: expected timm:MODEL_NAME (e.g. timm:vit_base_patch16_224) or hf')
+
+
+def yardstick(run: comparison.Comparison, reference: dict) -> dict:
+    """vit_jax itself at the candidate's reduced precision, against the reference."""
+    got = comparison.jax_at(run.cfg, run.params, run.x, run.precision)
+    return {'what': f'vit_jax at {run.precision} vs the reference',
+            'max_abs_logit_diff': float(np.abs(got - reference['logits']).max()),
+            'top1_agreement': tolerance.topk_agreement(reference['logits'], got, 1)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """One checkpoint through vit_jax and vit_torch (or timm, transformers), layer by layer."""
+    from vit_jax import runtime as jax_runtime
+    from vit_torch import runtime as torch_runtime
+
+    parser = comparison.parser('compare', HELP)
+    parser.add_argument('checkpoint', metavar='CKPT.npz', help='checkpoint in the released (or linen) npz layout')
+    comparison.add_common(parser)
+    comparison.add_precision(parser, 'the candidate\'s precision (the reference is always fp32): fp32, tf32 or bf16')
+    parser.add_argument('--against', metavar='timm:MODEL|hf',
+                        help='compare against timm (its own npz loader) or transformers instead of vit_torch')
+    parser.add_argument('--attention', action='store_true', help='also compare the softmax weights of every block')
+    args = parser.parse_args(argv)
+    against = _against(args.against)
+    jax_runtime.strict_float32()
+
+    cfg, params = cli.load_checkpoint(args.checkpoint, args.config, args.image_size)
+    x, batch = comparison.load_batch(args, cfg)
+    run = comparison.Comparison(cfg, params, x, batch, '', args.precision,
+                                raw_posemb=lambda: weights.load_npz(args.checkpoint)[weights.POSEMB])
+    device = torch_runtime.device()
+    if args.precision == 'tf32' and device == 'cpu':
+        run.notes.append('no TF32 on CPU: --precision tf32 computes exactly as fp32 here')
+    if against is None:
+        run.candidate = f'vit_torch, {args.precision} ({device})'
+        candidate = counterparts.run_vit_torch(cfg, params, x, args.precision, args.attention)
+    elif against[0] == 'timm':
+        run.candidate = f'timm {against[1]}, {args.precision} ({device})'
+        run.notes += counterparts.timm_notes(against[1])
+        candidate = counterparts.run_timm(against[1], cfg, weights.load_npz(args.checkpoint), x, args.precision,
+                                          args.attention)
+    else:
+        run.candidate = f'transformers ViTForImageClassification, {args.precision} ({device})'
+        counterparts.check_hf_expressible(cfg)
+        run.notes += counterparts.hf_notes(cfg)
+        candidate = counterparts.run_hf(cfg, params, x, args.precision, args.attention)
+    reference = comparison.run_reference(cfg, params, x, args.attention)
+    if args.precision != 'fp32':
+        run.yardstick = yardstick(run, reference)
+    return comparison.conclude(run, reference, candidate, args.json)

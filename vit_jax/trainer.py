@@ -1,0 +1,361 @@
+"""`python -m vit_jax train ...`: the command line, the workdir and the run loop.
+
+The pieces it runs are the library's (`vit_jax.train`: state, optimizer, steps,
+checkpoints); the settings are resolved once into `vit_jax.settings.TrainSettings`.
+The workdir gets metrics.jsonl, run.json (the settings), checkpoints/ (atomic, newest
+kept), and at the end final.npz (released layout) and config.json (official layout);
+running the same command again resumes from the last checkpoint, data order and random
+state included, and ends with bit-identical parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from parity import cli
+from parity.core import files, weights
+from parity.core.config import ViTConfig, load_config
+from parity.core.errors import UserError
+from parity.data import datasets
+from vit_jax import settings, train
+from vit_jax.settings import TrainSettings
+
+RUN_JSON = 'run.json'
+METRICS = 'metrics.jsonl'
+
+
+# --------------------------------------------------------------------------- the command line
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='python -m vit_jax train', description=main.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='defaults: the official fine-tuning recipe (SGD momentum 0.9, clip 1.0, no weight decay, warm-up '
+               'then cosine; batch 512, accumulation 8, lr 0.03; 10k steps on cifar10/100, 20k on imagenet2012, '
+               '500 elsewhere; crop 384). --dataset digits trains a small ViT from scratch '
+               '(vit_jax/configs/digits.json at 8x8; 1000 steps of 128, lr 0.1, warm-up 50, no accumulation).')
+    p.add_argument('--config', metavar='NAME_OR_JSON',
+                   help='official config name or JSON file (default: inferred from --checkpoint; for digits '
+                        'vit_jax/configs/digits.json)')
+    p.add_argument('--dataset', required=True, metavar='NAME', help='digits, or a tensorflow-datasets name')
+    p.add_argument('--workdir', required=True, metavar='DIR', help='metrics, checkpoints, final.npz, config.json')
+    p.add_argument('--checkpoint', metavar='PRETRAINED.npz',
+                   help='fine-tune from this checkpoint (position embeddings resized, head re-initialised)')
+    p.add_argument('--image-size', type=int, metavar='N', help='training resolution (default: 384; digits 8)')
+    p.add_argument('--steps', type=int, metavar='N', help='optimizer updates')
+    p.add_argument('--batch-size', type=int, metavar='N', help='global batch (all devices and processes)')
+    p.add_argument('--accum-steps', type=int, metavar='N', help='microbatches per update (gradient accumulation)')
+    p.add_argument('--lr', type=float, metavar='F', help='peak learning rate')
+    p.add_argument('--warmup-steps', type=int, metavar='N', help='linear warm-up steps')
+    p.add_argument('--schedule', choices=('cosine', 'linear'), default='cosine', help='decay after warm-up')
+    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                   help='compute dtype (parameters and optimizer state stay float32)')
+    p.add_argument('--eval-every', type=int, metavar='N',
+                   help='evaluate on the test split every N steps (0: only at the end)')
+    p.add_argument('--seed', type=int, default=0, metavar='N', help='initialisation, data order, augmentation, dropout')
+    p.add_argument('--checkpoint-every', type=int, metavar='N',
+                   help='write a checkpoint every N steps (default: --eval-every)')
+    p.add_argument('--keep-checkpoints', type=int, default=3, metavar='N', help='newest checkpoints kept (default 3)')
+    p.add_argument('--log-every', type=int, default=10, metavar='N', help='metrics line every N steps (default 10)')
+    p.add_argument('--data-dir', metavar='DIR', help='tensorflow-datasets data directory')
+    p.add_argument('--coordinator', metavar='HOST:PORT',
+                   help='multi-host: address of process 0 (or JAX_COORDINATOR_ADDRESS)')
+    p.add_argument('--num-processes', type=int, metavar='N',
+                   help='multi-host: number of processes (or JAX_NUM_PROCESSES)')
+    p.add_argument('--process-id', type=int, metavar='I',
+                   help='multi-host: this process, 0..N-1 (or JAX_PROCESS_ID)')
+    return p
+
+
+def _positive(args, *names):
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f'--{name.replace("_", "-")} {value}: must be positive')
+
+
+def init_distributed(coordinator: Optional[str], num_processes: Optional[int], process_id: Optional[int]) -> None:
+    """`jax.distributed.initialize` from the flags or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+
+    Nothing set means one process. Values left unset are auto-detected by JAX on the
+    clusters it knows (SLURM, Open MPI, ...). On CPU, collectives go through gloo.
+    """
+    env = os.environ
+    coordinator = coordinator or env.get('JAX_COORDINATOR_ADDRESS')
+    if num_processes is None and env.get('JAX_NUM_PROCESSES'):
+        num_processes = int(env['JAX_NUM_PROCESSES'])
+    if process_id is None and env.get('JAX_PROCESS_ID'):
+        process_id = int(env['JAX_PROCESS_ID'])
+    if coordinator is None and num_processes is None and process_id is None:
+        return
+    if num_processes is not None and not (num_processes >= 1 and process_id is not None
+                                          and 0 <= process_id < num_processes):
+        raise UserError(f'--process-id {process_id} with --num-processes {num_processes}: '
+                        'each process needs its own id in 0..N-1')
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f'cannot join the distributed run at {coordinator} ({str(e).splitlines()[0][:160]}); '
+                        'check --coordinator HOST:PORT, --num-processes and --process-id') from None
+
+
+def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig, Optional[dict]]:
+    """The config to train, and the fine-tuning params (None: initialise from scratch)."""
+    if args.checkpoint is None:
+        spec = args.config or (settings.DIGITS_CONFIG if dataset.name == datasets.DIGITS else None)
+        if spec is None:
+            raise UserError(f'--dataset {dataset.name}: pass --config (an official name or JSON) or --checkpoint '
+                            'to fine-tune; only digits has a default model')
+        cfg = load_config(spec)
+        return cfg.replace(num_classes=dataset.num_classes, image_size=image_size), None
+    params = weights.load_npz(args.checkpoint)
+    # Fine-tuning drops the representation layer unless the config asks for one, as the official code does.
+    cfg = load_config(args.config) if args.config else weights.infer_config(params).replace(representation_size=None)
+    cfg = cfg.replace(num_classes=dataset.num_classes, image_size=image_size)
+    cfg.grid_for(image_size)
+    return cfg, weights.prepare_for_finetuning(params, cfg, args.checkpoint)
+
+
+# --------------------------------------------------------------------------- the workdir
+
+def _check_workdir(workdir: str) -> None:
+    """A directory that is or can be made writable; created only once every other check has passed."""
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UserError(f'--workdir {workdir}: {path} exists and is not a directory; pick another path')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f'--workdir {workdir}: {path} is not writable; pick a writable path')
+
+
+def _claim_workdir(workdir: str, s: TrainSettings, is_writer: bool) -> None:
+    """Records the run's settings in DIR/run.json, or checks that a restart repeats them."""
+    path = os.path.join(workdir, RUN_JSON)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                theirs = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f'--workdir {workdir}: {RUN_JSON} is unreadable ({e}); use a new --workdir') from None
+        differ = s.differences(theirs)
+        if differ:
+            raise UserError(f'--workdir {workdir} holds a run with other settings ({", ".join(differ)}: '
+                            f'{", ".join(f"{theirs.get(k)!r} there" for k in differ[:2])}); '
+                            'repeat that command to resume it, or use a new --workdir')
+    elif train.list_checkpoints(workdir) or os.path.exists(os.path.join(workdir, 'final.npz')):
+        raise UserError(f'--workdir {workdir} holds checkpoints of an unknown run; use a new --workdir')
+    elif is_writer:
+        os.makedirs(workdir, exist_ok=True)
+        _write_json(path, s.record())
+
+
+def _write_json(path: str, obj) -> None:
+    files.write_text(path, json.dumps(obj, indent=2) + '\n')
+
+
+def _step_of(line: str) -> Optional[int]:
+    """The step of a metrics line; None for a line cut short when a run was killed mid-write."""
+    try:
+        return json.loads(line)['step']
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+class MetricsLog:
+    """DIR/metrics.jsonl; on restart, lines past the resumed step are dropped (they will be redone)."""
+
+    def __init__(self, path: str, start_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and os.path.exists(path):
+            with open(path) as f:
+                keep = [line for line in f if _step_of(line) is not None and _step_of(line) <= start_step]
+            files.write_text(path, ''.join(keep))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class Run:
+    """One training run in its workdir: the settings, the data, the compiled steps and the log."""
+
+    settings: TrainSettings
+    workdir: str
+    dataset: datasets.Dataset
+    mesh: jax.sharding.Mesh
+    train_step: object
+    eval_step: object
+    log: MetricsLog
+    writer: bool  # this process writes the workdir (process 0)
+
+    def evaluate(self, state) -> dict:
+        s = self.settings
+        return train.evaluate(self.eval_step, state.params, self.dataset, s.batch_size, s.image_size, self.mesh)
+
+    def loop(self, state, start: int):
+        """Steps `start + 1 .. steps`, logging, evaluating and checkpointing as the settings say.
+
+        Returns the final state and the last evaluation (None when nothing was left to train).
+        """
+        s = self.settings
+        steps, B, S = s.steps, s.batch_size, s.image_size
+        pid, procs = jax.process_index(), jax.process_count()
+        batches = self.dataset.train_batches(B, S, s.seed, start, pid, procs)
+        bar = tqdm(total=steps, initial=start, unit='step', disable=not self.writer, dynamic_ncols=True,
+                   file=sys.stderr, desc='train')
+        pending: list[tuple[int, dict]] = []
+        found = train.list_checkpoints(self.workdir)
+        last_good = found[-1][1] if found else None
+        tick, ticked = time.perf_counter(), start
+        self.trained_seconds, self.trained_images = 0.0, 0  # after the compiling first step; eval, checkpoints out
+        ev = None
+        try:
+            for step in range(start + 1, steps + 1):
+                state, metrics = self.train_step(state, train.shard_batch(next(batches), self.mesh))
+                pending.append((step, metrics))
+                bar.update(1)
+                if step == start + 1:  # the first step compiles: leave it out of the throughput
+                    jax.block_until_ready(metrics)
+                    tick, ticked = time.perf_counter(), step
+                due_eval = s.eval_every and step % s.eval_every == 0 or step == steps
+                due_ckpt = step % s.checkpoint_every == 0 or step == steps
+                if step % s.log_every and not (due_eval or due_ckpt):
+                    continue
+                # One device-to-host transfer per log interval; NaN is caught before any checkpoint is written.
+                host = jax.device_get([m for _, m in pending])
+                bad = next((st for (st, _), m in zip(pending, host)
+                            if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm']))), None)
+                if bad is not None:
+                    bar.close()
+                    where = f'the last good checkpoint is {last_good}' if last_good else 'no checkpoint was written yet'
+                    raise UserError(f'loss is not finite at step {bad}; stopped, {where}; '
+                                    'lower --lr or raise --warmup-steps')
+                now = time.perf_counter()
+                self.trained_seconds += now - tick
+                self.trained_images += B * (step - ticked)
+                rate = B * (step - ticked) / max(now - tick, 1e-9) if step > ticked else 0.0
+                record = {'step': step, 'split': 'train',
+                          'loss': float(np.mean([m['loss'] for m in host])),
+                          'accuracy': float(np.mean([m['accuracy'] for m in host])),
+                          'learning_rate': float(host[-1]['learning_rate']), 'img_per_sec': round(rate, 2),
+                          'grad_norm': float(host[-1]['grad_norm'])}
+                self.log.write(record)
+                bar.set_postfix(loss=f'{record["loss"]:.4f}', img_s=f'{rate:.0f}', refresh=False)
+                pending = []
+                if due_eval:
+                    t0 = time.perf_counter()
+                    ev = self.evaluate(state)
+                    test = self.dataset.preset.test
+                    self.log.write({'step': step, 'split': test, **ev,
+                                    'img_per_sec': round(ev['examples'] / (time.perf_counter() - t0), 2)})
+                    if self.writer:
+                        bar.write(f'step {step}: {test} accuracy {ev["accuracy"]:.2%} '
+                                  f'({ev["examples"]} images), loss {ev["loss"]:.4f}', file=sys.stderr)
+                if due_ckpt and self.writer:
+                    last_good = train.save_checkpoint(self.workdir, state, s.keep_checkpoints)
+                tick, ticked = time.perf_counter(), step
+        finally:
+            bar.close()
+        return state, ev
+
+    def finish(self, state, ev: dict, seconds: float) -> int:
+        """Writes final.npz and config.json (process 0) and prints the summary line (every process)."""
+        ev = dict(ev, split=self.dataset.preset.test, seconds=round(seconds, 1),
+                  img_per_sec=round(self.trained_images / self.trained_seconds, 1) if self.trained_seconds else None)
+        params = train.canonical_params(state)
+        digest = train.params_digest(params)
+        if jax.process_count() > 1:
+            digests = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
+            if not (digests == digests[0]).all():
+                raise RuntimeError('processes ended with different parameters: a data-parallel bug')
+        final, config_path = (os.path.join(self.workdir, name) for name in ('final.npz', 'config.json'))
+        if self.writer:
+            weights.save_npz(final, params)
+            _write_json(config_path, self.settings.config.to_official_dict())
+        print(json.dumps({'step': self.settings.steps, **ev, 'final': final, 'config': config_path,
+                          'process': jax.process_index(), 'params_sha256': digest}))
+        return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Fine-tune an official checkpoint, or train from scratch, on one dataset through XLA.
+
+    Data-parallel over every device of every process. DIR gets metrics.jsonl, run.json,
+    checkpoints/ (atomic, newest kept), and at the end final.npz (released layout) and
+    config.json (official layout). Running the same command again resumes from the last
+    checkpoint, data order and random state included.
+    """
+    args = _parser().parse_args(argv)
+    _positive(args, 'steps', 'batch_size', 'accum_steps', 'checkpoint_every', 'keep_checkpoints', 'log_every',
+              'image_size')
+    if args.eval_every is not None and args.eval_every < 0:
+        raise UserError(f'--eval-every {args.eval_every}: must be 0 (only at the end) or more')
+    if args.seed < 0:
+        raise UserError(f'--seed {args.seed}: must be 0 or more')
+    _check_workdir(args.workdir)
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
+
+    dataset = datasets.load(args.dataset, args.data_dir)
+    cfg, finetune = _model(args, dataset, args.image_size or dataset.preset.image_size)
+    s = settings.resolve(args, cfg)
+    B, A = s.batch_size, s.accum_steps
+    devices, pid, procs = jax.device_count(), jax.process_index(), jax.process_count()
+    if B % devices or (B // devices) % A:
+        raise UserError(f'--batch-size {B} does not split over {devices} devices with --accum-steps {A}; '
+                        f'pick a multiple of {devices * A}')
+    writer = pid == 0
+    _claim_workdir(args.workdir, s, writer)
+    if writer:
+        train.remove_partial_checkpoints(args.workdir)
+
+    mesh = train.make_mesh()
+    tx, lr_fn = train.make_optimizer(s.lr, s.steps, s.warmup_steps, s.schedule)
+    found = train.list_checkpoints(args.workdir)
+    if found:
+        state = train.restore_checkpoint(found[-1][1], train.abstract_train_state(cfg, tx), mesh)
+    else:
+        params = finetune if finetune is not None else train.init_params(cfg, s.seed)
+        state = train.create_train_state(cfg, params, tx, s.seed, mesh)
+    start = int(train.to_host(state.step))
+    if procs > 1:
+        starts = multihost_utils.process_allgather(np.int64(start))
+        if not (starts == start).all():
+            raise UserError(f'--workdir {args.workdir}: the processes found checkpoints of different steps '
+                            f'({", ".join(map(str, starts))}); the workdir must be one directory every process sees')
+    if start > s.steps:
+        raise UserError(f'--workdir {args.workdir} is at step {start}, past --steps {s.steps}; use a new --workdir')
+
+    # The fast path (fused attention, ordered dense backward, patch matmul): the same function, proven
+    # equal to the by-hand path in tests/test_fast_paths.py; it falls back by itself under attention dropout.
+    run = Run(s, args.workdir, dataset, mesh,
+              train.make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=A, dtype=s.dtype, fast=True),
+              train.make_eval_step(cfg, mesh=mesh, dtype=s.dtype, fast=True),
+              MetricsLog(os.path.join(args.workdir, METRICS), start, writer), writer)
+    if writer:
+        cli.say(f'vit_jax train: {cli.describe(cfg)}, {weights.count_params(cfg):,} params, on {args.dataset} '
+                f'({dataset.num_examples(dataset.preset.train):,} train images); {devices} device(s) in {procs} '
+                f'process(es); batch {B}' + (f' in {A} microbatches' if A > 1 else '')
+                + (f'; resuming at step {start}' if start else ''))
+    t_start = time.perf_counter()
+    state, ev = run.loop(state, start)
+    if ev is None:  # resumed a finished run: score it again for the summary
+        ev = run.evaluate(state)
+    return run.finish(state, ev, time.perf_counter() - t_start)
