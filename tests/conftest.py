@@ -44,7 +44,7 @@ def tiny(**kw) -> ViTConfig:
 
 
 # One of each structure both models must agree on: every classifier, a representation layer, no head,
-# non-square patches, a hybrid stem alone and with stages.
+# non-square patches, a hybrid stem alone and with stages, the MAP head, sincos2d.
 CONFIGS = {
     'token': tiny(),
     'gap': tiny(classifier='gap'),
@@ -55,6 +55,10 @@ CONFIGS = {
     'non-square-patch': tiny(patch_size=(8, 4)),
     'hybrid-stem': tiny(patch_size=(2, 2), resnet_num_layers=(), resnet_width_factor=0.5),
     'hybrid-stages': tiny(patch_size=(1, 1), resnet_num_layers=(2, 1), resnet_width_factor=0.5),
+    # big_vision's: multihead attention pooling, the first token, fixed sincos2d position embeddings.
+    'map': tiny(classifier='map'),
+    'first': tiny(classifier='first'),
+    'sincos2d': tiny(posemb='sincos2d'),
 }
 
 

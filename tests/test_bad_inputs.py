@@ -115,7 +115,8 @@ def test_corrupted_compressed_npz_library(tmp_path):
 def test_not_an_npz(tmp_path, out):
     bad = tmp_path / 'ckpt.npz'
     bad.write_text('this is a text file, not a checkpoint\n')
-    assert_user_error(logits('vit_jax', bad, out), str(bad), 'not an .npz')
+    assert_user_error(logits('vit_jax', bad, out), str(bad), 'not a checkpoint file of a known kind', '.npz',
+                      '.safetensors', 'Hugging Face folder')
     assert_nothing_written(out)
 
 
@@ -271,9 +272,9 @@ def test_input_nan(tmp_path, out):
 # --------------------------------------------------------------------------- convert
 
 @pytest.mark.slow
-def test_convert_bad_extension_pair(out):
-    dst = out / 'copy.npz'
-    assert_user_error(run_cli('vit_torch', 'convert', CKPT, dst), str(CKPT), str(dst), '.safetensors')
+def test_convert_output_of_no_known_kind(out):
+    dst = out / 'copy.bin'
+    assert_user_error(run_cli('vit_torch', 'convert', CKPT, dst), str(dst), 'pass --to', 'big_vision', 'timm', 'hf')
     assert_nothing_written(out)
 
 

@@ -28,7 +28,7 @@ from vit_torch.checkpoint import build_model, params_from_state_dict
 from vit_torch.inspect import forward_with_intermediates as torch_intermediates
 from vit_torch.runtime import to_nchw
 
-FAST_CASES = ['token', 'gap', 'unpooled', 'non-square-patch', 'hybrid-stages']
+FAST_CASES = ['token', 'gap', 'unpooled', 'non-square-patch', 'hybrid-stages', 'map']
 
 
 def params_for(name: str, scale: float = 0.2) -> dict:

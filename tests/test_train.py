@@ -371,3 +371,24 @@ def test_trains_on_a_tfds_dataset_with_the_official_defaults(tiny_json, tmp_path
     settings = json.loads((workdir / 'run.json').read_text())
     assert (settings['lr'], settings['accum_steps'], settings['schedule']) == (0.03, 8, 'cosine')
     assert final_params(workdir)[weights.POSEMB].shape == (1, 17, 32)  # 16x16 in 4x4 patches, and the class token
+
+
+def test_fine_tuning_a_big_vision_map_checkpoint_writes_what_reads_it_back(tmp_path, capsys):
+    """Any checkpoint layout fine-tunes; a model the released layout cannot hold ends in big_vision's."""
+    import big_vision_vit as bv
+
+    model = bv.Model(num_classes=3, patch_size=(4, 4), width=32, depth=1, mlp_dim=64, num_heads=2, pool_type='map')
+    bv.save_checkpoint({'params': bv.init(model, 8)}, tmp_path / 'bv.npz')
+    workdir = tmp_path / 'run'
+    assert trainer.main(['--checkpoint', str(tmp_path / 'bv.npz'), '--dataset', 'digits', '--steps', '3',
+                         '--warmup-steps', '1', '--batch-size', '32', '--workdir', str(workdir)]) == 0
+    capsys.readouterr()
+    final = weights.load(str(workdir / 'final.npz'))
+    assert final.format == 'big_vision' and 'MAPHead_0/probe' in final.shapes
+    config = json.loads((workdir / 'config.json').read_text())
+    assert config['classifier'] == 'map' and config['num_classes'] == 10
+    from vit_torch.cli import main as torch_main
+
+    assert torch_main(['eval', str(workdir / 'final.npz'), '--config', str(workdir / 'config.json'),
+                       '--dataset', 'digits']) == 0
+    assert json.loads(capsys.readouterr().out)['examples'] == 360

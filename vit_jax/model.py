@@ -4,8 +4,8 @@ The parameter tree is the official one (google-research/vision_transformer), so
 released checkpoints drop in once `parity.core.weights` has put them in canonical form.
 `vit_torch/model.py` mirrors this file class for class; read them side by side.
 
-Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP size,
-h x w the patch grid, C channels. Images are NHWC in [-1, 1].
+Shapes: B batch, N tokens, Q query tokens (N in self-attention), D width, H heads,
+Dh = D // H, M MLP size, h x w the patch grid, C channels. Images are NHWC in [-1, 1].
 
 Named intermediates (see `parity.core.intermediates`) are sown into the 'intermediates'
 collection, and attention weights into 'attention'; sowing costs nothing unless the
@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from parity.core import posemb
 from parity.core.config import ViTConfig
 from vit_jax import fast as fast_path
 
@@ -62,9 +63,11 @@ class MlpBlock(Module):
 
 
 class Attention(Module):
-    """Multi-head self-attention with the parameters of flax's MultiHeadDotProductAttention.
+    """Multi-head attention with the parameters of flax's MultiHeadDotProductAttention.
 
     By hand, as the paper writes it; `fast` takes `vit_jax.fast.attention` where it can serve.
+    Self-attention unless `kv` is given: then the queries come from `x`, keys and values from
+    `kv` (the MAP head's probe attending over the tokens).
     """
 
     num_heads: int
@@ -73,26 +76,27 @@ class Attention(Module):
     fast: bool = False
 
     @nn.compact
-    def __call__(self, x, *, deterministic):
-        if self.fast and fast_path.serves_attention(self, deterministic):
+    def __call__(self, x, kv=None, *, deterministic):
+        if self.fast and kv is None and fast_path.serves_attention(self, deterministic):
             return fast_path.attention(self, x)  # (B, N, D)
-        B, N, D = x.shape
+        kv = x if kv is None else kv
+        B, Q, D = x.shape
         H = self.num_heads
         Dh = D // H
         proj = functools.partial(nn.DenseGeneral, features=(H, Dh), dtype=self.dtype,
                                  kernel_init=nn.initializers.xavier_uniform())
-        q = proj(name='query')(x)  # (B, N, H, Dh)
-        k = proj(name='key')(x)  # (B, N, H, Dh)
-        v = proj(name='value')(x)  # (B, N, H, Dh)
+        q = proj(name='query')(x)  # (B, Q, H, Dh)
+        k = proj(name='key')(kv)  # (B, N, H, Dh)
+        v = proj(name='value')(kv)  # (B, N, H, Dh)
         # Scale the queries rather than the logits, as flax does: same rounding as the official model.
         q = q / jnp.sqrt(Dh).astype(q.dtype)
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)  # (B, H, N, N)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)  # (B, H, N, N)
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)  # (B, H, Q, N)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)  # (B, H, Q, N)
         self.sow('attention', 'attention', weights)
         weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=deterministic)
-        y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)  # (B, N, H, Dh)
+        y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)  # (B, Q, H, Dh)
         return nn.DenseGeneral(features=D, axis=(-2, -1), dtype=self.dtype,
-                               kernel_init=nn.initializers.xavier_uniform(), name='out')(y)  # (B, N, D)
+                               kernel_init=nn.initializers.xavier_uniform(), name='out')(y)  # (B, Q, D)
 
 
 class EncoderBlock(Module):
@@ -121,12 +125,18 @@ class EncoderBlock(Module):
 
 
 class AddPositionEmbs(Module):
-    """Adds one learned embedding per token position."""
+    """Adds one embedding per token position: learned, or big_vision's fixed sincos2d table for `grid`."""
+
+    posemb: str = 'learn'
+    grid: tuple[int, int] = (0, 0)  # the patch grid (h, w), which the sincos2d table is computed for
 
     @nn.compact
     def __call__(self, x):
         B, N, D = x.shape
-        pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1, N, D))
+        if self.posemb == 'sincos2d':  # the class token, first, gets a zero row: no position
+            pe = jnp.asarray(posemb.sincos_2d(self.grid, D, N - self.grid[0] * self.grid[1]))  # (1, N, D)
+        else:
+            pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1, N, D))
         return x + pe.astype(x.dtype)
 
 
@@ -140,10 +150,12 @@ class Encoder(Module):
     attention_dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     fast: bool = False
+    posemb: str = 'learn'
+    grid: tuple[int, int] = (0, 0)
 
     @nn.compact
     def __call__(self, x, *, train):
-        x = AddPositionEmbs(name='posembed_input')(x)
+        x = AddPositionEmbs(self.posemb, self.grid, name='posembed_input')(x)
         self.sow('intermediates', 'with_posemb', x)
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
         for i in range(self.num_layers):
@@ -153,6 +165,29 @@ class Encoder(Module):
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
         self.sow('intermediates', 'encoded', x)
         return x
+
+
+class MAPHead(Module):
+    """Multihead attention pooling, as big_vision's MAPHead: a learned probe attends over the tokens.
+
+    The attention's output gets an MLP with a residual; LayerNorm eps 1e-6 and tanh GELU,
+    as everywhere in the model.
+    """
+
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        B, N, D = x.shape
+        probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, D))
+        probe = jnp.tile(probe.astype(x.dtype), (B, 1, 1))  # (B, 1, D)
+        x = Attention(num_heads=self.num_heads, dtype=self.dtype,
+                      name='MultiHeadDotProductAttention_0')(probe, x, deterministic=True)  # (B, 1, D)
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
+        x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name='MlpBlock_0')(y, deterministic=True)
+        return x[:, 0]  # (B, D)
 
 
 class StdConv(Module):
@@ -250,11 +285,13 @@ class VisionTransformer(Module):
             cls = self.param('cls', nn.initializers.zeros, (1, 1, D))
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (B, 1, 1)), x], axis=1)  # (B, N, D)
         x = Encoder(cfg.num_layers, cfg.mlp_dim, cfg.num_heads, cfg.dropout_rate, cfg.attention_dropout_rate,
-                    self.dtype, self.fast, name='Transformer')(x, train=train)
-        if cfg.classifier == 'token':
+                    self.dtype, self.fast, cfg.posemb, (h, w), name='Transformer')(x, train=train)
+        if cfg.classifier in ('token', 'first'):
             x = x[:, 0]  # (B, D)
         elif cfg.classifier == 'gap':
             x = x.mean(axis=1)  # (B, D)
+        elif cfg.classifier == 'map':
+            x = MAPHead(cfg.mlp_dim, cfg.num_heads, self.dtype, name='MAPHead_0')(x)  # (B, D)
         if cfg.representation_size is not None:
             x = jnp.tanh(nn.Dense(cfg.representation_size, dtype=self.dtype, name='pre_logits')(x))
         self.sow('intermediates', 'features', x)

@@ -27,6 +27,7 @@ from parity import cli
 from parity.core import files, weights
 from parity.core.config import ViTConfig, load_config
 from parity.core.errors import UserError
+from parity.core.weights import configs
 from parity.data import datasets
 from vit_jax import settings, train
 from vit_jax.settings import TrainSettings
@@ -121,12 +122,16 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
                             'to fine-tune; only digits has a default model')
         cfg = load_config(spec)
         return cfg.replace(num_classes=dataset.num_classes, image_size=image_size), None
-    params = weights.load_npz(args.checkpoint)
+    ckpt = weights.load(args.checkpoint)
+    for note in ckpt.notes:
+        cli.say(note)
+    # The checkpoint's own config: the trunk as --config says, its head as the file has it.
+    own = configs.with_checkpoint_head(weights.configure(ckpt, args.config, fallback_size=image_size), ckpt.shapes)
     # Fine-tuning drops the representation layer unless the config asks for one, as the official code does.
-    cfg = load_config(args.config) if args.config else weights.infer_config(params).replace(representation_size=None)
+    cfg = load_config(args.config) if args.config else own.replace(representation_size=None)
     cfg = cfg.replace(num_classes=dataset.num_classes, image_size=image_size)
     cfg.grid_for(image_size)
-    return cfg, weights.prepare_for_finetuning(params, cfg, args.checkpoint)
+    return cfg, weights.prepare_for_finetuning(ckpt.params(own), cfg, args.checkpoint)
 
 
 # --------------------------------------------------------------------------- the workdir
@@ -288,7 +293,10 @@ class Run:
                 raise RuntimeError('processes ended with different parameters: a data-parallel bug')
         final, config_path = (os.path.join(self.workdir, name) for name in ('final.npz', 'config.json'))
         if self.writer:
-            weights.save_npz(final, params)
+            # The released layout where the official model can express the config; big_vision's where not (map,
+            # first, sincos2d): `weights.load` reads either.
+            weights.save(final, params, self.settings.config, 'npz' if self.settings.config.is_official
+                         else 'big_vision')
             _write_json(config_path, self.settings.config.to_official_dict())
         print(json.dumps({'step': self.settings.steps, **ev, 'final': final, 'config': config_path,
                           'process': jax.process_index(), 'params_sha256': digest}))

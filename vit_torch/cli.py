@@ -11,12 +11,10 @@ from typing import Optional, Sequence
 
 from parity import cli
 from parity.core import weights
-from parity.core.errors import UserError
-from parity.core.weights.formats import vit_torch as torch_format
 
 COMMANDS = {
     'logits': ('vit_torch.cli:logits_main', 'official-model logits for a batch (float32, TF32 off)'),
-    'convert': ('vit_torch.cli:convert_main', 'npz <-> PyTorch state dict (.safetensors, .pt), bit for bit'),
+    'convert': ('vit_torch.cli:convert_main', 'any checkpoint layout to another: npz, big_vision, torch, timm, hf'),
     'eval': ('vit_torch.cli:eval_main', 'accuracy of a checkpoint on a dataset'),
     'predict': ('vit_torch.cli:predict_main', 'top-k classes for image files'),
 }
@@ -27,34 +25,43 @@ eval_main = cli.framework_command('vit_torch', 'eval')
 predict_main = cli.framework_command('vit_torch', 'predict')
 
 
+CONVERT_HELP = """\
+Reads a checkpoint of any layout and writes it in another, through the canonical form:
+bit for bit where both layouts hold the same arrays.
+
+IN: the released or big_vision npz (IN.npz:SUBTREE for a nested tower, e.g. a SigLIP
+file's :img), a .safetensors or .pt/.pth/.bin state dict (this project's or timm's), or
+a Hugging Face folder; the layout is found from the contents.
+
+--to (default: from OUT's extension, .npz the released npz, .safetensors/.pt this
+project's state dict):
+""" + '\n'.join(f'  {name:<11} {what}' for name, what in weights.WRITERS.items()) + """
+
+A model a layout cannot express (a MAP head in the released npz, a hybrid in Hugging
+Face's) is an error that names a layout that can. Exit 2 for a user error."""
+
+
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:
-    """npz (released layout) to a PyTorch state dict, or back; the direction is read from the extensions."""
-    parser = argparse.ArgumentParser(prog='python -m vit_torch convert', description=convert_main.__doc__)
-    parser.add_argument('input', metavar='IN', help='.npz, .safetensors, .pt or .pth')
-    parser.add_argument('output', metavar='OUT', help='.npz, .safetensors, .pt or .pth (the other kind)')
+    """Any checkpoint layout to any other (see CONVERT_HELP)."""
+    parser = argparse.ArgumentParser(prog='python -m vit_torch convert', description=CONVERT_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('input', metavar='IN', help=cli.CHECKPOINT_HELP)
+    parser.add_argument('output', metavar='OUT', help='the file to write (a folder for --to hf)')
+    parser.add_argument('--to', choices=tuple(weights.WRITERS), help='the layout to write (default: from OUT)')
     cli.add_config_argument(parser)
     args = parser.parse_args(argv)
     src, dst = args.input, args.output
-    if src.endswith('.npz') and dst.endswith(torch_format.SUFFIXES):
-        params = weights.load_npz(src)
-        cfg = weights.resolve_config(args.config, params)
-        weights.check_params(params, cfg, src)
-        torch_format.write(dst, params, cfg)
-    elif src.endswith(torch_format.SUFFIXES) and dst.endswith('.npz'):
-        state, stored = torch_format.read(src)
-        shapes = torch_format.torch_shapes_as_canonical(state)
-        if args.config is not None:
-            cfg = weights.resolve_config(args.config, shapes)
-        elif stored is not None:
-            cfg = stored
-        else:
-            cfg = torch_format.infer_config_from_torch(state)
-            cli.say(f'inferred config: {cli.describe(cfg)}')
-        weights.save_npz(dst, torch_format.from_torch(state, cfg, src))
-    else:
-        raise UserError(f'convert {src} -> {dst}: expected .npz -> one of {", ".join(torch_format.SUFFIXES)}, '
-                        'or the reverse')
-    cli.say(f'vit_torch: {src} -> {dst} ({cli.describe(cfg)})')
+    to = args.to or weights.format_for(dst)
+    ckpt = weights.load(src)
+    for note in ckpt.notes:
+        cli.say(note)
+    cfg = weights.configure(ckpt, args.config)
+    if args.config is None and ckpt.config is None:
+        cli.say(f'inferred config: {cli.describe(cfg)}')
+    params = ckpt.params(cfg)
+    weights.check_params(params, cfg, src)
+    weights.save(dst, params, cfg, to, labels=ckpt.labels)
+    cli.say(f'vit_torch: {src} ({ckpt.format}) -> {dst} ({to}; {cli.describe(cfg)})')
     return 0
 
 

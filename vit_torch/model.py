@@ -7,8 +7,8 @@ habits: tanh GELU, LayerNorm eps 1e-6, weight-standardised convolutions with
 GroupNorm(32, 1e-6), TF `SAME` padding. For bf16 compute run under
 `torch.autocast`; the parameters stay float32.
 
-Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP size,
-h x w the patch grid, C channels. Images are NCHW in [-1, 1].
+Shapes: B batch, N tokens, Q query tokens (N in self-attention), D width, H heads,
+Dh = D // H, M MLP size, h x w the patch grid, C channels. Images are NCHW in [-1, 1].
 
 Named intermediates (see `parity.core.intermediates`) are recorded through `Module.sow`,
 flax's idea: a no-op unless a recorder is attached (`vit_torch.inspect`), so the
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parity.core import posemb
 from parity.core.config import ViTConfig
 from vit_torch import fast as fast_path
 
@@ -80,9 +81,11 @@ class MlpBlock(Module):
 
 
 class Attention(Module):
-    """Multi-head self-attention with the parameters of flax's MultiHeadDotProductAttention.
+    """Multi-head attention with the parameters of flax's MultiHeadDotProductAttention.
 
     By hand, as the paper writes it; `fast` takes `vit_torch.fast.attention` where it can serve.
+    Self-attention unless `kv` is given: then the queries come from `x`, keys and values from
+    `kv` (the MAP head's probe attending over the tokens).
     """
 
     def __init__(self, dim: int, num_heads: int, dropout_rate: float = 0.0, fast: bool = False):
@@ -98,23 +101,25 @@ class Attention(Module):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
 
-    def forward(self, x):
-        if self.fast and fast_path.serves_attention(self):
+    def forward(self, x, kv=None):
+        if self.fast and kv is None and fast_path.serves_attention(self):
             return fast_path.attention(self, x)  # (B, N, D)
-        B, N, D = x.shape
+        kv = x if kv is None else kv
+        B, Q, D = x.shape
+        N = kv.shape[1]
         H = self.num_heads
         Dh = D // H
-        q = self.query(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-        k = self.key(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-        v = self.value(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+        q = self.query(x).view(B, Q, H, Dh).transpose(1, 2)  # (B, H, Q, Dh)
+        k = self.key(kv).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+        v = self.value(kv).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
         # Scale the queries rather than the logits, as flax does: same rounding as the official model.
         q = q / math.sqrt(Dh)
-        logits = q @ k.transpose(-2, -1)  # (B, H, N, N)
-        weights = logits.float().softmax(dim=-1).to(q.dtype)  # (B, H, N, N)
+        logits = q @ k.transpose(-2, -1)  # (B, H, Q, N)
+        weights = logits.float().softmax(dim=-1).to(q.dtype)  # (B, H, Q, N)
         self.sow('attention', 'attention', weights)
         weights = F.dropout(weights, self.dropout_rate, self.training)
-        y = weights @ v  # (B, H, N, Dh)
-        y = y.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        y = weights @ v  # (B, H, Q, Dh)
+        y = y.transpose(1, 2).reshape(B, Q, D)  # (B, Q, D)
         return self.out(y)
 
 
@@ -143,24 +148,32 @@ class EncoderBlock(Module):
 
 
 class AddPositionEmbs(Module):
-    """Adds one learned embedding per token position."""
+    """Adds one embedding per token position: learned, or big_vision's fixed sincos2d table for `grid`."""
 
-    def __init__(self, num_tokens: int, dim: int):
+    def __init__(self, num_tokens: int, dim: int, posemb: str = 'learn', grid: tuple[int, int] = (0, 0)):
         super().__init__()
-        self.pos_embedding = nn.Parameter(torch.empty(1, num_tokens, dim))
-        nn.init.normal_(self.pos_embedding, std=0.02)
+        self.posemb, self.grid = posemb, grid
+        if posemb == 'learn':
+            self.pos_embedding = nn.Parameter(torch.empty(1, num_tokens, dim))
+            nn.init.normal_(self.pos_embedding, std=0.02)
 
     def forward(self, x):
-        return x + self.pos_embedding.to(x.dtype)
+        B, N, D = x.shape
+        if self.posemb == 'sincos2d':  # the class token, first, gets a zero row: no position
+            pe = torch.tensor(posemb.sincos_2d(self.grid, D, N - self.grid[0] * self.grid[1]), device=x.device)
+        else:
+            pe = self.pos_embedding  # (1, N, D)
+        return x + pe.to(x.dtype)
 
 
 class Encoder(Module):
     """Position embeddings, `num_layers` blocks, final LayerNorm."""
 
     def __init__(self, num_tokens: int, dim: int, num_layers: int, mlp_dim: int, num_heads: int,
-                 dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0, fast: bool = False):
+                 dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0, fast: bool = False,
+                 posemb: str = 'learn', grid: tuple[int, int] = (0, 0)):
         super().__init__()
-        self.posembed_input = AddPositionEmbs(num_tokens, dim)
+        self.posembed_input = AddPositionEmbs(num_tokens, dim, posemb, grid)
         self.num_layers = num_layers
         self.dropout_rate = dropout_rate
         for i in range(num_layers):
@@ -177,6 +190,30 @@ class Encoder(Module):
         x = self.encoder_norm(x)
         self.sow('intermediates', 'encoded', x)
         return x
+
+
+class MAPHead(Module):
+    """Multihead attention pooling, as big_vision's MAPHead: a learned probe attends over the tokens.
+
+    The attention's output gets an MLP with a residual; LayerNorm eps 1e-6 and tanh GELU,
+    as everywhere in the model.
+    """
+
+    def __init__(self, dim: int, mlp_dim: int, num_heads: int):
+        super().__init__()
+        self.probe = nn.Parameter(torch.empty(1, 1, dim))
+        nn.init.xavier_uniform_(self.probe)
+        self.MultiHeadDotProductAttention_0 = Attention(dim, num_heads)
+        self.LayerNorm_0 = nn.LayerNorm(dim, eps=1e-6)
+        self.MlpBlock_0 = MlpBlock(dim, mlp_dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        probe = self.probe.to(x.dtype).expand(B, -1, -1)  # (B, 1, D)
+        x = self.MultiHeadDotProductAttention_0(probe, x)  # (B, 1, D)
+        y = self.LayerNorm_0(x)
+        x = x + self.MlpBlock_0(y)
+        return x[:, 0]  # (B, D)
 
 
 class StdConv(Module):
@@ -267,7 +304,9 @@ class VisionTransformer(Module):
         if cfg.has_cls_token:
             self.cls = nn.Parameter(torch.zeros(1, 1, D))
         self.Transformer = Encoder(cfg.num_tokens, D, cfg.num_layers, cfg.mlp_dim, cfg.num_heads,
-                                   cfg.dropout_rate, cfg.attention_dropout_rate, fast)
+                                   cfg.dropout_rate, cfg.attention_dropout_rate, fast, cfg.posemb, cfg.grid_size)
+        if cfg.classifier == 'map':
+            self.MAPHead_0 = MAPHead(D, cfg.mlp_dim, cfg.num_heads)
         features = D
         if cfg.representation_size is not None:
             self.pre_logits = nn.Linear(D, cfg.representation_size)
@@ -296,10 +335,12 @@ class VisionTransformer(Module):
         if cfg.has_cls_token:
             x = torch.cat([self.cls.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, N, D)
         x = self.Transformer(x)
-        if cfg.classifier == 'token':
+        if cfg.classifier in ('token', 'first'):
             x = x[:, 0]  # (B, D)
         elif cfg.classifier == 'gap':
             x = x.mean(dim=1)  # (B, D)
+        elif cfg.classifier == 'map':
+            x = self.MAPHead_0(x)  # (B, D)
         if cfg.representation_size is not None:
             x = torch.tanh(self.pre_logits(x))
         self.sow('intermediates', 'features', x)

@@ -12,6 +12,7 @@ and each framework only hands in its forward pass, a `Forward`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -65,7 +66,7 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]],
 
 def add_logits_arguments(parser: argparse.ArgumentParser) -> None:
     """`logits CKPT.npz --config NAME_OR_JSON --input X.npy --output Y.npy [--image-size N]`."""
-    parser.add_argument('checkpoint', metavar='CKPT.npz', help='checkpoint in the released (or linen) npz layout')
+    add_checkpoint_argument(parser)
     add_config_argument(parser)
     parser.add_argument('--input', required=True, metavar='X.npy', help='float32 images, NHWC, in [-1, 1]')
     parser.add_argument('--output', required=True, metavar='Y.npy', help='where to write the float32 logits')
@@ -82,7 +83,8 @@ def logits_main(framework: str, make_forward: Callable[[ViTConfig, dict], Forwar
                                                  'highest matmul precision, PyTorch with TF32 off).')
     add_logits_arguments(parser)
     args = parser.parse_args(argv)
-    cfg, params = load_checkpoint(args.checkpoint, args.config, args.image_size)
+    # A model with no stored grid (sincos2d) is built at the input's resolution unless --image-size says.
+    cfg, params = load_checkpoint(args.checkpoint, args.config, args.image_size, npy_image_size(args.input))
     x = load_input(args.input, cfg)
     y = make_forward(cfg, params)(x)
     save_output(args.output, y)
@@ -112,19 +114,55 @@ def framework_command(framework: str, command: str) -> Callable[[Optional[Sequen
     return main
 
 
+CHECKPOINT_HELP = ('a checkpoint of any layout: the released or big_vision npz (FILE.npz:SUBTREE for a nested '
+                   'tower), a .safetensors/.pt state dict (this project\'s or timm\'s), or a Hugging Face folder')
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser, flag: Optional[str] = None) -> None:
+    """The checkpoint a command reads: positional CKPT, or `flag` (--checkpoint)."""
+    if flag:
+        parser.add_argument(flag, required=True, metavar='CKPT', help=CHECKPOINT_HELP)
+    else:
+        parser.add_argument('checkpoint', metavar='CKPT', help=CHECKPOINT_HELP)
+
+
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--config', metavar='NAME_OR_JSON',
-                        help='an official config name (ViT-B_16, R50+ViT-B_16, ...) or a JSON file in the official '
-                             'field layout; omitted, it is inferred from the checkpoint')
+                        help='an official config name (ViT-B_16, R50+ViT-B_16, ...) or a JSON file: the official '
+                             'field layout, or big_vision\'s model config ({"variant": "B/16", "pool_type": "map"}); '
+                             'omitted, it is the file\'s own (Hugging Face) or inferred from the checkpoint')
 
 
-def load_checkpoint(path: str, config: Optional[str], image_size: Optional[int]) -> tuple[ViTConfig, dict]:
-    """Reads, configures, resizes and strictly checks a checkpoint for inference (float32)."""
-    params = weights.load_npz(path)
-    cfg = weights.resolve_config(config, params, image_size)
+@dataclasses.dataclass
+class Model:
+    """A checkpoint ready for inference: its config, canonical float32 params at that resolution, the file read."""
+
+    cfg: ViTConfig
+    params: dict
+    checkpoint: weights.Checkpoint
+
+
+def load_model(path: str, config: Optional[str], image_size: Optional[int], fallback_size: int = 224) -> Model:
+    """Reads any checkpoint format, configures it, resizes and strictly checks it for inference (float32).
+
+    `fallback_size` is the resolution of a model with no stored grid (sincos2d) when
+    `--image-size` does not say. The file's notes, and the config when it was inferred,
+    go to stderr.
+    """
+    ckpt = weights.load(path)
+    for note in ckpt.notes:
+        say(note)
+    cfg = weights.configure(ckpt, config, image_size, fallback_size)
     if config is None:
-        say(f'inferred config: {describe(cfg)}')
-    return cfg, weights.prepare_for_inference(params, cfg, path)
+        say(f'{"inferred config" if ckpt.config is None else "config from the file"}: {describe(cfg)}')
+    return Model(cfg, weights.prepare_for_inference(ckpt.params(cfg), cfg, path), ckpt)
+
+
+def load_checkpoint(path: str, config: Optional[str], image_size: Optional[int],
+                    fallback_size: int = 224) -> tuple[ViTConfig, dict]:
+    """`load_model`'s config and params."""
+    model = load_model(path, config, image_size, fallback_size)
+    return model.cfg, model.params
 
 
 def describe(cfg: ViTConfig) -> str:
@@ -144,6 +182,18 @@ def read_npy(path: str, flag: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise UserError(f'{flag} {path}: expected a single .npy array, found an .npz archive')
     return x
+
+
+def npy_image_size(path: Optional[str], default: int = 224) -> int:
+    """The height of the images in an NHWC .npy file, read from its header alone; `default` when there is none."""
+    try:
+        with open(path, 'rb') as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape = read[version](f)[0]
+        return int(shape[1]) if len(shape) == 4 and shape[1] > 0 else default
+    except (OSError, ValueError, TypeError, EOFError, KeyError):
+        return default  # read_npy explains what is wrong with the file
 
 
 def load_input(path: str, cfg: ViTConfig) -> np.ndarray:

@@ -27,7 +27,7 @@ DESCRIPTION = ('Accuracy of a checkpoint on a dataset split, in true float32 (JA
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`eval CKPT --config NAME_OR_JSON --dataset NAME [--split S] [--json OUT]` and a few extras."""
-    parser.add_argument('checkpoint', metavar='CKPT', help='checkpoint (.npz, released or training layout)')
+    cli.add_checkpoint_argument(parser)
     cli.add_config_argument(parser)
     parser.add_argument('--dataset', required=True, metavar='NAME', help='digits, or a tensorflow-datasets name')
     parser.add_argument('--split', metavar='S', help="split to score (default: the dataset's test split)")

@@ -72,15 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """What `predict` and `explain` share: the checkpoint, its config, class names and resolution."""
-    parser.add_argument('--checkpoint', required=True, metavar='CKPT.npz',
-                        help='a checkpoint with a classification head, released (or linen) npz layout')
+    cli.add_checkpoint_argument(parser, '--checkpoint')
     cli.add_config_argument(parser)
     parser.add_argument('--labels', metavar='FILE',
                         help='class names, one per line in logit order, or a bundled list (imagenet2012, '
-                             'imagenet21k); default: chosen by the head size (1000, 21843), else class indices')
+                             'imagenet21k); default: the checkpoint\'s own (a Hugging Face id2label), else chosen by '
+                             'the head size (1000, 21843), else class indices')
     parser.add_argument('--image-size', type=int, metavar='N',
                         help="resize images to NxN and build the model there, resizing the position embeddings "
-                             "(default: the checkpoint's own resolution)")
+                             "(default: the checkpoint's own resolution; 224 for sincos2d models, which store none)")
 
 
 def load(args: argparse.Namespace, images: Sequence[str]) -> tuple[ViTConfig, dict, list[str], str]:
@@ -88,8 +88,12 @@ def load(args: argparse.Namespace, images: Sequence[str]) -> tuple[ViTConfig, di
     for path in images:
         if not os.path.isfile(path):  # before the checkpoint is read: fail fast on a typo
             raise UserError(f'{path}: no such image file')
-    cfg, params = cli.load_checkpoint(args.checkpoint, args.config, args.image_size)
+    model = cli.load_model(args.checkpoint, args.config, args.image_size)
+    cfg, params = model.cfg, model.params
     check_head(params, cfg, args.checkpoint)
+    own = model.checkpoint.labels
+    if args.labels is None and own is not None and len(own) == cfg.num_classes:
+        return cfg, params, own, f'{args.checkpoint} (its id2label)'
     labels, source = labels_for(cfg.num_classes, args.labels)
     return cfg, params, labels, source
 

@@ -4,5 +4,6 @@
     errors         UserError, the one exception for mistakes a user can fix
     files          atomic writes
     intermediates  the names and order of the intermediates both models hand out
+    posemb         the fixed sincos2d position-embedding table both models add
     weights/       the shared weight layer: the canonical form, file containers and formats
 """

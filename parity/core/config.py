@@ -2,9 +2,13 @@
 
 `ViTConfig` holds exactly what the official `VisionTransformer` is built from
 (`vit_jax/configs/models.py` in google-research/vision_transformer), flattened, plus
-the resolution the model is built at. JSON files use the official field layout
-(`hidden_size`, `patches.size`, `transformer.*`, `classifier`, `representation_size`,
-`resnet.*`, `num_classes`), so a config written here drops into the official code.
+the resolution the model is built at, plus what big_vision's ViT adds: the `map` and
+`first` poolings and fixed `sincos2d` position embeddings. JSON files use the official
+field layout (`hidden_size`, `patches.size`, `transformer.*`, `classifier`,
+`representation_size`, `resnet.*`, `num_classes`, and `posemb` when it is not the
+official `learn`), so a config of an official model drops into the official code.
+`load_config` also reads big_vision's model config (the keyword arguments of its
+`vit.Model`: `variant`, `pool_type`, `posemb`, `rep_size`, ...).
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from typing import Any, Optional
 
 from parity.core.errors import UserError
 
-CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
+# The official classifiers, then big_vision's multihead attention pooling and its first-token pooling.
+CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled', 'map', 'first')
+OFFICIAL_CLASSIFIERS = CLASSIFIERS[:4]
+POSEMBS = ('learn', 'sincos2d')  # learned (stored), or big_vision's fixed 2-D sine-cosine table (computed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +34,11 @@ class ViTConfig:
     `resnet_num_layers` is None for a plain ViT; a tuple (possibly empty, the stem
     alone) makes it a hybrid whose ResNet feeds the patch embedding.
     `num_classes` 0 builds no head (the model returns pre-logits features).
+    `classifier`: `token` (the class token), `gap` (mean of the tokens), `unpooled` and
+    `token_unpooled` (every token), `map` (big_vision's multihead attention pooling: a
+    learned probe attends over the tokens) or `first` (the first token, no class token:
+    big_vision's `pool_type='0'`). `posemb`: `learn`, or `sincos2d` (computed for the
+    patch grid, never stored; the class token gets no position embedding).
     """
 
     name: Optional[str]
@@ -43,11 +55,17 @@ class ViTConfig:
     attention_dropout_rate: float = 0.0
     num_classes: int = 1000
     image_size: int = 224
+    posemb: str = 'learn'
 
     def __post_init__(self):
         where = f'config {self.name or "(unnamed)"}'
         if self.classifier not in CLASSIFIERS:
             raise UserError(f'{where}: classifier {self.classifier!r} is not one of {", ".join(CLASSIFIERS)}')
+        if self.posemb not in POSEMBS:
+            raise UserError(f'{where}: posemb {self.posemb!r} is not one of {", ".join(POSEMBS)}')
+        if self.posemb == 'sincos2d' and (self.hidden_size % 4 or self.hidden_size < 8):
+            raise UserError(f'{where}: sincos2d position embeddings need a width of 8 or more, divisible by 4, '
+                            f'not {self.hidden_size}')
         if self.hidden_size % self.num_heads:
             raise UserError(f'{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}')
         if self.resnet_num_layers is not None and self.resnet_width % 32:
@@ -81,6 +99,11 @@ class ViTConfig:
         return self.classifier in ('token', 'token_unpooled')
 
     @property
+    def is_official(self) -> bool:
+        """Whether the official model (and so its released npz layout) can express this config."""
+        return self.classifier in OFFICIAL_CLASSIFIERS and self.posemb == 'learn'
+
+    @property
     def grid_size(self) -> tuple[int, int]:
         """Patch grid (h, w) at `image_size`; raises when the size does not divide."""
         return self.grid_for(self.image_size)
@@ -103,12 +126,12 @@ class ViTConfig:
     def same_architecture(self, other: 'ViTConfig') -> bool:
         """True when both build the same trunk (heads and resolution aside)."""
         keys = ('patch_size', 'hidden_size', 'num_layers', 'mlp_dim', 'num_heads', 'classifier',
-                'resnet_num_layers', 'resnet_width_factor')
+                'resnet_num_layers', 'resnet_width_factor', 'posemb')
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
     # The official JSON layout.
     def to_official_dict(self) -> dict:
-        """The config as the official code's ConfigDict would print it (no extra fields)."""
+        """The config as the official code's ConfigDict would print it; `posemb` only when not `learn`."""
         d = {
             'model_name': self.name,
             'hidden_size': self.hidden_size,
@@ -128,6 +151,8 @@ class ViTConfig:
             },
             'num_classes': self.num_classes,
         }
+        if self.posemb != 'learn':
+            d['posemb'] = self.posemb
         return d
 
     @classmethod
@@ -153,6 +178,7 @@ class ViTConfig:
                 attention_dropout_rate=float(t.get('attention_dropout_rate', 0.0)),
                 num_classes=int(d.get('num_classes') or 0),
                 image_size=int(d.get('image_size', 224)),
+                posemb=d.get('posemb', 'learn'),
             )
         except (KeyError, TypeError, IndexError, ValueError) as e:
             if isinstance(e, UserError):
@@ -196,8 +222,79 @@ OFFICIAL_CONFIGS: dict[str, ViTConfig] = {c.name: c for c in (
 )}
 
 
+# big_vision's variant names (`vit.decode_variant`, Table 2 of "Scaling Vision Transformers"):
+# width, depth, MLP, heads. "B/16" adds the patch size.
+BIG_VISION_VARIANTS = {
+    'mu': (32, 1, 128, 2), 'Ti': (192, 12, 768, 3), 'S': (384, 12, 1536, 6), 'M': (512, 12, 2048, 8),
+    'B': (768, 12, 3072, 12), 'L': (1024, 24, 4096, 16), 'So400m': (1152, 27, 4304, 16), 'H': (1280, 32, 5120, 16),
+    'g': (1408, 40, 6144, 16), 'g-opt': (1536, 40, 6144, 16), 'G': (1664, 48, 8192, 16),
+    'G-opt': (1536, 48, 8192, 16), 'e': (1792, 56, 15360, 16),
+}
+# big_vision's pool_type values and the classifier each one is.
+BIG_VISION_POOLS = {'tok': 'token', 'gap': 'gap', 'map': 'map', '0': 'first', 'none': 'unpooled'}
+# Keys of big_vision's vit.Model that do not change the function it computes.
+_BIG_VISION_OTHER = {'head_zeroinit', 'scan', 'remat_policy', 'dtype_mm', 'dropout'}
+_BIG_VISION_KEYS = {'num_classes', 'variant', 'patch_size', 'width', 'depth', 'mlp_dim', 'num_heads', 'posemb',
+                    'rep_size', 'pool_type', 'image_size'} | _BIG_VISION_OTHER
+
+
+def from_big_vision_dict(d: dict, where: str = 'config') -> ViTConfig:
+    """A big_vision `vit.Model` config (its keyword arguments, as JSON) as a ViTConfig.
+
+    big_vision's defaults apply: `pool_type` 'gap', `posemb` 'learn', `mlp_dim` 4 x width,
+    no representation layer, `num_classes` null (no head: the model returns its pooled
+    features). `image_size` is accepted as an extension.
+    """
+    unknown = sorted(set(d) - _BIG_VISION_KEYS)
+    if unknown:
+        raise UserError(f'{where}: {", ".join(unknown)}: not keyword arguments of big_vision\'s vit.Model '
+                        f'(expected {", ".join(sorted(_BIG_VISION_KEYS))})')
+    try:
+        arch = {}
+        variant = d.get('variant')
+        if variant is not None:
+            v, _, patch = str(variant).partition('/')
+            if v not in BIG_VISION_VARIANTS:
+                raise UserError(f'{where}: variant {variant!r}: not one of big_vision\'s '
+                                f'({", ".join(BIG_VISION_VARIANTS)}), optionally with /PATCH')
+            arch = dict(zip(('width', 'depth', 'mlp_dim', 'num_heads'), BIG_VISION_VARIANTS[v]))
+            if patch:
+                arch['patch_size'] = (int(patch), int(patch))
+        arch.update({k: d[k] for k in ('width', 'depth', 'mlp_dim', 'num_heads', 'patch_size') if d.get(k) is not None})
+        width = whole_number(arch.get('width', 768), f'{where}: width')
+        pool = d.get('pool_type', 'gap')
+        if pool not in BIG_VISION_POOLS:
+            raise UserError(f'{where}: pool_type {pool!r}: not one of {", ".join(BIG_VISION_POOLS)}')
+        rep = d.get('rep_size', False)
+        patch = arch.get('patch_size', (16, 16))
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        return ViTConfig(
+            name=None,
+            patch_size=(whole_number(patch[0], f'{where}: patch_size'), whole_number(patch[1], f'{where}: patch_size')),
+            hidden_size=width, num_layers=whole_number(arch.get('depth', 12), f'{where}: depth'),
+            mlp_dim=whole_number(arch.get('mlp_dim', 4 * width), f'{where}: mlp_dim'),
+            num_heads=whole_number(arch.get('num_heads', 12), f'{where}: num_heads'),
+            classifier=BIG_VISION_POOLS[pool],
+            representation_size=None if rep is False or rep is None or rep == 0 else
+            width if rep is True else whole_number(rep, f'{where}: rep_size'),
+            num_classes=whole_number(d.get('num_classes') or 0, f'{where}: num_classes'),
+            image_size=whole_number(d.get('image_size', 224), f'{where}: image_size'),
+            posemb=d.get('posemb', 'learn'))
+    except (TypeError, ValueError, IndexError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f'{where}: not a big_vision ViT config ({type(e).__name__}: {e})') from None
+
+
+def whole_number(value, where: str) -> int:
+    """`value` as an int, refusing what is not one (a bool, 64.7, "12")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise UserError(f'{where} {value!r}: expected a whole number')
+    return int(value)
+
+
 def load_config(name_or_path: str) -> ViTConfig:
-    """An official config by name, or a JSON file in the official field layout."""
+    """An official config by name, or a JSON file: the official field layout, or big_vision's model config."""
     if name_or_path in OFFICIAL_CONFIGS:
         return OFFICIAL_CONFIGS[name_or_path]
     if not (name_or_path.endswith('.json') or os.path.exists(name_or_path)):
@@ -212,6 +309,8 @@ def load_config(name_or_path: str) -> ViTConfig:
         raise UserError(f'--config {name_or_path}: not valid JSON ({e})') from None
     if not isinstance(d, dict):
         raise UserError(f'--config {name_or_path}: expected a JSON object in the official config layout')
+    if 'hidden_size' not in d and set(d) & {'variant', 'width', 'pool_type', 'depth'}:
+        return from_big_vision_dict(d, where=f'--config {name_or_path}')
     return ViTConfig.from_official_dict(d, where=f'--config {name_or_path}')
 
 

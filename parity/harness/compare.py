@@ -11,7 +11,6 @@ from typing import Optional, Sequence
 import numpy as np
 
 from parity import cli
-from parity.core import weights
 from parity.core.errors import UserError
 from parity.harness import comparison, counterparts, tolerance
 from parity.harness.comparison import REFERENCE
@@ -57,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vit_torch import runtime as torch_runtime
 
     parser = comparison.parser('compare', HELP)
-    parser.add_argument('checkpoint', metavar='CKPT.npz', help='checkpoint in the released (or linen) npz layout')
+    cli.add_checkpoint_argument(parser)
     comparison.add_common(parser)
     comparison.add_precision(parser, 'the candidate\'s precision (the reference is always fp32): fp32, tf32 or bf16')
     parser.add_argument('--against', metavar='timm:MODEL|hf',
@@ -67,10 +66,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     against = _against(args.against)
     jax_runtime.strict_float32()
 
-    cfg, params = cli.load_checkpoint(args.checkpoint, args.config, args.image_size)
+    model = comparison.load_model(args, args.checkpoint)
+    cfg, params = model.cfg, model.params
     x, batch = comparison.load_batch(args, cfg)
-    run = comparison.Comparison(cfg, params, x, batch, '', args.precision,
-                                raw_posemb=lambda: weights.load_npz(args.checkpoint)[weights.POSEMB])
+    run = comparison.Comparison(cfg, params, x, batch, '', args.precision, raw_posemb=comparison.raw_posemb(model))
     device = torch_runtime.device()
     if args.precision == 'tf32' and device == 'cpu':
         run.notes.append('no TF32 on CPU: --precision tf32 computes exactly as fp32 here')
@@ -80,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif against[0] == 'timm':
         run.candidate = f'timm {against[1]}, {args.precision} ({device})'
         run.notes += counterparts.timm_notes(against[1])
-        candidate = counterparts.run_timm(against[1], cfg, weights.load_npz(args.checkpoint), x, args.precision,
+        candidate = counterparts.run_timm(against[1], cfg, model.checkpoint.params(cfg), x, args.precision,
                                           args.attention)
     else:
         run.candidate = f'transformers ViTForImageClassification, {args.precision} ({device})'

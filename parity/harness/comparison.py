@@ -21,6 +21,7 @@ import numpy as np
 from parity import cli
 from parity.core import files
 from parity.core.config import ViTConfig
+from parity.core.weights import POSEMB
 from parity.core.errors import UserError
 from parity.data import images
 from parity.harness import counterparts, diagnosis, tolerance
@@ -52,6 +53,17 @@ def add_common(parser: argparse.ArgumentParser, images: bool = True) -> None:
 
 def add_precision(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument('--precision', choices=tolerance.PRECISIONS, default='fp32', help=what)
+
+
+def load_model(args: argparse.Namespace, path: str) -> cli.Model:
+    """The checkpoint a command compares, at `--image-size`; a model with no stored grid at `--input`'s size (or 224)."""
+    return cli.load_model(path, args.config, args.image_size,
+                          cli.npy_image_size(args.input) if args.input is not None else 224)
+
+
+def raw_posemb(model: cli.Model) -> Callable[[], Optional[np.ndarray]]:
+    """The checkpoint's own position embeddings, before resizing (for the diagnosis), read when asked for."""
+    return lambda: model.checkpoint.params(model.cfg).get(POSEMB)
 
 
 def load_batch(args: argparse.Namespace, cfg: ViTConfig) -> tuple[np.ndarray, str]:

@@ -8,10 +8,9 @@ whatever it returns.
 `--against timm:MODEL` builds timm's model for the checkpoint's structure (classes,
 resolution, pooling) and loads the checkpoint with timm's own npz loader
 (`_load_weights`); numerics stay timm's defaults (erf GELU). `--against hf` converts
-the canonical params to transformers' ViT with `HF_NAMES` (NumPy only; layouts are
-`parity.core.weights.formats.vit_torch.TORCH_LAYOUT`'s, since transformers lays Linear and Conv2d weights out as
-torch does) and runs transformers' own model with its defaults (LayerNorm eps 1e-12,
-erf GELU).
+the canonical params to transformers' ViT with the tables of `parity.core.weights.formats.hf`
+(the weight layer's own, which reads and writes Hugging Face folders) and runs
+transformers' own model with its defaults (LayerNorm eps 1e-12, erf GELU).
 
 Shapes: B batch, N tokens, D width, H heads; images NHWC here, NCHW inside torch models.
 """
@@ -22,7 +21,6 @@ import contextlib
 import difflib
 import importlib.util
 import os
-import re
 import sys
 import tempfile
 import traceback
@@ -34,7 +32,7 @@ from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.core.intermediates import forward_order
-from parity.core.weights.formats import vit_torch as torch_format
+from parity.core.weights.formats import hf as hf_format, timm as timm_format, vit_torch as torch_format
 from parity.harness.diagnosis import SUBSTEPS, substep_key
 
 Intermediates = dict[str, np.ndarray]
@@ -127,7 +125,6 @@ def run_vit_torch(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarra
 
 # --------------------------------------------------------------------------- timm
 
-TIMM_POOL = {'token': 'token', 'gap': 'avg', 'unpooled': '', 'token_unpooled': ''}
 TIMM_TAPS: tuple[Tap, ...] = (
     ('embedding', 'patch_embed', 'output'),
     ('with_posemb', 'pos_drop', 'output'),
@@ -158,16 +155,18 @@ def build_timm(name: str, cfg: ViTConfig, raw: Mapping[str, np.ndarray]):
     import timm
     from timm.models.vision_transformer import _load_weights
 
-    if cfg.representation_size is not None:
-        raise UserError(f'--against timm:{name}: timm has no pre_logits (representation) layer, and this checkpoint '
-                        f'has one ({cfg.representation_size} wide); compare it against vit_torch or hf-less configs')
+    why = timm_format.expressible(cfg)
+    if why:
+        raise UserError(f'--against timm:{name}: timm\'s VisionTransformer cannot express {why}, which this '
+                        'checkpoint has; compare it against vit_torch')
     if name not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models('vit_*'), n=3)
         raise UserError(f'--against timm:{name}: timm has no such model' + (f'; did you mean {", ".join(close)}?'
                                                                             if close else ''))
     try:
+        pool, class_token = timm_format.POOLS[cfg.classifier]
         model = timm.create_model(name, pretrained=False, num_classes=cfg.num_classes, img_size=cfg.image_size,
-                                  class_token=cfg.has_cls_token, global_pool=TIMM_POOL[cfg.classifier], fc_norm=False)
+                                  class_token=class_token, global_pool=pool, fc_norm=False)
     except Exception as e:  # timm raises assorted errors for kwargs a model cannot take
         raise UserError(f'--against timm:{name}: timm cannot build it for this checkpoint '
                         f'({type(e).__name__}: {e})') from None
@@ -180,7 +179,8 @@ def build_timm(name: str, cfg: ViTConfig, raw: Mapping[str, np.ndarray]):
                         'timm vs checkpoint); pick the timm name of the same variant')
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'released.npz')
-        weights.save_npz(path, raw)  # the released layout, the one timm's loader reads
+        # The layouts timm's loader reads: the released one, or big_vision's for what the official model lacks.
+        weights.save(path, dict(raw), cfg, 'npz' if cfg.is_official else 'big_vision')
         try:
             _load_weights(model, path)
         except Exception as e:  # KeyError for a missing array, RuntimeError for a shape
@@ -215,30 +215,6 @@ def timm_notes(name: str) -> list[str]:
 
 # --------------------------------------------------------------------------- transformers
 
-# Our PyTorch state-dict names (canonical '/' -> '.', see torch_format.torch_name) to
-# transformers' ViTForImageClassification names, for transformers 5 and 4. Layouts need
-# no table of their own: transformers keeps Linear (out, in) and Conv2d (O, I, kh, kw)
-# as the torch mirror does.
-_B = r'^Transformer\.encoderblock_(\d+)\.'  # a block of ours; \1 is its index
-_A = _B + r'MultiHeadDotProductAttention_0\.'
-_L5, _L4 = r'vit.layers.\1.', r'vit.encoder.layer.\1.'
-HF_NAMES = (
-    # our torch name                   transformers >= 5                   transformers 4 (None: same)
-    (r'^cls$',                          'vit.embeddings.cls_token',         None),
-    (r'^Transformer\.posembed_input\.pos_embedding$', 'vit.embeddings.position_embeddings', None),
-    (r'^embedding\.',                   'vit.embeddings.patch_embeddings.projection.', None),
-    (_B + r'LayerNorm_0\.',             _L5 + 'layernorm_before.',          _L4 + 'layernorm_before.'),
-    (_B + r'LayerNorm_1\.',             _L5 + 'layernorm_after.',           _L4 + 'layernorm_after.'),
-    (_A + r'query\.',                   _L5 + 'attention.q_proj.',          _L4 + 'attention.attention.query.'),
-    (_A + r'key\.',                     _L5 + 'attention.k_proj.',          _L4 + 'attention.attention.key.'),
-    (_A + r'value\.',                   _L5 + 'attention.v_proj.',          _L4 + 'attention.attention.value.'),
-    (_A + r'out\.',                     _L5 + 'attention.o_proj.',          _L4 + 'attention.output.dense.'),
-    (_B + r'MlpBlock_0\.Dense_0\.',     _L5 + 'mlp.fc1.',                   _L4 + 'intermediate.dense.'),
-    (_B + r'MlpBlock_0\.Dense_1\.',     _L5 + 'mlp.fc2.',                   _L4 + 'output.dense.'),
-    (r'^Transformer\.encoder_norm\.',   'vit.layernorm.',                   None),
-    (r'^head\.',                        'classifier.',                      None),
-)
-_HF_NAMES = tuple((re.compile(p), v5, v4 or v5) for p, v5, v4 in HF_NAMES)
 # {L} is block i's module: vit.layers.{i} (transformers >= 5) or vit.encoder.layer.{i} (4).
 HF_TAPS = (
     # our name                                 transformers >= 5           transformers 4 (None: same)  take
@@ -262,14 +238,6 @@ def _hf_generation() -> int:
     return 5 if int(transformers.__version__.split('.')[0]) >= 5 else 4
 
 
-def hf_name(torch_name: str, generation: int = 5) -> str:
-    """transformers' name of one of our torch state-dict names."""
-    for pattern, v5, v4 in _HF_NAMES:
-        if pattern.search(torch_name):
-            return pattern.sub(v5 if generation >= 5 else v4, torch_name)
-    raise KeyError(torch_name)
-
-
 def hf_taps(generation: int) -> tuple[Tap, ...]:
     """HF_TAPS with block i's module path filled in for one transformers generation."""
     layer = 'vit.layers.{i}' if generation >= 5 else 'vit.encoder.layer.{i}'
@@ -278,22 +246,24 @@ def hf_taps(generation: int) -> tuple[Tap, ...]:
 
 
 def check_hf_expressible(cfg: ViTConfig) -> None:
-    """transformers' ViT: a class-token classifier straight off the final LayerNorm, no ResNet."""
-    why = ('a hybrid (ResNet stem)' if cfg.is_hybrid else
-           f'the {cfg.classifier!r} classifier' if cfg.classifier != 'token' else
-           'a pre_logits (representation) layer' if cfg.representation_size is not None else None)
+    """transformers' ViTForImageClassification: a class-token classifier straight off the final LayerNorm."""
+    why = hf_format.expressible(cfg) or ('a model without a head (ViTForImageClassification classifies)'
+                                         if not cfg.num_classes else None)
     if why:
         raise UserError(f'--against hf: transformers\' ViTForImageClassification cannot express {why}; '
                         'it classifies the class token straight off the final LayerNorm')
-    if cfg.patch_size[0] != cfg.patch_size[1]:
-        raise UserError('--against hf: transformers\' ViT takes square patches only')
 
 
 def to_hf(params: Mapping[str, np.ndarray], cfg: ViTConfig, generation: Optional[int] = None) -> dict[str, np.ndarray]:
-    """Canonical params as a transformers ViTForImageClassification state dict (NumPy)."""
+    """Canonical params as a transformers ViTForImageClassification state dict (NumPy), in memory's names.
+
+    The names are `parity.core.weights.formats.hf`'s table for the running transformers
+    (`V5` for transformers 5, `HUB` for 4); the trunk goes under `vit.`, the head outside it.
+    """
     check_hf_expressible(cfg)
-    generation = generation or _hf_generation()
-    return {hf_name(k, generation): v for k, v in torch_format.to_torch(params, cfg).items()}
+    table = hf_format.V5 if (generation or _hf_generation()) >= 5 else hf_format.HUB
+    state = table.export(torch_format.to_torch(params, cfg), cfg)
+    return {k if k.startswith('classifier.') else hf_format.PREFIX + k: v for k, v in state.items()}
 
 
 def build_hf(cfg: ViTConfig, params: Mapping[str, np.ndarray]):
@@ -308,7 +278,8 @@ def build_hf(cfg: ViTConfig, params: Mapping[str, np.ndarray]):
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise UserError(f'--against hf: this transformers version names ViT weights differently '
-                        f'(missing {missing[:3]}, unexpected {unexpected[:3]}); update parity.harness.counterparts.HF_NAMES')
+                        f'(missing {missing[:3]}, unexpected {unexpected[:3]}); update the tables of '
+                        'parity.core.weights.formats.hf')
     return model.eval()
 
 

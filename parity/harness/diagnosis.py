@@ -115,18 +115,19 @@ def gelu(x, form: str) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def attention(x, p: Mapping[str, np.ndarray], nx: Numerics) -> tuple[np.ndarray, np.ndarray]:
-    """The attention branch (before the residual) and its softmax weights (B, H, N, N)."""
-    B, N, D = x.shape
-    q = _mm('bnd,dhk->bnhk', x, p['query/kernel'], nx) + p['query/bias']  # (B, N, H, Dh)
-    k = _mm('bnd,dhk->bnhk', x, p['key/kernel'], nx) + p['key/bias']  # (B, N, H, Dh)
-    v = _mm('bnd,dhk->bnhk', x, p['value/kernel'], nx) + p['value/bias']  # (B, N, H, Dh)
+def attention(x, p: Mapping[str, np.ndarray], nx: Numerics, kv=None) -> tuple[np.ndarray, np.ndarray]:
+    """The attention branch (before the residual) and its softmax weights (B, H, Q, N); keys from `kv` if given."""
+    kv = x if kv is None else kv
+    B, N, D = kv.shape
+    q = _mm('bnd,dhk->bnhk', x, p['query/kernel'], nx) + p['query/bias']  # (B, Q, H, Dh)
+    k = _mm('bnd,dhk->bnhk', kv, p['key/kernel'], nx) + p['key/bias']  # (B, N, H, Dh)
+    v = _mm('bnd,dhk->bnhk', kv, p['value/kernel'], nx) + p['value/bias']  # (B, N, H, Dh)
     Dh = q.shape[-1]
     q = q / {'sqrt(Dh)': math.sqrt(Dh), 'sqrt(D)': math.sqrt(D), 'none': 1.0}[nx.query_scale]
-    logits = _mm('bqhd,bkhd->bhqk', q, k, nx)  # (B, H, N, N)
+    logits = _mm('bqhd,bkhd->bhqk', q, k, nx)  # (B, H, Q, N)
     w = np.exp(logits - logits.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
-    y = _mm('bhqk,bkhd->bqhd', w, v, nx)  # (B, N, H, Dh)
+    y = _mm('bhqk,bkhd->bqhd', w, v, nx)  # (B, Q, H, Dh)
     out = p['out/kernel']  # (H, Dh, D)
     if nx.out_proj == 'transposed':
         H = out.shape[0]
@@ -140,9 +141,9 @@ def mlp(x, p: Mapping[str, np.ndarray], nx: Numerics) -> np.ndarray:
     return _mm('bnm,md->bnd', h, p['Dense_1/kernel'], nx) + p['Dense_1/bias']  # (B, N, D)
 
 
-def block_params(params: Mapping[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
-    """Block i's parameters under short names ('LayerNorm_0/scale', 'query/kernel', 'Dense_0/bias', ...)."""
-    prefix = f'Transformer/encoderblock_{i}/'
+def block_params(params: Mapping[str, np.ndarray], i, prefix: Optional[str] = None) -> dict[str, np.ndarray]:
+    """Block i's parameters (or those under `prefix`) by short names ('LayerNorm_0/scale', 'query/kernel', ...)."""
+    prefix = prefix or f'Transformer/encoderblock_{i}/'
     out = {}
     for k, v in params.items():
         if k.startswith(prefix):
@@ -604,7 +605,13 @@ def _diagnose_encoder_norm(cfg, params, u, got, precision, fed) -> list[dict]:
 
 def _pool(cfg, params, z, classifier) -> np.ndarray:
     z = np.asarray(z, np.float64)
-    z = z[:, 0] if classifier == 'token' else z.mean(1) if classifier == 'gap' else z
+    if classifier == 'map':  # big_vision's MAP head: the probe attends over the tokens, then an MLP with a residual
+        p = block_params(params, None, 'MAPHead_0/')
+        probe = np.broadcast_to(p['probe'], (len(z), 1, z.shape[-1]))
+        a = attention(probe, p, OFFICIAL, kv=z)[0]  # (B, 1, D)
+        z = (a + mlp(ln(p, 'LayerNorm_0', a, OFFICIAL_EPS), p, OFFICIAL))[:, 0]
+    else:
+        z = z[:, 0] if classifier in ('token', 'first') else z.mean(1) if classifier == 'gap' else z
     if cfg.representation_size is not None:
         z = np.tanh(z @ params['pre_logits/kernel'] + params['pre_logits/bias'])
     return z

@@ -92,17 +92,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vit_jax import runtime
 
     parser = comparison.parser('grad', HELP)
-    parser.add_argument('checkpoint', metavar='CKPT.npz', help='checkpoint in the released (or linen) npz layout')
+    cli.add_checkpoint_argument(parser)
     comparison.add_common(parser, images=False)
     parser.add_argument('--labels', metavar='L.npy', help='integer class per image (default: seeded random)')
     parser.add_argument('--lr', type=float, default=0.03, help='SGD learning rate (default 0.03)')
     args = parser.parse_args(argv)
     runtime.strict_float32()
 
-    cfg, params = cli.load_checkpoint(args.checkpoint, args.config, args.image_size)
-    if not cfg.num_classes or cfg.classifier not in ('token', 'gap'):
+    model = comparison.load_model(args, args.checkpoint)
+    cfg, params = model.cfg, model.params
+    if not cfg.num_classes or cfg.classifier in ('unpooled', 'token_unpooled'):
         raise UserError(f'{args.checkpoint}: grad trains a classifier; this config has {cfg.num_classes} classes '
-                        f'and the {cfg.classifier!r} classifier (need token or gap, classes > 0)')
+                        f'and the {cfg.classifier!r} classifier (need a pooled one: token, gap, map or first; '
+                        'classes > 0)')
     cfg = cfg.replace(dropout_rate=0.0, attention_dropout_rate=0.0)
     x, batch = comparison.load_batch(args, cfg)
     labels = load_labels(args.labels, len(x), cfg.num_classes, args.seed)

@@ -10,7 +10,6 @@ import difflib
 from typing import Optional, Sequence
 
 from parity import cli
-from parity.core import weights
 from parity.harness import comparison, counterparts
 from parity.harness.comparison import REFERENCE
 
@@ -38,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = comparison.parser('verify', HELP)
     parser.add_argument('function', metavar='FILE.py:FUNCTION', help='your forward pass: FUNCTION(params, x) -> dict')
-    parser.add_argument('--checkpoint', required=True, metavar='CKPT.npz', help='checkpoint in the released npz layout')
+    cli.add_checkpoint_argument(parser, '--checkpoint')
     comparison.add_common(parser)
     comparison.add_precision(parser, 'the precision your implementation computes in, which picks the tolerance '
                              '(default fp32)')
@@ -46,7 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runtime.strict_float32()
 
     fn = counterparts.load_function(args.function)
-    cfg, params = cli.load_checkpoint(args.checkpoint, args.config, args.image_size)
+    model = comparison.load_model(args, args.checkpoint)
+    cfg, params = model.cfg, model.params
     x, batch = comparison.load_batch(args, cfg)
     candidate, notes = counterparts.run_function(fn, args.function, params, x)
     known = set(counterparts.known_names(cfg))
@@ -57,5 +57,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         del candidate[name]
     reference = comparison.run_reference(cfg, params, x, attention=any(k.startswith('attention_') for k in candidate))
     run = comparison.Comparison(cfg, params, x, batch, args.function, args.precision, notes,
-                                raw_posemb=lambda: weights.load_npz(args.checkpoint)[weights.POSEMB])
+                                raw_posemb=comparison.raw_posemb(model))
     return comparison.conclude(run, reference, candidate, args.json)

@@ -270,14 +270,15 @@ def timm_model(cfg: ViTConfig):
     """timm's VisionTransformer computing the same function as `cfg`'s official model, or a reason why none does."""
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-    from parity.harness.counterparts import TIMM_POOL
+    from parity.core.weights.formats import timm as timm_format
 
-    if cfg.is_hybrid or cfg.representation_size is not None or cfg.patch_size[0] != cfg.patch_size[1]:
+    if timm_format.expressible(cfg) or cfg.patch_size[0] != cfg.patch_size[1]:
         return None
+    pool, class_token = timm_format.POOLS[cfg.classifier]
     return TimmViT(img_size=cfg.image_size, patch_size=cfg.patch_size[0], embed_dim=cfg.hidden_size,
                    depth=cfg.num_layers, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.hidden_size,
-                   num_classes=cfg.num_classes, class_token=cfg.has_cls_token,
-                   global_pool=TIMM_POOL[cfg.classifier], fc_norm=False, act_layer='gelu_tanh',
+                   num_classes=cfg.num_classes, class_token=class_token,
+                   global_pool=pool, fc_norm=False, act_layer='gelu_tanh',
                    drop_rate=cfg.dropout_rate, pos_drop_rate=cfg.dropout_rate, proj_drop_rate=cfg.dropout_rate,
                    attn_drop_rate=cfg.attention_dropout_rate)
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from parity import cli
 from parity.cli import predict
+from parity.core import posemb
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.data.images import load_image
@@ -39,6 +40,11 @@ class Outputs:
     filters: Optional[np.ndarray]  # (D, ph, pw, C), None for a hybrid (its embedding reads ResNet features)
 
 
+def computed_posemb(cfg: ViTConfig) -> np.ndarray:
+    """The position embeddings of a sincos2d model: computed, the same table in both frameworks."""
+    return posemb.sincos_2d(cfg.grid_size, cfg.hidden_size, int(cfg.has_cls_token))
+
+
 def run_jax(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
     """The Flax model on one (h, w, 3) image; parameters read from its variables tree (HWIO kernel)."""
     from vit_jax import runtime
@@ -52,7 +58,8 @@ def run_jax(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
     tree = variables['params']
     kernel = np.asarray(tree['embedding']['kernel'])  # (ph, pw, C, D), flax HWIO
     return Outputs(logits=got['logits'][0], attentions=[got[f'attention_{i}'] for i in range(cfg.num_layers)],
-                   posemb=np.asarray(tree['Transformer']['posembed_input']['pos_embedding']),
+                   posemb=computed_posemb(cfg) if cfg.posemb != 'learn'
+                   else np.asarray(tree['Transformer']['posembed_input']['pos_embedding']),
                    filters=None if cfg.is_hybrid else kernel.transpose(3, 0, 1, 2))
 
 
@@ -67,7 +74,8 @@ def run_torch(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
     got = forward_with_intermediates(model, runtime.to_nchw(image[None], 'cpu'), attention=True)
     weight = model.embedding.weight.detach().numpy()  # (D, C, ph, pw), torch OIHW
     return Outputs(logits=got['logits'][0], attentions=[got[f'attention_{i}'] for i in range(cfg.num_layers)],
-                   posemb=model.Transformer.posembed_input.pos_embedding.detach().numpy(),
+                   posemb=computed_posemb(cfg) if cfg.posemb != 'learn'
+                   else model.Transformer.posembed_input.pos_embedding.detach().numpy(),
                    filters=None if cfg.is_hybrid else weight.transpose(0, 2, 3, 1))
 
 

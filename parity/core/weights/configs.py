@@ -16,11 +16,16 @@ from parity.core.errors import UserError
 from parity.core.weights.spec import POSEMB
 
 
-def infer_config(params: Mapping[str, np.ndarray], num_heads: Optional[int] = None) -> ViTConfig:
+def infer_config(params: Mapping[str, np.ndarray], num_heads: Optional[int] = None,
+                 pool_without_token: Optional[str] = 'gap', where: str = 'the checkpoint') -> ViTConfig:
     """The config a canonical checkpoint was built with, read off its shapes.
 
     Named after the official variant with the same trunk when there is one. The class
-    token tells `token` from `gap`; the unpooled classifiers cannot be told from weights.
+    token tells `token`, the MAP head `map`; a checkpoint with neither pools as
+    `pool_without_token` (`gap` in the official layout, where it is the only choice;
+    None where `gap` and `first` look alike, which is an error naming --config). The
+    unpooled classifiers cannot be told from weights. No stored position embeddings
+    means `sincos2d`, and no stored resolution: the caller picks it.
     """
     def shape(k):
         if k not in params:
@@ -48,11 +53,15 @@ def infer_config(params: Mapping[str, np.ndarray], num_heads: Optional[int] = No
             while f'block{len(resnet) + 1}/unit{units + 1}/conv1/kernel' in params:
                 units += 1
             resnet.append(units)
-    has_cls = 'cls' in params
+    classifier = 'token' if 'cls' in params else 'map' if 'MAPHead_0/probe' in params else pool_without_token
+    if classifier is None:
+        raise UserError(f'{where}: has no class token and no MAP head, and its layout does not record how it '
+                        'pools: pass --config, e.g. a JSON file {"variant": "B/16", "pool_type": "gap"} '
+                        '(mean of the tokens) or "pool_type": "0" (the first token), with its variant')
     cfg = ViTConfig(
         name=None, patch_size=(kh, kw), hidden_size=D, num_layers=layers,
         mlp_dim=shape('Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel')[1], num_heads=heads,
-        classifier='token' if has_cls else 'gap',
+        classifier=classifier, posemb='learn' if POSEMB in params else 'sincos2d',
         representation_size=params['pre_logits/kernel'].shape[1] if 'pre_logits/kernel' in params else None,
         resnet_num_layers=None if resnet is None else tuple(resnet), resnet_width_factor=width,
         num_classes=params['head/kernel'].shape[1] if 'head/kernel' in params else 0)
@@ -61,18 +70,24 @@ def infer_config(params: Mapping[str, np.ndarray], num_heads: Optional[int] = No
         official = OFFICIAL_CONFIGS[name]
         cfg = cfg.replace(name=name, dropout_rate=official.dropout_rate,
                           attention_dropout_rate=official.attention_dropout_rate)
-    return cfg.replace(image_size=checkpoint_image_size(params, cfg))
+    size = checkpoint_image_size(params, cfg)
+    return cfg if size is None else cfg.replace(image_size=size)
 
 
-def checkpoint_image_size(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> int:
-    """The resolution the checkpoint's position embeddings were made for."""
-    return checkpoint_grid(params, cfg) * cfg.stem_stride * cfg.patch_size[0]
+def checkpoint_image_size(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> Optional[int]:
+    """The resolution the checkpoint's position embeddings were made for; None without stored ones."""
+    grid = checkpoint_grid(params, cfg)
+    return None if grid is None else grid * cfg.stem_stride * cfg.patch_size[0]
 
 
-def checkpoint_grid(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> int:
-    """The side of the checkpoint's square patch grid, read off its position embeddings."""
+def checkpoint_grid(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> Optional[int]:
+    """The side of the checkpoint's square patch grid, read off its position embeddings; None without them."""
     if POSEMB not in params:
-        raise UserError(f'the checkpoint has no {POSEMB!r}; is it a ViT checkpoint?')
+        if cfg.posemb == 'learn':
+            raise UserError(f'the checkpoint has no {POSEMB!r}; is it a ViT checkpoint?')
+        return None
+    if len(params[POSEMB].shape) != 3:
+        raise UserError(f'{POSEMB} has shape {tuple(params[POSEMB].shape)}, expected (1, tokens, width)')
     n = params[POSEMB].shape[1] - int(cfg.has_cls_token)
     if not is_square(n):
         raise UserError(f'position embeddings hold {n} patch tokens, not a square grid; '
@@ -80,22 +95,30 @@ def checkpoint_grid(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> int:
     return math.isqrt(n)
 
 
-def resolve_config(spec: Optional[str], params: Mapping[str, np.ndarray], image_size: Optional[int] = None) -> ViTConfig:
+def with_checkpoint_head(cfg: ViTConfig, params: Mapping[str, np.ndarray]) -> ViTConfig:
+    """`cfg` with the head size and representation layer the checkpoint has."""
+    return cfg.replace(
+        num_classes=params['head/kernel'].shape[-1] if 'head/kernel' in params else 0,
+        representation_size=params['pre_logits/kernel'].shape[-1] if 'pre_logits/kernel' in params else None)
+
+
+def resolve_config(spec: Optional[str], params: Mapping[str, np.ndarray], image_size: Optional[int] = None,
+                   fallback_size: int = 224, stored: Optional[ViTConfig] = None, **infer) -> ViTConfig:
     """The config to build for `params`, from `--config` (name, JSON path or None).
 
-    None infers it. An official name fixes the trunk; the head size and representation
+    None takes the config the file itself `stored`, else infers it (`infer` goes to
+    `infer_config`). An official name fixes the trunk; the head size and representation
     layer come from the checkpoint, since the released files differ there (imagenet21k
     files carry a 768-wide `pre_logits` and a 21843-class head). A JSON file is taken
-    as written. The resolution is `image_size`, by default the checkpoint's own grid.
+    as written. The resolution is `image_size`, else the checkpoint's own grid, else
+    (no stored position embeddings: sincos2d) `fallback_size`.
     """
     if spec is None:
-        cfg = infer_config(params)
+        cfg = stored if stored is not None else infer_config(params, **infer)
     else:
         cfg = load_config(spec)
         if spec in OFFICIAL_CONFIGS:
-            cfg = cfg.replace(
-                num_classes=params['head/kernel'].shape[-1] if 'head/kernel' in params else 0,
-                representation_size=params['pre_logits/kernel'].shape[-1] if 'pre_logits/kernel' in params else None)
-    size = image_size or checkpoint_image_size(params, cfg)
+            cfg = with_checkpoint_head(cfg, params)
+    size = image_size or checkpoint_image_size(params, cfg) or fallback_size
     cfg.grid_for(size)
     return cfg.replace(image_size=size)

@@ -9,20 +9,21 @@ What a file holds, not what its names mean (that is `formats/`):
 - `.pt` / `.pth`: PyTorch pickles, read with `torch.load(weights_only=True)` only (never
   an arbitrary unpickle) and written with `torch.save`; torch is imported for these alone.
 
-Every writer is atomic (`parity.core.files.atomic_path`): a reader sees the old file or
-the whole new one.
+`sniff` tells them apart by their first bytes, not their names. Every writer is atomic
+(`parity.core.files.atomic_path`): a reader sees the old file or the whole new one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import math
 import os
 import re
 import zipfile
 import zlib
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
@@ -30,6 +31,55 @@ from parity.core.errors import UserError
 from parity.core.files import atomic_path
 
 Arrays = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Lazy:
+    """An array not made yet: its shape and dtype now, its values when `make()` is called.
+
+    What `write_safetensors` takes for a tensor a format keeps fused (timm's qkv), so the
+    whole checkpoint is never concatenated in memory at once.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    make: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+CONTAINERS = ('folder', 'npz', 'safetensors', 'pt')
+
+
+def sniff(path: str) -> str:
+    """Which container `path` is, from its contents: 'folder', 'npz', 'safetensors' or 'pt'."""
+    if os.path.isdir(path):
+        return 'folder'
+    if not os.path.exists(path):
+        raise UserError(f'{path}: no such file')
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(16)
+            if head.startswith(b'PK'):  # a zip: np.savez writes .npy members, torch.save a pickle and storages
+                f.seek(0)
+                try:
+                    with zipfile.ZipFile(f) as z:
+                        names = z.namelist()
+                except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+                    return 'npz'  # read_npz says what is wrong with it
+                return 'pt' if any(n.endswith('/data.pkl') or n == 'data.pkl' for n in names) else 'npz'
+    except OSError as e:
+        raise UserError(f'{path}: cannot read it ({e.strerror})') from None
+    if head.startswith(_NPY_MAGIC):
+        return 'npz'  # read_npz says it is a single array
+    if len(head) > 8 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < (1 << 30):
+        return 'safetensors'
+    if head[:2] == b'\x80\x02':  # the pickle protocol torch.save used before its zip format
+        return 'pt'
+    raise UserError(f'{path}: not a checkpoint file of a known kind: expected an .npz (the released and '
+                    'big_vision checkpoints), a .safetensors or .pt/.pth/.bin state dict, or a Hugging Face folder')
+
 
 # --------------------------------------------------------------------------- .npz
 
@@ -80,10 +130,15 @@ def read_npz(path: str) -> Arrays:
                         'download or copy it again') from None
     if not out:
         raise UserError(f'{path}: the .npz archive is empty')
-    bad = [k for k, v in out.items() if v.dtype.kind not in 'fiub']
+    # Numbers only; 2-byte void is how np.savez stores bfloat16 (big_vision's checkpoints), which formats upcast.
+    bad = [k for k, v in out.items() if v.dtype.kind not in 'fiub' and not _bfloat16_void(v.dtype)]
     if bad:
         raise UserError(f'{path}: arrays {", ".join(bad)} are not numeric (dtype {out[bad[0]].dtype})')
     return out
+
+
+def _bfloat16_void(dtype: np.dtype) -> bool:
+    return dtype.kind == 'V' and dtype.itemsize == 2 and dtype.fields is None
 
 
 def _read_member(path: str, f, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
@@ -156,23 +211,63 @@ _SAFETENSORS_DTYPES = {'f2': 'F16', 'f4': 'F32', 'f8': 'F64', 'i1': 'I8', 'i2': 
                        'u1': 'U8', 'u2': 'U16', 'u4': 'U32', 'u8': 'U64', 'b1': 'BOOL'}
 
 
-def read_safetensors(path: str) -> tuple[Arrays, dict[str, str]]:
-    """Every tensor of a .safetensors file as NumPy, and the file's string metadata."""
-    from safetensors import safe_open
+# The other way, for reading; BF16 has no NumPy dtype: it is read as its 16 bits and upcast.
+_SAFETENSORS_NUMPY = {code: np.dtype(f'<{kind}') for kind, code in _SAFETENSORS_DTYPES.items() if code != 'BOOL'}
+_SAFETENSORS_NUMPY.update({'BOOL': np.dtype('bool'), 'BF16': np.dtype('<u2')})
+SAFETENSORS_HEADER_MAX = 100 << 20  # the safetensors library's own limit on the JSON header
 
+
+def read_safetensors(path: str) -> tuple[Arrays, dict[str, str]]:
+    """Every tensor of a .safetensors file as NumPy, and the file's string metadata; checked before reading.
+
+    The header's every entry is checked against the file (dtype known, shape whole, offsets
+    inside the data and of exactly the size the shape says) before anything is read; the
+    tensors come back memory-mapped copy-on-write, as `read_npz`'s do. BF16 tensors are
+    upcast to float32, which holds every bfloat16 value exactly.
+    """
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such file')
+    bad = lambda why: UserError(f'{path}: not a readable .safetensors file ({why})')  # noqa: E731
     try:
-        with safe_open(path, framework='np') as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise UserError(f'{path}: not a readable .safetensors file ({type(e).__name__}: {e})') from None
+        size = os.path.getsize(path)
+        with open(path, 'rb') as f:
+            head = f.read(8)
+            n = int.from_bytes(head, 'little')
+            if len(head) < 8 or n > min(size - 8, SAFETENSORS_HEADER_MAX):
+                raise bad(f'a header of {n} bytes in a file of {size}')
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f'{type(e).__name__}: {str(e)[:120]}') from None
+    if not isinstance(header, dict):
+        raise bad('the header is not a JSON object')
+    meta = header.pop('__metadata__', None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise bad('__metadata__ is not a map of strings')
+    data_size, entries = size - 8 - n, {}
+    for name, e in header.items():
+        ok = (isinstance(e, dict) and e.get('dtype') in _SAFETENSORS_NUMPY and isinstance(e.get('shape'), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e['shape'])
+              and isinstance(e.get('data_offsets'), list) and len(e['data_offsets']) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in e['data_offsets']))
+        if not ok:
+            raise bad(f'entry {name!r} is not a tensor (dtype, shape, data_offsets)')
+        start, stop = e['data_offsets']
+        dtype = _SAFETENSORS_NUMPY[e['dtype']]
+        if not 0 <= start <= stop <= data_size or stop - start != math.prod(e['shape']) * dtype.itemsize:
+            raise bad(f'tensor {name!r}: offsets {start}..{stop} do not hold a {e["dtype"]} {e["shape"]} '
+                      f'inside the {data_size} data bytes')
+        entries[name] = (dtype, tuple(e['shape']), start, e['dtype'])
+    out = {}
+    data = np.memmap(path, np.uint8, mode='c', offset=8 + n, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
+    for name, (dtype, shape, start, code) in entries.items():
+        a = data[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+        out[name] = (a.astype(np.uint32) << 16).view(np.float32) if code == 'BF16' else np.asarray(a)
+    return out, meta
 
 
 def write_safetensors(path: str, arrays: dict, metadata: Optional[Mapping[str, str]] = None,
                       consume: bool = False) -> None:
-    """`arrays` (NumPy, any strides: views are fine) as a .safetensors file, one array at a time, atomically.
+    """`arrays` (NumPy, any strides: views are fine; or `Lazy`) as a .safetensors file, one array at a time, atomically.
 
     The safetensors library needs every array in memory at once; this writes the same
     format (8-byte header length, JSON header, aligned little-endian data) through two
@@ -181,12 +276,13 @@ def write_safetensors(path: str, arrays: dict, metadata: Optional[Mapping[str, s
     """
     dtypes = {}
     for k, v in arrays.items():
-        code = _SAFETENSORS_DTYPES.get(f'{v.dtype.kind}{v.dtype.itemsize}')
+        dtype = np.dtype(v.dtype)
+        code = _SAFETENSORS_DTYPES.get(f'{dtype.kind}{dtype.itemsize}')
         if code is None:
             raise UserError(f'{path}: array {k!r} has dtype {v.dtype}, which safetensors cannot store')
         dtypes[k] = code
     # Widest items first, as the safetensors library orders them, so every array stays aligned.
-    order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    order = sorted(arrays, key=lambda k: (-np.dtype(arrays[k].dtype).itemsize, k))
     header, offset = {}, 0
     for k in order:
         header[k] = {'dtype': dtypes[k], 'shape': list(arrays[k].shape), 'data_offsets': [offset, offset + arrays[k].nbytes]}
@@ -208,6 +304,7 @@ def write_safetensors(path: str, arrays: dict, metadata: Optional[Mapping[str, s
         f.write(text)
         for i, k in enumerate(order):
             v = arrays.pop(k) if consume else arrays[k]
+            v = v.make() if isinstance(v, Lazy) else v
             le = v.dtype.newbyteorder('<')
             if v.flags.c_contiguous and v.dtype == le:
                 data = v
@@ -239,14 +336,21 @@ def read_pt(path: str) -> Arrays:
         raise UserError(f'{path}: not a tensors-only PyTorch state dict ({type(e).__name__}: {why})') from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f'{path}: expected a dict of tensors (a state_dict), found {type(state).__name__}')
-    return {k: v.detach().numpy() for k, v in state.items()}
+    # bfloat16 has no NumPy dtype: upcast to float32, which holds every bfloat16 value exactly.
+    return {k: (v.detach().float() if v.dtype == torch.bfloat16 else v.detach()).numpy() for k, v in state.items()}
 
 
 def write_pt(path: str, arrays: dict) -> None:
-    """NumPy `arrays` as a PyTorch state dict file (`torch.save` of tensors), atomically; empties `arrays`."""
+    """NumPy `arrays` (or `Lazy`) as a PyTorch state dict file (`torch.save` of tensors), atomically; empties `arrays`.
+
+    torch.save pickles the whole dict, so this holds every tensor at once (.safetensors does not).
+    """
     import torch
 
-    tensors = {k: torch.from_numpy(arrays.pop(k)) for k in list(arrays)}
+    tensors = {}
+    for k in list(arrays):
+        v = arrays.pop(k)
+        tensors[k] = torch.from_numpy(np.ascontiguousarray(v.make() if isinstance(v, Lazy) else v))
     with atomic_path(path) as tmp:
         torch.save(tensors, tmp)
 

@@ -50,11 +50,11 @@ def param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     s['embedding/bias'] = (D,)
     if cfg.has_cls_token:
         s['cls'] = (1, 1, D)
-    s[POSEMB] = (1, cfg.num_tokens, D)
-    for i in range(cfg.num_layers):
-        b = f'Transformer/encoderblock_{i}/'
-        for norm in ('LayerNorm_0', 'LayerNorm_1'):
-            s[b + norm + '/scale'] = s[b + norm + '/bias'] = (D,)
+    if cfg.posemb == 'learn':  # sincos2d is computed, never stored
+        s[POSEMB] = (1, cfg.num_tokens, D)
+
+    def block(b: str) -> None:
+        """The attention, LayerNorm and MLP leaves under prefix `b` (an encoder block's; the MAP head's)."""
         for proj in ('query', 'key', 'value'):
             s[b + f'MultiHeadDotProductAttention_0/{proj}/kernel'] = (D, H, Dh)
             s[b + f'MultiHeadDotProductAttention_0/{proj}/bias'] = (H, Dh)
@@ -62,7 +62,17 @@ def param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
         s[b + 'MultiHeadDotProductAttention_0/out/bias'] = (D,)
         s[b + 'MlpBlock_0/Dense_0/kernel'], s[b + 'MlpBlock_0/Dense_0/bias'] = (D, M), (M,)
         s[b + 'MlpBlock_0/Dense_1/kernel'], s[b + 'MlpBlock_0/Dense_1/bias'] = (M, D), (D,)
+
+    for i in range(cfg.num_layers):
+        b = f'Transformer/encoderblock_{i}/'
+        for norm in ('LayerNorm_0', 'LayerNorm_1'):
+            s[b + norm + '/scale'] = s[b + norm + '/bias'] = (D,)
+        block(b)
     s['Transformer/encoder_norm/scale'] = s['Transformer/encoder_norm/bias'] = (D,)
+    if cfg.classifier == 'map':  # big_vision's MAPHead, under its own names
+        s['MAPHead_0/probe'] = (1, 1, D)
+        s['MAPHead_0/LayerNorm_0/scale'] = s['MAPHead_0/LayerNorm_0/bias'] = (D,)
+        block('MAPHead_0/')
     features = D
     if cfg.representation_size is not None:
         features = cfg.representation_size

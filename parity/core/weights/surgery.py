@@ -40,8 +40,8 @@ def resize_posemb(posemb: np.ndarray, grid: tuple[int, int], has_cls: bool) -> n
 def adapt_resolution(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> Params:
     """Resizes the position embeddings to `cfg.image_size` when the grids differ."""
     out = dict(params)
-    want = param_shapes(cfg)[POSEMB]
-    if POSEMB in out and out[POSEMB].shape != want:
+    want = param_shapes(cfg).get(POSEMB)  # None for sincos2d, which is computed for any grid
+    if want is not None and POSEMB in out and out[POSEMB].shape != want:
         out[POSEMB] = resize_posemb(out[POSEMB], cfg.grid_size, cfg.has_cls_token)
     return out
 

@@ -140,17 +140,6 @@ def infer_config_from_torch(state: Mapping[str, np.ndarray]) -> ViTConfig:
     return infer_config(torch_shapes_as_canonical(state))
 
 
-def read(path: str) -> tuple[Params, Optional[ViTConfig]]:
-    """A state dict file (.safetensors or .pt/.pth) as NumPy arrays, and the config stored with it, if any."""
-    if not path.endswith('.safetensors'):
-        return containers.read_pt(path), None
-    state, meta = containers.read_safetensors(path)
-    cfg = None
-    if CONFIG_METADATA_KEY in meta:
-        cfg = ViTConfig.from_official_dict(json.loads(meta[CONFIG_METADATA_KEY]), where=path)
-    return state, cfg
-
-
 def write(path: str, params: dict, cfg: ViTConfig) -> None:
     """Canonical `params` as a state dict file; empties `params`, releasing each array once written.
 

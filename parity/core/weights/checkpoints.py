@@ -1,0 +1,371 @@
+"""Every checkpoint through one door: `load(FILE[:SUBTREE])` finds the container and the layout from the contents;
+`save(PATH, params, cfg, to)` writes any of them.
+
+Containers (`containers.sniff`): an `.npz`, a `.safetensors` or `.pt`/`.pth`/`.bin` state
+dict, or a folder (a Hugging Face or timm hub folder with its `config.json`). Layouts
+(`FORMATS`, one module each in `formats/`): the released official npz, big_vision's npz,
+this project's PyTorch state dict, timm's and Hugging Face's. Names decide the layout,
+never the file's extension. `FILE.npz:SUBTREE` picks a nested tower (`siglip.npz:img`).
+
+`load` returns a `Checkpoint`: canonical shapes to infer or resolve a config from
+(`configure`), and `params(cfg)`, the canonical params, strictly checked in the file's
+own names. `save` refuses, by name, a model a format cannot express.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from typing import Callable, Mapping, Optional
+
+import numpy as np
+
+from parity.core.config import ViTConfig, heads_for_width
+from parity.core import files
+from parity.core.errors import UserError
+from parity.core.weights import configs, containers
+from parity.core.weights.formats import big_vision, hf, released, timm, vit_torch
+from parity.core.weights.spec import Params
+
+FORMATS = {
+    'released': 'the official vit_jax npz (google-research/vision_transformer)',
+    'big_vision': "big_vision's npz (howto-*, SigLIP image towers, anything big_vision trains)",
+    'vit_torch': "this project's PyTorch state dict (.safetensors, .pt)",
+    'timm': "timm's ViT state dict (.safetensors, .pth, .bin)",
+    'hf': "a Hugging Face transformers ViT folder (config.json + model.safetensors)",
+}
+ROOT = 'embedding/kernel'  # every ViT image tower in an npz has its patch embedding here
+TRAINING_PREFIXES = ('opt/target/', 'params/')
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """One checkpoint, read: its layout, what configs need, and how to get canonical params for a config."""
+
+    where: str  # the path as given, for messages
+    format: str  # a key of FORMATS
+    shapes: Params  # canonical names -> arrays, or zero-memory stand-ins of the right shape
+    convert: Callable[[ViTConfig], Params]  # canonical params for a config, strictly checked
+    config: Optional[ViTConfig] = None  # what the file itself says (config.json, safetensors metadata)
+    labels: Optional[list[str]] = None  # class names the file carries (Hugging Face's id2label)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    num_heads: Optional[int] = None  # where the shapes cannot tell it
+    heads_from_width: bool = False  # fall back on the official variant of the same width (vit_torch's .pt)
+    pool_without_token: Optional[str] = 'gap'  # the pooling of a file with no class token nor MAP head; None: unknown
+
+    def params(self, cfg: ViTConfig) -> Params:
+        """Canonical params for `cfg`, as stored: position embeddings at the file's own grid, not yet resized."""
+        own = configs.checkpoint_image_size(self.shapes, cfg)
+        return self.convert(cfg if own is None else cfg.replace(image_size=own))
+
+
+def split_spec(spec: str) -> tuple[str, Optional[str]]:
+    """'FILE.npz:SUBTREE' -> (FILE.npz, SUBTREE); a path that exists as given has no subtree."""
+    if os.path.exists(spec):
+        return spec, None
+    path, sep, sub = spec.rpartition(':')
+    if sep and path and re.fullmatch(r'[\w./-]+', sub) and os.path.exists(path):
+        return path, sub.strip('/')
+    return spec, None
+
+
+def load(spec: str) -> Checkpoint:
+    """Reads FILE[:SUBTREE] whatever its layout; one-line errors for files of no known layout."""
+    path, subtree = split_spec(spec)
+    kind = containers.sniff(path)
+    meta: dict = {}
+    if kind == 'folder':
+        return _load_folder(spec, path)
+    if kind == 'npz':
+        arrays = containers.read_npz(path)
+    elif kind == 'safetensors':
+        arrays, meta = containers.read_safetensors(path)
+    else:
+        arrays = containers.read_pt(path)
+    return _from_arrays(spec, path, arrays, subtree, meta)
+
+
+def _from_arrays(spec: str, path: str, arrays: dict, subtree: Optional[str], meta: dict,
+                 folder_config: Optional[dict] = None) -> Checkpoint:
+    if any('/' in k for k in arrays):
+        return _from_tree(spec, arrays, subtree)
+    if subtree:
+        raise UserError(f'{spec}: :{subtree} picks a subtree of an npz tree; this is a state dict with flat names')
+    state = _strip_module(arrays)
+    found = [name for name, detect in (('vit_torch', lambda k: 'embedding.weight' in k), ('timm', timm.detect),
+                                       ('hf', hf.detect)) if detect(state)]
+    if len(found) > 1:
+        raise UserError(f'{spec}: holds the keys of two models ({" and ".join(FORMATS[f] for f in found)}); '
+                        'save one model per file')
+    if not found:
+        raise _unknown(spec, sorted(state)[:4])
+    if found == ['vit_torch']:
+        return _vit_torch(spec, state, meta)
+    if found == ['timm']:
+        return _timm(spec, path, state)
+    return _hf(spec, path, state, folder_config)
+
+
+def _unknown(spec: str, sample) -> UserError:
+    return UserError(f'{spec}: no known checkpoint layout (keys like {", ".join(map(repr, sample)) or "none"}); '
+                     'understood: ' + '; '.join(FORMATS.values()))
+
+
+def _strip_module(state: dict) -> dict:
+    """A state dict saved from `nn.DataParallel` (every key under `module.`) under its model's own names."""
+    if state and all(k.startswith('module.') for k in state):
+        return {k[len('module.'):]: v for k, v in state.items()}
+    return state
+
+
+# --------------------------------------------------------------------------- npz trees
+
+def _from_tree(spec: str, flat: dict, subtree: Optional[str]) -> Checkpoint:
+    for prefix in TRAINING_PREFIXES:
+        if any(k.startswith(prefix) for k in flat):
+            flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+            break
+    notes = []
+    if subtree:
+        sub = subtree.removeprefix('params/') + '/'
+        chosen = {k[len(sub):]: v for k, v in flat.items() if k.startswith(sub)}
+        if not chosen:
+            raise UserError(f'{spec}: no subtree {subtree!r}; the file holds {_top_names(flat)}')
+        flat = chosen
+    roots = sorted({k[:-len(ROOT)] for k in flat if k == ROOT or k.endswith('/' + ROOT)})
+    if not roots:
+        what = f'the subtree {subtree!r}' if subtree else 'the file'
+        raise UserError(f'{spec}: {what} holds no ViT image tower (no {ROOT}; found {_top_names(flat)}); '
+                        'a text tower or another model is not read' + ('' if subtree else
+                                                                         '; understood: ' + '; '.join(FORMATS.values())))
+    if len(roots) > 1:
+        raise UserError(f'{spec}: holds {len(roots)} ViT towers (under {", ".join(r or "the top" for r in roots)}); '
+                        f'pick one as FILE:SUBTREE, e.g. {spec}:{roots[-1].rstrip("/")}')
+    if roots[0]:
+        notes.append(f'note: reading the ViT image tower under {roots[0]} (as {spec}:{roots[0].rstrip("/")})')
+        flat = {k[len(roots[0]):]: v for k, v in flat.items() if k.startswith(roots[0])}
+    if big_vision.detect(flat):
+        params = big_vision.to_canonical(flat, spec)
+        return Checkpoint(spec, 'big_vision', params, lambda cfg: params, notes=notes, pool_without_token=None)
+    params = released.canonicalize(flat)
+    return Checkpoint(spec, 'released', params, lambda cfg: params, notes=notes)
+
+
+def _top_names(flat: Mapping) -> str:
+    names = sorted({k.split('/')[0] for k in flat})
+    return ', '.join(names[:8]) + (f', ... ({len(names)} in all)' if len(names) > 8 else '')
+
+
+# --------------------------------------------------------------------------- state dicts
+
+def _vit_torch(spec: str, state: dict, meta: dict) -> Checkpoint:
+    stored = None
+    if vit_torch.CONFIG_METADATA_KEY in meta:
+        try:
+            stored = ViTConfig.from_official_dict(json.loads(meta[vit_torch.CONFIG_METADATA_KEY]), where=spec)
+        except (ValueError, RecursionError) as e:
+            raise UserError(f'{spec}: its config metadata is not JSON ({type(e).__name__}); '
+                            'pass --config') from None
+    return Checkpoint(spec, 'vit_torch', vit_torch.torch_shapes_as_canonical(state),
+                      lambda cfg: vit_torch.from_torch(state, cfg, spec), config=stored, heads_from_width=True)
+
+
+def _timm(spec: str, path: str, state: dict) -> Checkpoint:
+    timm.refuse_unsupported(state, spec)
+    state = timm.zero_class_row(state)
+    ours, unknown = timm.TIMM.ours_shapes({k: v.shape for k, v in state.items()})
+    if unknown:
+        raise UserError(f'{spec}: a timm ViT state dict with keys no plain ViT has ({", ".join(unknown[:6])}'
+                        f'{", ..." if len(unknown) > 6 else ""}); only plain timm ViTs are read')
+    hint = timm.heads_from_folder(path)
+    ckpt = Checkpoint(spec, 'timm', vit_torch.torch_shapes_as_canonical(_stand_ins(ours)),
+                      lambda cfg: vit_torch.from_torch(timm.TIMM.import_(state, cfg, spec, _TIMM_ADVICE), cfg, spec),
+                      num_heads=hint[0] if hint else None, pool_without_token=None)
+    if hint and hint[1] in ('avg', ''):
+        ckpt.pool_without_token = {'avg': 'gap', '': 'unpooled'}[hint[1]]
+    return ckpt
+
+
+_TIMM_ADVICE = 'pass --config with the structure timm built it with (heads, pooling)'
+
+
+def _stand_ins(shapes: Mapping[str, tuple]) -> dict:
+    return {k: np.broadcast_to(np.zeros((), np.uint8), s) for k, s in shapes.items()}
+
+
+def _hf(spec: str, path: str, state: dict, d: Optional[dict]) -> Checkpoint:
+    beside = os.path.dirname(os.path.abspath(path))
+    if d is None and os.path.isfile(os.path.join(beside, 'config.json')):
+        d = hf.read_config(beside, spec)  # model.safetensors given alone: its folder's config.json
+    state = hf.strip_prefix(state)
+    table = hf.table_for(state)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    ours, unknown = table.ours_shapes(shapes)
+    if unknown:
+        raise UserError(f'{spec}: a Hugging Face ViT with keys no ViT of the official model has '
+                        f'({", ".join(unknown[:6])}{", ..." if len(unknown) > 6 else ""})')
+    ckpt = Checkpoint(spec, 'hf', vit_torch.torch_shapes_as_canonical(_stand_ins(ours)),
+                      lambda cfg: vit_torch.from_torch(table.import_(state, cfg, spec, 'pass the matching --config'),
+                                                       cfg, spec))
+    if d is not None:
+        ckpt.config = hf.config_from(d, shapes, spec)
+        ckpt.num_heads = ckpt.config.num_heads
+        ckpt.labels = hf.labels_from(d)
+        note = hf.note_numerics(d)
+        if note:
+            ckpt.notes.append(note)
+    return ckpt
+
+
+# --------------------------------------------------------------------------- folders
+
+def _load_folder(spec: str, folder: str) -> Checkpoint:
+    """A Hugging Face folder (transformers' config.json) or a timm hub folder (timm's config.json)."""
+    try:
+        with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        d = None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f'{folder}/config.json: not readable JSON ({type(e).__name__}: {str(e)[:120]})') from None
+    if isinstance(d, dict) and 'architecture' in d and 'model_type' not in d:
+        return _from_arrays(spec, os.path.join(folder, 'config.json'), _folder_weights(spec, folder), None, {})
+    d = hf.read_config(folder, spec)  # a Hugging Face folder: its config.json must be there and a ViT's
+    return _from_arrays(spec, folder, _folder_weights(spec, folder), None, {}, folder_config=d)
+
+
+def _folder_weights(spec: str, folder: str) -> dict:
+    """The state dict in a hub folder: model.safetensors (sharded or not), else pytorch_model.bin."""
+    index = os.path.join(folder, 'model.safetensors.index.json')
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding='utf-8') as f:
+                shards = sorted(set(json.load(f)['weight_map'].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f'{index}: not a safetensors index ({type(e).__name__})') from None
+        state = {}
+        for shard in shards:
+            if os.path.basename(shard) != shard:
+                raise UserError(f'{index}: shard {shard!r} is not a file of the folder')
+            state.update(containers.read_safetensors(os.path.join(folder, shard))[0])
+        return state
+    for name in hf.WEIGHTS:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return containers.read_safetensors(path)[0] if name.endswith('.safetensors') else containers.read_pt(path)
+    raise UserError(f'{spec}: the folder holds no {" nor ".join(hf.WEIGHTS)}')
+
+
+# --------------------------------------------------------------------------- configs
+
+def configure(ckpt: Checkpoint, spec: Optional[str], image_size: Optional[int] = None,
+              fallback_size: int = 224) -> ViTConfig:
+    """The config to build for `ckpt`: `--config`, else the file's own, else inferred (`configs.resolve_config`).
+
+    Where the layout keeps attention weights flat (PyTorch), the head count comes from the
+    file's own config or hint; only this project's state dicts fall back on the official
+    variant of the same width. Otherwise the error names the --config to give.
+    """
+    heads = ckpt.num_heads
+    q = ckpt.shapes.get('Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel')
+    if spec is None and ckpt.config is None and q is not None and q.ndim == 2 and heads is None:
+        heads = heads_for_width(q.shape[-1]) if ckpt.heads_from_width else None
+        if heads is None:
+            why = f'no official variant is width-{q.shape[-1]}' if ckpt.heads_from_width else 'its layout keeps ' \
+                'the attention weights flat'
+            raise UserError(f'{ckpt.where}: a {ckpt.format} file does not record its number of heads ({why}); '
+                            'pass --config: an official name such as ViT-B_16, or a JSON file (the official layout, '
+                            'or big_vision\'s {"variant": "B/16", "pool_type": "tok"})')
+    return configs.resolve_config(spec, ckpt.shapes, image_size, fallback_size, stored=ckpt.config,
+                                  num_heads=heads, pool_without_token=ckpt.pool_without_token, where=ckpt.where)
+
+
+# --------------------------------------------------------------------------- writing
+
+WRITERS = {
+    'npz': 'the released vit_jax npz (the official code reads it)',
+    'big_vision': "big_vision's npz (params/ prefix, top-level pos_embedding)",
+    'torch': "this project's PyTorch state dict (.safetensors with the config, or .pt)",
+    'timm': "timm's VisionTransformer state dict (.safetensors or .pth)",
+    'hf': 'a Hugging Face folder (ViTForImageClassification.from_pretrained takes it)',
+}
+
+
+def format_for(path: str) -> str:
+    """The default output format of a path, by its extension, as `convert` always chose it."""
+    if path.endswith('.npz'):
+        return 'npz'
+    if path.endswith(vit_torch.SUFFIXES):
+        return 'torch'
+    raise UserError(f'{path}: cannot tell the format from the name; pass --to ({", ".join(WRITERS)})')
+
+
+def save(path: str, params: dict, cfg: ViTConfig, to: str, labels: Optional[list[str]] = None) -> None:
+    """Canonical `params` (checked to fit `cfg`) written as format `to`, atomically; may empty `params`.
+
+    A model the format cannot express is one error naming a format that can.
+    """
+    if to == 'npz':
+        if not cfg.is_official:
+            raise UserError(f'{path}: the released npz layout is the official model\'s, which has no '
+                            f'{cfg.classifier!r} pooling with {cfg.posemb} position embeddings; '
+                            'write --to big_vision or --to torch')
+        released.save_npz(path, params)
+    elif to == 'big_vision':
+        containers.write_npz(path, big_vision.from_canonical(params, cfg))
+    elif to == 'torch':
+        if not path.endswith(vit_torch.SUFFIXES):
+            raise UserError(f'{path}: a PyTorch state dict is written as {" or ".join(vit_torch.SUFFIXES)}')
+        vit_torch.write(path, params, cfg)
+    elif to == 'timm':
+        why = timm.expressible(cfg)
+        if why:
+            raise UserError(f'{path}: timm\'s VisionTransformer cannot express {why}; write --to npz, '
+                            '--to big_vision or --to torch')
+        state = timm.TIMM.export(vit_torch.torch_views(params, cfg, consume=True), cfg, consume=True)
+        if path.endswith('.safetensors'):
+            containers.write_safetensors(path, state, {'format': 'pt'}, consume=True)
+        elif path.endswith(('.pth', '.pt', '.bin')):
+            containers.write_pt(path, {k: _whole(v) for k, v in state.items()})
+        else:
+            raise UserError(f'{path}: a timm state dict is written as .safetensors or .pth')
+    elif to == 'hf':
+        why = hf.expressible(cfg)
+        if why:
+            raise UserError(f'{path}: transformers\' ViT cannot express {why}; write --to npz, --to big_vision '
+                            'or --to torch')
+        _save_hf(path, params, cfg, labels)
+    else:
+        raise UserError(f'--to {to!r}: expected one of {", ".join(WRITERS)}')
+
+
+def _whole(v):
+    """A view or `Lazy` as a contiguous array, for writers that need every array whole (torch.save)."""
+    return v if isinstance(v, containers.Lazy) else containers.contiguous_copy(v)
+
+
+def _save_hf(folder: str, params: dict, cfg: ViTConfig, labels: Optional[list[str]]) -> None:
+    """A transformers ViT folder: config.json, preprocessor_config.json, model.safetensors; all or nothing."""
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise UserError(f'{folder}: exists and is not an empty folder; a Hugging Face export is a new folder')
+    parent = os.path.dirname(os.path.abspath(folder))
+    files.check_directory(folder)
+    tmp = os.path.join(parent, f'.tmp-{os.getpid()}-{os.path.basename(os.path.abspath(folder))}')
+    os.makedirs(tmp)
+    try:
+        state = hf.HUB.export(vit_torch.torch_views(params, cfg, consume=True), cfg, consume=True)
+        if cfg.num_classes:  # ViTForImageClassification: the trunk under vit., the head outside it
+            state = {k if k.startswith('classifier.') else hf.PREFIX + k: v for k, v in state.items()}
+        containers.write_safetensors(os.path.join(tmp, 'model.safetensors'), state, {'format': 'pt'}, consume=True)
+        files.write_text(os.path.join(tmp, 'config.json'), json.dumps(hf.config_json(cfg, labels), indent=2) + '\n')
+        files.write_text(os.path.join(tmp, 'preprocessor_config.json'),
+                         json.dumps(hf.preprocessor_json(cfg), indent=2) + '\n')
+        if os.path.isdir(folder):
+            os.rmdir(folder)  # empty, checked above
+        os.replace(tmp, folder)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)

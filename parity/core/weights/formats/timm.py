@@ -1,0 +1,136 @@
+"""timm's ViT state dicts (`timm.models.vision_transformer.VisionTransformer`): `.safetensors`, `.pth`, `.bin`.
+
+Every tensor is laid out as in the PyTorch mirror; the names differ, and each block's
+`attn.qkv` holds the query, key and value projections concatenated (as does the MAP
+head's `attn_pool.kv`, key then value). `TIMM` is the table. timm's `global_pool='map'`
+(`attn_pool.*`) is big_vision's MAP head. What the official model cannot compute is
+refused by name: a LayerNorm after pooling (`fc_norm`, timm's `avg` default), register
+tokens, a pre-norm (CLIP), a hybrid backbone, a distillation token.
+
+A timm file records neither the head count nor the pooling: they come from `--config`,
+or from the `config.json` timm writes beside a hub checkpoint (its `architecture`
+names the variant). Position embeddings with no class-token row (`no_embed_class`, as
+deit3 and big_vision) get a zero row in the canonical form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+import numpy as np
+
+from parity.core.config import BIG_VISION_VARIANTS, ViTConfig
+from parity.core.errors import UserError
+from parity.core.weights.formats.tables import Table
+
+_B, _A, _M = 'Transformer.encoderblock_{i}.', 'Transformer.encoderblock_{i}.MultiHeadDotProductAttention_0.', \
+    'MAPHead_0.MultiHeadDotProductAttention_0.'
+TIMM = Table('timm', [
+    # ours (vit_torch state dict)                                   timm
+    ('cls',                                                         'cls_token'),
+    ('Transformer.posembed_input.pos_embedding',                    'pos_embed'),
+    ('embedding.weight',                                            'patch_embed.proj.weight'),
+    ('embedding.bias',                                              'patch_embed.proj.bias'),
+    (_B + 'LayerNorm_0.weight',                                     'blocks.{i}.norm1.weight'),
+    (_B + 'LayerNorm_0.bias',                                       'blocks.{i}.norm1.bias'),
+    ((_A + 'query.weight', _A + 'key.weight', _A + 'value.weight'), 'blocks.{i}.attn.qkv.weight'),
+    ((_A + 'query.bias', _A + 'key.bias', _A + 'value.bias'),       'blocks.{i}.attn.qkv.bias'),
+    (_A + 'out.weight',                                             'blocks.{i}.attn.proj.weight'),
+    (_A + 'out.bias',                                               'blocks.{i}.attn.proj.bias'),
+    (_B + 'LayerNorm_1.weight',                                     'blocks.{i}.norm2.weight'),
+    (_B + 'LayerNorm_1.bias',                                       'blocks.{i}.norm2.bias'),
+    (_B + 'MlpBlock_0.Dense_0.weight',                              'blocks.{i}.mlp.fc1.weight'),
+    (_B + 'MlpBlock_0.Dense_0.bias',                                'blocks.{i}.mlp.fc1.bias'),
+    (_B + 'MlpBlock_0.Dense_1.weight',                              'blocks.{i}.mlp.fc2.weight'),
+    (_B + 'MlpBlock_0.Dense_1.bias',                                'blocks.{i}.mlp.fc2.bias'),
+    ('Transformer.encoder_norm.weight',                             'norm.weight'),
+    ('Transformer.encoder_norm.bias',                               'norm.bias'),
+    ('MAPHead_0.probe',                                             'attn_pool.latent'),
+    (_M + 'query.weight',                                           'attn_pool.q.weight'),
+    (_M + 'query.bias',                                             'attn_pool.q.bias'),
+    ((_M + 'key.weight', _M + 'value.weight'),                      'attn_pool.kv.weight'),
+    ((_M + 'key.bias', _M + 'value.bias'),                          'attn_pool.kv.bias'),
+    (_M + 'out.weight',                                             'attn_pool.proj.weight'),
+    (_M + 'out.bias',                                               'attn_pool.proj.bias'),
+    ('MAPHead_0.LayerNorm_0.weight',                                'attn_pool.norm.weight'),
+    ('MAPHead_0.LayerNorm_0.bias',                                  'attn_pool.norm.bias'),
+    ('MAPHead_0.MlpBlock_0.Dense_0.weight',                         'attn_pool.mlp.fc1.weight'),
+    ('MAPHead_0.MlpBlock_0.Dense_0.bias',                           'attn_pool.mlp.fc1.bias'),
+    ('MAPHead_0.MlpBlock_0.Dense_1.weight',                         'attn_pool.mlp.fc2.weight'),
+    ('MAPHead_0.MlpBlock_0.Dense_1.bias',                           'attn_pool.mlp.fc2.bias'),
+    ('head.weight',                                                 'head.weight'),
+    ('head.bias',                                                   'head.bias'),
+])
+SIGNATURE = 'patch_embed.proj.weight'
+# What timm can hold and the official model cannot compute, by the key that shows it.
+REFUSED = {
+    'fc_norm.weight': "a LayerNorm after the pooling (timm's fc_norm, its default for global_pool='avg')",
+    'reg_token': 'register tokens',
+    'norm_pre.weight': 'a LayerNorm before the blocks (norm_pre, as in CLIP)',
+    'patch_embed.backbone': 'a hybrid backbone (timm ResNetV2); convert the official R50 npz instead',
+    'dist_token': "DeiT's distillation token",
+    'head_dist.weight': "DeiT's distillation head",
+}
+# timm's size names in ViT model names, and big_vision's variant each one is.
+_SIZES = {'tiny': 'Ti', 'small': 'S', 'medium': 'M', 'base': 'B', 'large': 'L', 'huge': 'H', 'giant': 'g',
+          'so400m': 'So400m', 'mu': 'mu'}
+
+
+def detect(keys) -> bool:
+    return SIGNATURE in keys
+
+
+def refuse_unsupported(keys, where: str) -> None:
+    """One error naming what the file holds that the official model cannot compute."""
+    found = [why for key, why in REFUSED.items() if any(k == key or k.startswith(key + '.') for k in keys)]
+    if found:
+        raise UserError(f'{where}: a timm ViT with {"; ".join(found)}, which the official model does not compute; '
+                        'only plain timm ViTs are read (token, avg with fc_norm=False, map or no pooling)')
+
+
+def heads_from_folder(path: str) -> Optional[tuple[int, Optional[str]]]:
+    """(heads, global_pool) from the `config.json` timm writes beside a hub checkpoint, if there is one."""
+    config = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), 'config.json')
+    try:
+        with open(config, encoding='utf-8') as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get('architecture'), str):
+        return None
+    m = re.match(r'^vit_([a-z0-9]+)_', d['architecture'])
+    size = _SIZES.get(m.group(1)) if m else None
+    if size is None:
+        return None
+    pool = d.get('global_pool') or (d.get('pretrained_cfg') or {}).get('global_pool')
+    return BIG_VISION_VARIANTS[size][3], pool if isinstance(pool, str) else None
+
+
+def zero_class_row(state: dict) -> dict:
+    """`no_embed_class` files (position embeddings for the patches only) with a zero class-token row added."""
+    pe = state.get('pos_embed')
+    if pe is None or 'cls_token' not in state or pe.ndim != 3:
+        return state
+    n = pe.shape[1]
+    if int(np.sqrt(n)) ** 2 == n:  # a square grid alone: no class-token row
+        state = dict(state, pos_embed=np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1))
+    return state
+
+
+def expressible(cfg: ViTConfig) -> Optional[str]:
+    """Why timm's VisionTransformer cannot hold `cfg`, or None."""
+    if cfg.is_hybrid:
+        return 'a hybrid here (its hybrids are ResNetV2 backbones of their own)'
+    if cfg.representation_size is not None:
+        return 'a pre_logits (representation) layer'
+    if cfg.posemb != 'learn':
+        return 'sincos2d position embeddings'
+    return None
+
+
+# How timm builds each classifier: (global_pool, class_token).
+POOLS = {'token': ('token', True), 'gap': ('avg', False), 'unpooled': ('', False), 'token_unpooled': ('', True),
+         'map': ('map', False), 'first': ('token', False)}
