@@ -25,7 +25,7 @@ from conftest import random_params, run_cli, tiny, tolerance
 from parity import cli
 from parity.core import weights
 from parity.core.errors import UserError
-from parity.core.weights.formats import big_vision, timm as timm_format
+from parity.core.weights.formats import timm as timm_format
 from parity.harness import counterparts
 from vit_jax import runtime as jax_runtime
 from vit_torch import runtime as torch_runtime

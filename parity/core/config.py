@@ -19,7 +19,8 @@ import math
 import os
 from typing import Any, Optional
 
-from parity.core.errors import UserError
+from parity.core.errors import UserError, cause
+from parity.core.limits import MAX_JSON_BYTES
 
 # The official classifiers, then big_vision's multihead attention pooling and its first-token pooling.
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled', 'map', 'first')
@@ -66,13 +67,21 @@ class ViTConfig:
         if self.posemb == 'sincos2d' and (self.hidden_size % 4 or self.hidden_size < 8):
             raise UserError(f'{where}: sincos2d position embeddings need a width of 8 or more, divisible by 4, '
                             f'not {self.hidden_size}')
-        if self.hidden_size % self.num_heads:
-            raise UserError(f'{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}')
-        if self.resnet_num_layers is not None and self.resnet_width % 32:
-            raise UserError(f'{where}: ResNet width 64*{self.resnet_width_factor} = {self.resnet_width} '
-                            'must be a multiple of 32 (GroupNorm uses 32 groups)')
         if min(self.patch_size) < 1 or min(self.hidden_size, self.num_layers, self.mlp_dim, self.num_heads) < 1:
             raise UserError(f'{where}: patch size, width, depth, MLP size and heads must be positive')
+        if self.num_classes < 0 or (self.representation_size is not None and self.representation_size < 1):
+            raise UserError(f'{where}: num_classes must be 0 or more and representation_size positive (or null)')
+        if self.image_size < 1:
+            raise UserError(f'{where}: image_size {self.image_size} must be positive')
+        if self.hidden_size % self.num_heads:
+            raise UserError(f'{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}')
+        if self.resnet_num_layers is not None and (self.resnet_width < 32 or self.resnet_width % 32
+                                                   or min(self.resnet_num_layers, default=1) < 1):
+            raise UserError(f'{where}: ResNet width 64*{self.resnet_width_factor} = {self.resnet_width} '
+                            'must be a positive multiple of 32 (GroupNorm uses 32 groups), and every stage '
+                            'at least one unit')
+        if not 0 <= self.dropout_rate < 1 or not 0 <= self.attention_dropout_rate < 1:
+            raise UserError(f'{where}: dropout rates must lie in [0, 1)')
 
     # Derived quantities, so no caller recomputes them its own way.
     @property
@@ -162,28 +171,33 @@ class ViTConfig:
             t = d['transformer']
             resnet = d.get('resnet')
             patch = d['patches']['size']
+            n = lambda v, k: whole_number(v, f'{where}: {k}')  # noqa: E731
+            name = d.get('model_name') or d.get('name')
             return cls(
-                name=d.get('model_name') or d.get('name'),
-                patch_size=(int(patch[0]), int(patch[1])),
-                hidden_size=int(d['hidden_size']),
-                num_layers=int(t['num_layers']),
-                mlp_dim=int(t['mlp_dim']),
-                num_heads=int(t['num_heads']),
-                classifier=d.get('classifier', 'token'),
+                name=None if name is None else str(name),
+                patch_size=(n(patch[0], 'patches.size'), n(patch[1], 'patches.size')),
+                hidden_size=n(d['hidden_size'], 'hidden_size'),
+                num_layers=n(t['num_layers'], 'transformer.num_layers'),
+                mlp_dim=n(t['mlp_dim'], 'transformer.mlp_dim'),
+                num_heads=n(t['num_heads'], 'transformer.num_heads'),
+                classifier=str(d.get('classifier', 'token')),
                 representation_size=(None if d.get('representation_size') is None
-                                     else int(d['representation_size'])),
-                resnet_num_layers=None if resnet is None else tuple(int(n) for n in resnet['num_layers']),
-                resnet_width_factor=1.0 if resnet is None else float(resnet.get('width_factor', 1)),
-                dropout_rate=float(t.get('dropout_rate', 0.0)),
-                attention_dropout_rate=float(t.get('attention_dropout_rate', 0.0)),
-                num_classes=int(d.get('num_classes') or 0),
-                image_size=int(d.get('image_size', 224)),
-                posemb=d.get('posemb', 'learn'),
+                                     else n(d['representation_size'], 'representation_size')),
+                resnet_num_layers=None if resnet is None else tuple(n(k, 'resnet.num_layers')
+                                                                    for k in resnet['num_layers']),
+                resnet_width_factor=1.0 if resnet is None else _number(resnet.get('width_factor', 1),
+                                                                       f'{where}: resnet.width_factor'),
+                dropout_rate=_number(t.get('dropout_rate', 0.0), f'{where}: dropout_rate'),
+                attention_dropout_rate=_number(t.get('attention_dropout_rate', 0.0),
+                                               f'{where}: attention_dropout_rate'),
+                num_classes=n(d.get('num_classes') or 0, 'num_classes'),
+                image_size=n(d.get('image_size', 224), 'image_size'),
+                posemb=str(d.get('posemb', 'learn')),
             )
-        except (KeyError, TypeError, IndexError, ValueError) as e:
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
             if isinstance(e, UserError):
                 raise
-            raise UserError(f'{where}: not an official ViT config ({type(e).__name__}: {e}); '
+            raise UserError(f'{where}: not an official ViT config ({cause(e)}); '
                             'expected hidden_size, patches.size, transformer.{mlp_dim,num_heads,num_layers}') from None
 
 
@@ -283,12 +297,20 @@ def from_big_vision_dict(d: dict, where: str = 'config') -> ViTConfig:
     except (TypeError, ValueError, IndexError) as e:
         if isinstance(e, UserError):
             raise
-        raise UserError(f'{where}: not a big_vision ViT config ({type(e).__name__}: {e})') from None
+        raise UserError(f'{where}: not a big_vision ViT config ({cause(e)})') from None
+
+
+def _number(value, where: str) -> float:
+    """`value` as a finite float, refusing what is not a number (a string, a bool, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f'{where} {value!r}: expected a number')
+    return float(value)
 
 
 def whole_number(value, where: str) -> int:
-    """`value` as an int, refusing what is not one (a bool, 64.7, "12")."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    """`value` as an int, refusing what is not one (a bool, 64.7, "12", infinity)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value:
         raise UserError(f'{where} {value!r}: expected a whole number')
     return int(value)
 
@@ -301,12 +323,19 @@ def load_config(name_or_path: str) -> ViTConfig:
         raise UserError(f'--config {name_or_path!r}: not an official config name nor a JSON file; '
                         f'names are: {", ".join(OFFICIAL_CONFIGS)}')
     try:
-        with open(name_or_path) as f:
+        if os.path.getsize(name_or_path) > MAX_JSON_BYTES:
+            raise UserError(f'--config {name_or_path}: {os.path.getsize(name_or_path):,} bytes, too large for a '
+                            'config file')
+        with open(name_or_path, encoding='utf-8') as f:
             d = json.load(f)
     except OSError as e:
         raise UserError(f'--config {name_or_path}: cannot read it ({e.strerror})') from None
+    except UnicodeDecodeError:
+        raise UserError(f'--config {name_or_path}: not UTF-8 text, so not a JSON config') from None
     except json.JSONDecodeError as e:
         raise UserError(f'--config {name_or_path}: not valid JSON ({e})') from None
+    except RecursionError:
+        raise UserError(f'--config {name_or_path}: nested too deeply to be a config') from None
     if not isinstance(d, dict):
         raise UserError(f'--config {name_or_path}: expected a JSON object in the official config layout')
     if 'hidden_size' not in d and set(d) & {'variant', 'width', 'pool_type', 'depth'}:

@@ -25,10 +25,10 @@ import numpy as np
 
 from parity.core.config import ViTConfig, heads_for_width
 from parity.core import files
-from parity.core.errors import UserError
+from parity.core.errors import UserError, cause
 from parity.core.weights import configs, containers
 from parity.core.weights.formats import big_vision, hf, released, timm, vit_torch
-from parity.core.weights.spec import Params
+from parity.core.weights.spec import Params, check_params
 
 FORMATS = {
     'released': 'the official vit_jax npz (google-research/vision_transformer)',
@@ -55,6 +55,7 @@ class Checkpoint:
     num_heads: Optional[int] = None  # where the shapes cannot tell it
     heads_from_width: bool = False  # fall back on the official variant of the same width (vit_torch's .pt)
     pool_without_token: Optional[str] = 'gap'  # the pooling of a file with no class token nor MAP head; None: unknown
+    spell: Optional[Callable[[str], str]] = None  # a canonical name as the file spells it, for messages
 
     def params(self, cfg: ViTConfig) -> Params:
         """Canonical params for `cfg`, as stored: position embeddings at the file's own grid, not yet resized."""
@@ -150,8 +151,12 @@ def _from_tree(spec: str, flat: dict, subtree: Optional[str]) -> Checkpoint:
     if big_vision.detect(flat):
         params = big_vision.to_canonical(flat, spec)
         return Checkpoint(spec, 'big_vision', params, lambda cfg: params, notes=notes, pool_without_token=None)
-    params = released.canonicalize(flat)
-    return Checkpoint(spec, 'released', params, lambda cfg: params, notes=notes)
+    params, spell = released.canonicalize(flat), released.spelling(flat)
+
+    def checked(cfg: ViTConfig) -> Params:  # strictly, in the file's own names
+        check_params(params, cfg, spec, spell)
+        return params
+    return Checkpoint(spec, 'released', params, checked, notes=notes, spell=spell)
 
 
 def _top_names(flat: Mapping) -> str:
@@ -170,7 +175,8 @@ def _vit_torch(spec: str, state: dict, meta: dict) -> Checkpoint:
             raise UserError(f'{spec}: its config metadata is not JSON ({type(e).__name__}); '
                             'pass --config') from None
     return Checkpoint(spec, 'vit_torch', vit_torch.torch_shapes_as_canonical(state),
-                      lambda cfg: vit_torch.from_torch(state, cfg, spec), config=stored, heads_from_width=True)
+                      lambda cfg: vit_torch.from_torch(state, cfg, spec), config=stored, heads_from_width=True,
+                      spell=vit_torch.torch_name)
 
 
 def _timm(spec: str, path: str, state: dict) -> Checkpoint:
@@ -230,7 +236,7 @@ def _load_folder(spec: str, folder: str) -> Checkpoint:
     except FileNotFoundError:
         d = None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UserError(f'{folder}/config.json: not readable JSON ({type(e).__name__}: {str(e)[:120]})') from None
+        raise UserError(f'{folder}/config.json: not readable JSON ({cause(e)})') from None
     if isinstance(d, dict) and 'architecture' in d and 'model_type' not in d:
         return _from_arrays(spec, os.path.join(folder, 'config.json'), _folder_weights(spec, folder), None, {})
     d = hf.read_config(folder, spec)  # a Hugging Face folder: its config.json must be there and a ViT's
@@ -270,7 +276,12 @@ def configure(ckpt: Checkpoint, spec: Optional[str], image_size: Optional[int] =
     variant of the same width. Otherwise the error names the --config to give.
     """
     heads = ckpt.num_heads
-    q = ckpt.shapes.get('Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel')
+    query = 'Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel'
+    q = ckpt.shapes.get(query)
+    if ckpt.format in ('released', 'big_vision') and q is not None and q.ndim != 3:
+        spelled = ckpt.spell(query) if ckpt.spell else query
+        raise UserError(f'{ckpt.where}: {spelled} has shape {tuple(q.shape)}, expected (width, heads, head width) '
+                        'as every Flax checkpoint keeps it; is it a ViT checkpoint?')
     if spec is None and ckpt.config is None and q is not None and q.ndim == 2 and heads is None:
         heads = heads_for_width(q.shape[-1]) if ckpt.heads_from_width else None
         if heads is None:
@@ -280,7 +291,8 @@ def configure(ckpt: Checkpoint, spec: Optional[str], image_size: Optional[int] =
                             'pass --config: an official name such as ViT-B_16, or a JSON file (the official layout, '
                             'or big_vision\'s {"variant": "B/16", "pool_type": "tok"})')
     return configs.resolve_config(spec, ckpt.shapes, image_size, fallback_size, stored=ckpt.config,
-                                  num_heads=heads, pool_without_token=ckpt.pool_without_token, where=ckpt.where)
+                                  num_heads=heads, pool_without_token=ckpt.pool_without_token, where=ckpt.where,
+                                  spell=ckpt.spell)
 
 
 # --------------------------------------------------------------------------- writing
@@ -354,7 +366,10 @@ def _save_hf(folder: str, params: dict, cfg: ViTConfig, labels: Optional[list[st
     parent = os.path.dirname(os.path.abspath(folder))
     files.check_directory(folder)
     tmp = os.path.join(parent, f'.tmp-{os.getpid()}-{os.path.basename(os.path.abspath(folder))}')
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise files.write_error(folder, e) from None
     try:
         state = hf.HUB.export(vit_torch.torch_views(params, cfg, consume=True), cfg, consume=True)
         if cfg.num_classes:  # ViTForImageClassification: the trunk under vit., the head outside it
@@ -366,6 +381,10 @@ def _save_hf(folder: str, params: dict, cfg: ViTConfig, labels: Optional[list[st
         if os.path.isdir(folder):
             os.rmdir(folder)  # empty, checked above
         os.replace(tmp, folder)
+    except UserError as e:  # name the folder asked for, not the temporary one
+        raise UserError(str(e).replace(tmp, folder)) from None
+    except OSError as e:
+        raise files.write_error(folder, e) from None
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)

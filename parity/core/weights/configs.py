@@ -7,7 +7,7 @@ arrays are not loaded yet can hand in zero-memory stand-ins of the right shape.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
@@ -17,7 +17,8 @@ from parity.core.weights.spec import POSEMB
 
 
 def infer_config(params: Mapping[str, np.ndarray], num_heads: Optional[int] = None,
-                 pool_without_token: Optional[str] = 'gap', where: str = 'the checkpoint') -> ViTConfig:
+                 pool_without_token: Optional[str] = 'gap', where: str = 'the checkpoint',
+                 spell: Optional[Callable[[str], str]] = None) -> ViTConfig:
     """The config a canonical checkpoint was built with, read off its shapes.
 
     Named after the official variant with the same trunk when there is one. The class
@@ -25,20 +26,27 @@ def infer_config(params: Mapping[str, np.ndarray], num_heads: Optional[int] = No
     `pool_without_token` (`gap` in the official layout, where it is the only choice;
     None where `gap` and `first` look alike, which is an error naming --config). The
     unpooled classifiers cannot be told from weights. No stored position embeddings
-    means `sincos2d`, and no stored resolution: the caller picks it.
+    means `sincos2d`, and no stored resolution: the caller picks it. `spell` gives the
+    file's own name of a canonical one, for the messages.
     """
-    def shape(k):
-        if k not in params:
-            raise UserError(f'cannot infer a config: the checkpoint has no {k!r}; pass --config')
-        return params[k].shape
+    spell = spell or (lambda k: k)
 
-    kh, kw, _, D = shape('embedding/kernel')
+    def shape(k, *ranks):
+        if k not in params:
+            raise UserError(f'cannot infer a config: the checkpoint has no {spell(k)!r}; pass --config')
+        s = tuple(params[k].shape)
+        if len(s) not in ranks or not all(s):
+            raise UserError(f'{where}: {spell(k)} has shape {s}, expected {" or ".join(str(r) for r in ranks)} '
+                            'nonzero dimensions; is it a ViT checkpoint?')
+        return s
+
+    kh, kw, _, D = shape('embedding/kernel', 4)
     layers = 0
     while f'Transformer/encoderblock_{layers}/MlpBlock_0/Dense_0/kernel' in params:
         layers += 1
     if not layers:
         raise UserError('cannot infer a config: the checkpoint has no encoder blocks; pass --config')
-    q = shape('Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel')
+    q = shape('Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel', 2, 3)
     heads = q[1] if len(q) == 3 else (num_heads or heads_for_width(D))
     if heads is None:
         raise UserError(f'cannot infer the number of heads of a width-{D} model from its PyTorch '
@@ -46,7 +54,7 @@ def infer_config(params: Mapping[str, np.ndarray], num_heads: Optional[int] = No
     resnet = None
     width = 1.0
     if 'conv_root/kernel' in params:
-        width = shape('conv_root/kernel')[-1] / 64
+        width = shape('conv_root/kernel', 4)[-1] / 64
         resnet = []
         while f'block{len(resnet) + 1}/unit1/conv1/kernel' in params:
             units = 0
@@ -60,11 +68,11 @@ def infer_config(params: Mapping[str, np.ndarray], num_heads: Optional[int] = No
                         '(mean of the tokens) or "pool_type": "0" (the first token), with its variant')
     cfg = ViTConfig(
         name=None, patch_size=(kh, kw), hidden_size=D, num_layers=layers,
-        mlp_dim=shape('Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel')[1], num_heads=heads,
+        mlp_dim=shape('Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel', 2)[1], num_heads=heads,
         classifier=classifier, posemb='learn' if POSEMB in params else 'sincos2d',
-        representation_size=params['pre_logits/kernel'].shape[1] if 'pre_logits/kernel' in params else None,
+        representation_size=shape('pre_logits/kernel', 2)[1] if 'pre_logits/kernel' in params else None,
         resnet_num_layers=None if resnet is None else tuple(resnet), resnet_width_factor=width,
-        num_classes=params['head/kernel'].shape[1] if 'head/kernel' in params else 0)
+        num_classes=shape('head/kernel', 2)[1] if 'head/kernel' in params else 0)
     name = official_name_for(cfg)
     if name is not None:  # the official dropout rates come with the name
         official = OFFICIAL_CONFIGS[name]
@@ -96,10 +104,18 @@ def checkpoint_grid(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> Optiona
 
 
 def with_checkpoint_head(cfg: ViTConfig, params: Mapping[str, np.ndarray]) -> ViTConfig:
-    """`cfg` with the head size and representation layer the checkpoint has."""
-    return cfg.replace(
-        num_classes=params['head/kernel'].shape[-1] if 'head/kernel' in params else 0,
-        representation_size=params['pre_logits/kernel'].shape[-1] if 'pre_logits/kernel' in params else None)
+    """`cfg` with the head size and representation layer the checkpoint has.
+
+    A kernel that is not a matrix says nothing about them: `cfg`'s stand, and the strict
+    check names the misfit.
+    """
+    def width(k: str, absent):
+        if k not in params:
+            return absent
+        shape = params[k].shape
+        return shape[-1] if len(shape) == 2 else getattr(cfg, 'num_classes' if k == 'head/kernel'
+                                                         else 'representation_size')
+    return cfg.replace(num_classes=width('head/kernel', 0), representation_size=width('pre_logits/kernel', None))
 
 
 def resolve_config(spec: Optional[str], params: Mapping[str, np.ndarray], image_size: Optional[int] = None,

@@ -20,17 +20,27 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
+import struct
+import tokenize
+import warnings
 import zipfile
 import zlib
 from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from parity.core.errors import UserError
-from parity.core.files import atomic_path
+from parity.core.errors import UserError, cause
+from parity.core.files import atomic_path, stopped_write
+from parity.core.limits import check_compute, check_read, human
 
 Arrays = dict[str, np.ndarray]
+
+# What zipfile and numpy raise on a damaged zip or .npy header (zipfile indexes and unpacks raw bytes;
+# numpy parses the header with the tokenizer); each is turned into one UserError naming the file.
+DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, IndexError, struct.error,
+           NotImplementedError, RuntimeError, OverflowError, SyntaxError, tokenize.TokenError, RecursionError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +76,7 @@ def sniff(path: str) -> str:
                 try:
                     with zipfile.ZipFile(f) as z:
                         names = z.namelist()
-                except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+                except DAMAGED:
                     return 'npz'  # read_npz says what is wrong with it
                 return 'pt' if any(n.endswith('/data.pkl') or n == 'data.pkl' for n in names) else 'npz'
     except OSError as e:
@@ -115,18 +125,20 @@ def read_npz(path: str) -> Arrays:
                 raise UserError(f'{path}: not an .npz archive (a zip of .npy arrays, as np.savez writes)')
             f.seek(0)
             with zipfile.ZipFile(f) as z:
-                out = {}
-                for info in z.infolist():
-                    if info.is_dir():
-                        continue
+                members = [info for info in z.infolist() if not info.is_dir()]
+                for info in members:
                     if not info.filename.endswith('.npy'):
                         raise UserError(f'{path}: member {info.filename!r} is not a .npy array; '
                                         'an .npz checkpoint holds arrays only')
-                    out[info.filename[:-len('.npy')]] = _read_member(path, f, z, info)
+                    if info.flag_bits & 0x1:
+                        raise UserError(f'{path}: member {info.filename!r} is encrypted; an .npz checkpoint is not')
+                # What cannot be mapped is read into memory: the declared sizes must fit before any is read.
+                check_read(sum(i.file_size for i in members if not _mappable(i)), f'{path}: its compressed arrays')
+                out = {info.filename[:-len('.npy')]: _read_member(path, f, z, info) for info in members}
     except UserError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, NotImplementedError) as e:
-        raise UserError(f'{path}: truncated or corrupted .npz ({type(e).__name__}: {e}); '
+    except DAMAGED as e:
+        raise UserError(f'{path}: truncated or corrupted .npz ({cause(e)}); '
                         'download or copy it again') from None
     if not out:
         raise UserError(f'{path}: the .npz archive is empty')
@@ -141,10 +153,33 @@ def _bfloat16_void(dtype: np.dtype) -> bool:
     return dtype.kind == 'V' and dtype.itemsize == 2 and dtype.fields is None
 
 
+def _mappable(info: zipfile.ZipInfo) -> bool:
+    """A member read in place (memory-mapped): stored, not compressed, and large."""
+    return info.compress_type == zipfile.ZIP_STORED and info.file_size >= MMAP_MIN_BYTES
+
+
+def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream `f`, which is left at the first data byte."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        header = np.lib.format.read_array_header_1_0
+    elif version == (2, 0):
+        header = np.lib.format.read_array_header_2_0
+    else:
+        raise ValueError(f'.npy format {version[0]}.{version[1]} (only 1.0 and 2.0 hold plain arrays)')
+    try:
+        shape, fortran_order, dtype = header(f)
+    except (SyntaxError, tokenize.TokenError, RecursionError, TypeError) as e:
+        raise ValueError(f'unreadable .npy header ({type(e).__name__})') from None
+    if any(n < 0 for n in shape):
+        raise ValueError(f'.npy header declares a negative dimension {shape}')
+    return shape, fortran_order, dtype
+
+
 def _read_member(path: str, f, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
     """One member: memory-mapped when it is stored and large, else read (zipfile checks the CRC)."""
     key = info.filename[:-len('.npy')]
-    if info.compress_type != zipfile.ZIP_STORED or info.file_size < MMAP_MIN_BYTES:
+    if not _mappable(info):
         return _read_whole(path, z, info)
     f.seek(info.header_offset)
     local = f.read(_ZIP_LOCAL_HEADER)
@@ -155,13 +190,7 @@ def _read_member(path: str, f, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.
     if start + info.file_size > os.fstat(f.fileno()).st_size:
         raise EOFError(f'member {info.filename!r} runs past the end of the file')
     f.seek(start)
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-    else:  # format 3.0 only adds utf-8 field names; no checkpoint needs mapping it
-        return _read_whole(path, z, info)
+    shape, fortran_order, dtype = npy_header(f)
     if dtype.hasobject:
         raise _pickled(path, key)
     offset = f.tell()
@@ -182,19 +211,60 @@ def _read_member(path: str, f, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.
 
 
 def _read_whole(path: str, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
-    """One member read into memory, as np.load does it (zipfile checks the CRC on the way)."""
+    """One member read into memory, its header checked against its declared size first (zipfile checks the CRC)."""
+    key = info.filename[:-len('.npy')]
     with z.open(info) as member:
-        try:
-            return np.lib.format.read_array(member, allow_pickle=False)
-        except ValueError as e:
-            if 'allow_pickle' in str(e):
-                raise _pickled(path, info.filename[:-len('.npy')]) from None
-            raise
+        shape, fortran_order, dtype = npy_header(member)
+        if dtype.hasobject:
+            raise _pickled(path, key)
+        if dtype.fields is not None:
+            raise UserError(f'{path}: array {key!r} is a structured array (dtype {dtype}), not numbers')
+        header = member.tell()
+        nbytes = math.prod(shape) * dtype.itemsize
+        if header + nbytes != info.file_size:
+            raise ValueError(f'member {info.filename!r}: its .npy header declares {nbytes} bytes of data, '
+                             f'the member holds {info.file_size - header}')
+        out = np.empty(shape, dtype, order='F' if fortran_order else 'C')
+        view, done = memoryview(out.reshape(-1, order='A')).cast('B'), 0
+        while done < nbytes:
+            n = member.readinto(view[done:done + _CRC_CHUNK])
+            if not n:
+                raise EOFError(f'member {info.filename!r} ends early')
+            done += n
+        member.read()  # to the end, so zipfile checks the CRC
+        return out
 
 
 def _pickled(path: str, key: str) -> UserError:
     return UserError(f'{path}: array {key!r} holds pickled Python objects, '
                      'which are never loaded; re-save it with plain arrays')
+
+
+def read_npy(path: str, what: str) -> np.ndarray:
+    """One array from a .npy file, its header checked against the file and the read budget first; never unpickled.
+
+    `what` names the file in errors (`--input X.npy`).
+    """
+    if not os.path.isfile(path):
+        raise UserError(f'{what}: no such file')
+    try:
+        with open(path, 'rb') as f:
+            shape, fortran_order, dtype = npy_header(f)
+            start = f.tell()
+    except DAMAGED as e:
+        raise UserError(f'{what}: not a readable .npy array ({cause(e)})') from None
+    if dtype.hasobject:
+        raise UserError(f'{what}: holds pickled Python objects, which are never loaded; save plain arrays')
+    nbytes = math.prod(shape) * dtype.itemsize
+    size = os.path.getsize(path)
+    if start + nbytes != size:
+        raise UserError(f'{what}: its header declares {shape} {dtype} ({human(nbytes)}) but the file holds '
+                        f'{human(size - start)} of data; truncated or not what it says')
+    check_compute(nbytes, f'{what}: reading it')
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f'{what}: not a readable .npy array ({cause(e)})') from None
 
 
 def write_npz(path: str, arrays: Mapping[str, np.ndarray], durable: bool = False) -> None:
@@ -237,7 +307,7 @@ def read_safetensors(path: str) -> tuple[Arrays, dict[str, str]]:
                 raise bad(f'a header of {n} bytes in a file of {size}')
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise bad(f'{type(e).__name__}: {str(e)[:120]}') from None
+        raise bad(cause(e)) from None
     if not isinstance(header, dict):
         raise bad('the header is not a JSON object')
     meta = header.pop('__metadata__', None) or {}
@@ -257,6 +327,8 @@ def read_safetensors(path: str) -> tuple[Arrays, dict[str, str]]:
             raise bad(f'tensor {name!r}: offsets {start}..{stop} do not hold a {e["dtype"]} {e["shape"]} '
                       f'inside the {data_size} data bytes')
         entries[name] = (dtype, tuple(e['shape']), start, e['dtype'])
+    check_compute(sum(4 * math.prod(shape) for _, shape, _, code in entries.values() if code == 'BF16'),
+                  f'{path}: upcasting its BF16 tensors to float32')
     out = {}
     data = np.memmap(path, np.uint8, mode='c', offset=8 + n, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
     for name, (dtype, shape, start, code) in entries.items():
@@ -322,22 +394,46 @@ def write_safetensors(path: str, arrays: dict, metadata: Optional[Mapping[str, s
 # --------------------------------------------------------------------------- .pt / .pth
 
 def read_pt(path: str) -> Arrays:
-    """A tensors-only PyTorch state dict file as NumPy arrays; `torch.load(weights_only=True)` only."""
+    """A tensors-only PyTorch state dict file as NumPy arrays; `torch.load(weights_only=True)` only.
+
+    Files in torch's zip format are memory-mapped (`mmap=True`), so their tensors cost page
+    cache, not memory; the legacy format is read whole, within the memory budget. Only a flat
+    dict of dense CPU tensors with string keys is accepted; bfloat16 is upcast to float32.
+    """
     import torch
 
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such file')
+    zipped = zipfile.is_zipfile(path)
+    if not zipped:
+        check_compute(os.path.getsize(path), f'{path}: a legacy (not zip) PyTorch file, read whole,')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # weights_only refuses pickled objects with an UnpicklingError
+        with warnings.catch_warnings():  # its notes on sparse tensors: refused below, in one line
+            warnings.filterwarnings('ignore', category=UserWarning, module='torch')
+            state = torch.load(path, map_location='cpu', weights_only=True, mmap=zipped)
+    except DAMAGED + (pickle.UnpicklingError, TypeError, AttributeError) as e:  # weights_only refuses objects so
         # torch's message spans many lines with terminal escapes; keep the line that names the refused object.
         lines = [re.sub(r'\x1b\[[0-9;]*m', '', line).strip() for line in str(e).splitlines()] or ['']
         why = next((line.split('. ')[0] for line in lines if line.startswith('WeightsUnpickler error:')), lines[0])
         raise UserError(f'{path}: not a tensors-only PyTorch state dict ({type(e).__name__}: {why})') from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f'{path}: expected a dict of tensors (a state_dict), found {type(state).__name__}')
+        raise UserError(f'{path}: expected a dict of tensors (a state_dict), found {type(state).__name__}'
+                        + ('' if not isinstance(state, dict) else ' of other values'))
+    bad_keys = [k for k in state if not isinstance(k, str)]
+    if bad_keys:
+        raise UserError(f'{path}: state dict keys must be names; found {type(bad_keys[0]).__name__} {bad_keys[0]!r}')
+    for k, v in state.items():
+        if v.layout != torch.strided or v.is_meta or v.is_quantized or v.is_complex() or v.device.type != 'cpu':
+            why = ('meta (no data)' if v.is_meta else 'quantized' if v.is_quantized else 'complex'
+                   if v.is_complex() else f'{v.layout}' if v.layout != torch.strided else f'on {v.device}')
+            raise UserError(f'{path}: tensor {k!r} is {why}; a checkpoint holds dense real tensors')
     # bfloat16 has no NumPy dtype: upcast to float32, which holds every bfloat16 value exactly.
-    return {k: (v.detach().float() if v.dtype == torch.bfloat16 else v.detach()).numpy() for k, v in state.items()}
+    check_compute(sum(4 * v.numel() for v in state.values() if v.dtype == torch.bfloat16),
+                  f'{path}: upcasting its bfloat16 tensors to float32')
+    try:
+        return {k: (v.detach().float() if v.dtype == torch.bfloat16 else v.detach()).numpy() for k, v in state.items()}
+    except (TypeError, RuntimeError) as e:  # a dtype NumPy has no counterpart for
+        raise UserError(f'{path}: a tensor of a dtype NumPy cannot hold ({str(e).splitlines()[0][:100]})') from None
 
 
 def write_pt(path: str, arrays: dict) -> None:
@@ -352,7 +448,10 @@ def write_pt(path: str, arrays: dict) -> None:
         v = arrays.pop(k)
         tensors[k] = torch.from_numpy(np.ascontiguousarray(v.make() if isinstance(v, Lazy) else v))
     with atomic_path(path) as tmp:
-        torch.save(tensors, tmp)
+        try:
+            torch.save(tensors, tmp)
+        except RuntimeError:  # torch's zip writer reports a failed write (a full disk, ulimit -f) this way
+            raise stopped_write(path, tmp) from None
 
 
 # --------------------------------------------------------------------------- arrays

@@ -13,7 +13,7 @@ C classes, N tokens, W ResNet width.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
@@ -86,12 +86,18 @@ def count_params(cfg: ViTConfig) -> int:
     return sum(math.prod(shape) for shape in param_shapes(cfg).values())
 
 
-def check_params(params: Mapping[str, np.ndarray], cfg: ViTConfig, where: str) -> None:
-    """Raises one error naming every missing key, extra key and shape mismatch; else returns."""
+def check_params(params: Mapping[str, np.ndarray], cfg: ViTConfig, where: str,
+                 spell: Optional[Callable[[str], str]] = None) -> None:
+    """Raises one error naming every missing key, extra key and shape mismatch; else returns.
+
+    `spell` turns a canonical name into the file's own, for the message (the released layout's
+    pre-linen numbering); by default the canonical names are the file's.
+    """
+    spell = spell or (lambda k: k)
     expected = param_shapes(cfg)
-    missing = sorted(expected.keys() - params.keys())
-    extra = sorted(params.keys() - expected.keys())
-    wrong = [f'{k} expected {expected[k]} found {tuple(params[k].shape)}'
+    missing = sorted(spell(k) for k in expected.keys() - params.keys())
+    extra = sorted(spell(k) for k in params.keys() - expected.keys())
+    wrong = [f'{spell(k)} expected {expected[k]} found {tuple(params[k].shape)}'
              for k in expected if k in params and tuple(params[k].shape) != expected[k]]
     if missing or extra or wrong:
         raise misfit(where, cfg, missing, extra, wrong, 'pass the config it was trained with, or omit --config to infer it')

@@ -20,7 +20,7 @@ import os
 from typing import Optional
 
 from parity.core.config import ViTConfig, official_name_for, whole_number
-from parity.core.errors import UserError
+from parity.core.errors import UserError, cause
 from parity.core.weights.formats.tables import Table
 
 _B, _A = 'Transformer.encoderblock_{i}.', 'Transformer.encoderblock_{i}.MultiHeadDotProductAttention_0.'
@@ -86,7 +86,7 @@ def read_config(folder: str, where: str) -> dict:
         with open(path, encoding='utf-8') as f:
             d = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UserError(f'{path}: not readable JSON ({type(e).__name__}: {str(e)[:120]})') from None
+        raise UserError(f'{path}: not readable JSON ({cause(e)})') from None
     if not isinstance(d, dict):
         raise UserError(f'{path}: expected a JSON object (a transformers config)')
     if d.get('model_type') != 'vit':

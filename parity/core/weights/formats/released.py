@@ -11,7 +11,7 @@ files (what `vit_jax` itself writes out of a tree) are read as well.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -32,6 +32,30 @@ _BLOCK_CHILD = re.compile(r'^(Transformer/encoderblock_\d+/)([^/]+)(/.*)$')
 _GROUPNORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')  # stored (1, 1, 1, C), canonical (C,)
 
 
+def _params_subtree(flat: Mapping[str, np.ndarray]) -> tuple[str, Mapping[str, np.ndarray]]:
+    """(the prefix, the params under it): training checkpoints nest them beside optimizer state."""
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix) for k in flat):
+            return prefix, {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    return '', flat
+
+
+def _is_pre_linen(flat: Mapping[str, np.ndarray]) -> bool:
+    return any((m := _BLOCK_CHILD.match(k)) and m.group(2) in _PRE_LINEN_ONLY for k in flat)
+
+
+def spelling(flat: Mapping[str, np.ndarray]) -> Callable[[str], str]:
+    """How the file `flat` spells a canonical name (its prefix, its block numbering): for error messages."""
+    prefix, flat = _params_subtree(flat)
+    pre_linen = _is_pre_linen(flat)
+
+    def spell(k: str) -> str:
+        if pre_linen and (m := _BLOCK_CHILD.match(k)):
+            k = m.group(1) + LINEN_BLOCK.get(m.group(2), m.group(2)) + m.group(3)
+        return prefix + k
+    return spell
+
+
 def canonicalize(flat: Mapping[str, np.ndarray]) -> Params:
     """Any released or linen-numbered flat dict to the canonical form.
 
@@ -39,11 +63,8 @@ def canonicalize(flat: Mapping[str, np.ndarray]) -> Params:
     checkpoints also hold optimizer state), renames pre-linen block numbering and
     squeezes GroupNorm parameters to (C,).
     """
-    for prefix in PREFIXES:
-        if any(k.startswith(prefix) for k in flat):
-            flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-            break
-    pre_linen = any((m := _BLOCK_CHILD.match(k)) and m.group(2) in _PRE_LINEN_ONLY for k in flat)
+    _, flat = _params_subtree(flat)
+    pre_linen = _is_pre_linen(flat)
     out = {}
     for k, v in flat.items():
         if pre_linen and (m := _BLOCK_CHILD.match(k)):
