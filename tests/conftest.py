@@ -7,14 +7,18 @@ Markers: `slow` marks the tests that start training runs or many subprocesses;
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from parity.core import files
 from parity.core.config import ViTConfig
 from parity.harness.tolerance import bound as tolerance  # noqa: F401  the written policy: 1e-5 x max(1, max |ref|)
 from vit_jax import runtime as jax_runtime
@@ -92,3 +96,34 @@ def random_params(shapes: dict[str, tuple[int, ...]], seed: int = 0, scale: floa
             v = 1.0 + v  # norms near identity keep activations in a sane range
         out[k] = v.astype(np.float32)
     return out
+
+
+def python(code: str, *args) -> subprocess.Popen:
+    """A child Python running `code` (with the repo importable), stdout piped."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, '-c', textwrap.dedent(code), *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def killed_writer_leftover(directory: Path) -> str:
+    """SIGKILLs a process in the middle of writing DIRECTORY/ckpt-0000005.npz; the temporary it left."""
+    writer = python('''
+        import sys
+        import numpy as np
+        from parity.core.weights import containers
+        big = np.ones((16, 1 << 20), np.float32)  # 64 MiB, fsynced: each write takes a while
+        while True:
+            containers.write_npz(sys.argv[1], {'a': big}, durable=True)
+    ''', directory / 'ckpt-0000005.npz')
+    deadline = time.time() + 60
+    try:
+        while not any(files.TEMPORARY.match(n) for n in os.listdir(directory)):
+            assert writer.poll() is None, writer.stderr.read()
+            assert time.time() < deadline, 'the writer never started a write'
+            time.sleep(0.005)
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    left = [n for n in os.listdir(directory) if files.TEMPORARY.match(n)]
+    assert left == [f'.tmp-{writer.pid}-ckpt-0000005.npz'], os.listdir(directory)
+    return left[0]

@@ -7,6 +7,7 @@ px apart diagonally. Tokens are ordered [class token,] p00, p01, p10, p11.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -202,6 +203,46 @@ def test_explain_hybrid_skips_filter_pca(tmp_path, capsys):
     assert 'filter_pca: skipped' in text and 'parity: OK' in text
     assert not (out / 'filter_pca.png').exists()
     assert_png(out / 'rollout.png', figures.rollout_size())
+
+
+def test_explain_writes_all_its_files_or_none(tmp_path, monkeypatch):
+    """A failure while writing (a full disk at the fourth figure) leaves the folder as it was: no truncated files."""
+    ckpt = checkpoint(tiny3(), tmp_path / 'ckpt.npz')
+    out = tmp_path / 'figs'
+    out.mkdir()
+    (out / 'rollout.png').write_bytes(b'the previous run')
+
+    def full(path, *args, **kwargs):
+        with open(path, 'wb') as f:
+            f.write(b'\x89PNG half')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(figures, 'render_attention_distance', full)
+    with pytest.raises(UserError, match=r'--out .*: cannot write it: the disk is full'):
+        explain.main([str(PHOTOS / 'chelsea.png'), '--checkpoint', str(ckpt), '--out', str(out)])
+    assert os.listdir(out) == ['rollout.png'] and (out / 'rollout.png').read_bytes() == b'the previous run'
+    with pytest.raises(UserError, match='disk is full'):  # a folder it made itself goes too
+        explain.main([str(PHOTOS / 'chelsea.png'), '--checkpoint', str(ckpt), '--out', str(tmp_path / 'new')])
+    assert not (tmp_path / 'new').exists()
+
+
+def test_explain_refuses_weights_that_are_not_numbers(tmp_path):
+    params = random_params(weights.param_shapes(tiny3()), seed=0)
+    params['embedding/kernel'][0, 0, 0, 0] = np.inf
+    weights.save_npz(str(tmp_path / 'inf.npz'), params)
+    with pytest.raises(UserError, match='embedding/kernel hold NaN or Inf'):
+        explain.main([str(PHOTOS / 'chelsea.png'), '--checkpoint', str(tmp_path / 'inf.npz'), '--out',
+                      str(tmp_path / 'o')])
+    assert not os.path.exists(tmp_path / 'o')
+
+
+def test_explain_never_writes_over_its_image(tmp_path):
+    ckpt = checkpoint(tiny3(), tmp_path / 'ckpt.npz')
+    image = tmp_path / 'rollout.png'
+    image.write_bytes((PHOTOS / 'chelsea.png').read_bytes())
+    with pytest.raises(UserError, match='is an input of this command'):
+        explain.main([str(image), '--checkpoint', str(ckpt), '--out', str(tmp_path)])
+    assert image.read_bytes() == (PHOTOS / 'chelsea.png').read_bytes()
 
 
 @pytest.mark.parametrize('extra, needle', [

@@ -52,6 +52,8 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     src, dst = args.input, args.output
     to = args.to or weights.format_for(dst)
+    if to != 'hf':  # a Hugging Face export is a new folder, checked by the writer
+        cli.check_outputs({'OUT': dst}, [src], [args.config])
     ckpt = weights.load(src)
     for note in ckpt.notes:
         cli.say(note)

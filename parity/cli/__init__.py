@@ -16,29 +16,63 @@ import dataclasses
 import importlib
 import os
 import sys
+import zipfile
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from parity.core import weights
+from parity.core import files, limits, weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.core.files import atomic_path
+from parity.core.weights import containers
 
 
 Forward = Callable[[np.ndarray], np.ndarray]  # NHWC float32 batch in [-1, 1] -> (B, C) float32 logits
 
 
+DEBUG_ENV = 'VIT_MIRROR_DEBUG'  # =1: every failure with its traceback (also `--debug` on any command)
+
+
 def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> None:
-    """Runs a CLI entry point: exit code 2 and one line for a user error, never a traceback."""
+    """Runs a CLI entry point: the one place failures become the promised line.
+
+    A `UserError`, an operating-system refusal (a full disk, a missing permission) and
+    running out of memory end in one `error: ...` line, always the last line on stderr,
+    and exit code 2. Anything else is a bug and keeps its traceback; `--debug` (or
+    VIT_MIRROR_DEBUG=1) shows the traceback of every failure.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get(DEBUG_ENV) == '1' or '--debug' in argv
+    argv = [a for a in argv if a != '--debug']
     try:
         code = main(argv)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        code = 2
     except KeyboardInterrupt:
         code = 130
+    except (UserError, OSError, MemoryError) as e:
+        if debug:
+            raise
+        _fail(_user_line(e))
     sys.exit(code)
+
+
+def _user_line(e: BaseException) -> str:
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, MemoryError):
+        return ('out of memory; lower --batch-size or --image-size, or run on a machine with more memory '
+                '(the limits are in the README, "Errors and limits")')
+    if e.errno in files.WRITE_ERRNOS:  # a write the writers did not see themselves: say what to do all the same
+        return str(files.write_error(e.filename or 'an output', e))
+    where = f'{e.filename}: ' if getattr(e, 'filename', None) else ''
+    return f'{where}{e.strerror or type(e).__name__} (errno {e.errno}); check the path and its permissions'
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, the last thing the process prints, and exit code 2 (no exit handlers run after it)."""
+    sys.stdout.flush()
+    print('error: ' + ' '.join(message.split()), file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]],
@@ -70,7 +104,7 @@ def add_logits_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
     parser.add_argument('--input', required=True, metavar='X.npy', help='float32 images, NHWC, in [-1, 1]')
     parser.add_argument('--output', required=True, metavar='Y.npy', help='where to write the float32 logits')
-    parser.add_argument('--image-size', type=int, metavar='N',
+    parser.add_argument('--image-size', type=positive_int, metavar='N',
                         help="build the model at NxN, resizing the position embeddings from the checkpoint's grid "
                              "(default: the checkpoint's own resolution)")
 
@@ -83,9 +117,11 @@ def logits_main(framework: str, make_forward: Callable[[ViTConfig, dict], Forwar
                                                  'highest matmul precision, PyTorch with TF32 off).')
     add_logits_arguments(parser)
     args = parser.parse_args(argv)
+    check_outputs({'--output': args.output}, [args.checkpoint], [args.input, args.config])
     # A model with no stored grid (sincos2d) is built at the input's resolution unless --image-size says.
     cfg, params = load_checkpoint(args.checkpoint, args.config, args.image_size, npy_image_size(args.input))
     x = load_input(args.input, cfg)
+    check_inference(cfg, len(x))
     y = make_forward(cfg, params)(x)
     save_output(args.output, y)
     say(f'{framework}: {describe(cfg)} on {x.shape[0]} images -> {args.output} {tuple(y.shape)}')
@@ -155,7 +191,37 @@ def load_model(path: str, config: Optional[str], image_size: Optional[int], fall
     cfg = weights.configure(ckpt, config, image_size, fallback_size)
     if config is None:
         say(f'{"inferred config" if ckpt.config is None else "config from the file"}: {describe(cfg)}')
-    return Model(cfg, weights.prepare_for_inference(ckpt.params(cfg), cfg, path), ckpt)
+    check_inference(cfg, 1)
+    params = weights.prepare_for_inference(ckpt.params(cfg), cfg, path)
+    bad = [k for k, v in params.items() if not np.isfinite(v).all()]
+    if bad:
+        say(f'warning: {path}: {len(bad)} arrays hold NaN or Inf ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})'
+            '; what the model computes from them is not a number either')
+    return Model(cfg, params, ckpt)
+
+
+def check_outputs(outputs: dict[str, Optional[str]], checkpoints: Sequence[Optional[str]] = (),
+                  inputs: Sequence[Optional[str]] = ()) -> None:
+    """`files.check_outputs` for a command whose inputs include checkpoint specs (`FILE.npz:SUBTREE`)."""
+    paths = [weights.split_spec(c)[0] for c in checkpoints if c]
+    files.check_outputs(outputs, paths + list(inputs))
+
+
+def check_inference(cfg: ViTConfig, batch: int) -> None:
+    """Refuses a forward pass of `batch` images at `cfg`'s resolution that this machine cannot hold."""
+    limits.check_compute(limits.inference_bytes(cfg, batch),
+                         f'{describe(cfg)} on {batch} image{"s" if batch != 1 else ""}')
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value}: must be at least 1')
+    return value
 
 
 def load_checkpoint(path: str, config: Optional[str], image_size: Optional[int],
@@ -172,16 +238,10 @@ def describe(cfg: ViTConfig) -> str:
 
 
 def read_npy(path: str, flag: str) -> np.ndarray:
-    """One array from a .npy file given as `flag`, never unpickled, or a one-line error."""
-    if not os.path.isfile(path):
-        raise UserError(f'{flag} {path}: no such file')
-    try:
-        x = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(f'{flag} {path}: not a readable .npy array ({e})') from None
-    if not isinstance(x, np.ndarray):
+    """One array from a .npy file given as `flag`, checked before it is read, never unpickled, or a one-line error."""
+    if os.path.isfile(path) and zipfile.is_zipfile(path):
         raise UserError(f'{flag} {path}: expected a single .npy array, found an .npz archive')
-    return x
+    return containers.read_npy(path, f'{flag} {path}')
 
 
 def npy_image_size(path: Optional[str], default: int = 224) -> int:
@@ -203,6 +263,8 @@ def load_input(path: str, cfg: ViTConfig) -> np.ndarray:
         raise UserError(f'--input {path}: dtype {x.dtype}, expected float32 (images in [-1, 1])')
     if x.ndim != 4 or x.shape[-1] != 3:
         raise UserError(f'--input {path}: shape {x.shape}, expected (batch, height, width, 3) NHWC')
+    if not len(x):
+        raise UserError(f'--input {path}: holds no images (shape {x.shape}); give at least one')
     if x.shape[1:3] != (cfg.image_size, cfg.image_size):
         raise UserError(f'--input {path}: images are {x.shape[1]}x{x.shape[2]} but the model is built at '
                         f'{cfg.image_size}x{cfg.image_size}; pass --image-size {x.shape[1]} '

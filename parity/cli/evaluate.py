@@ -32,34 +32,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--dataset', required=True, metavar='NAME', help='digits, or a tensorflow-datasets name')
     parser.add_argument('--split', metavar='S', help="split to score (default: the dataset's test split)")
     parser.add_argument('--json', metavar='OUT', help='also write the result JSON here')
-    parser.add_argument('--image-size', type=int, metavar='N',
+    parser.add_argument('--image-size', type=cli.positive_int, metavar='N',
                         help="evaluate at NxN (default: the checkpoint's own resolution)")
-    parser.add_argument('--batch-size', type=int, default=256, metavar='N', help='images per batch (default 256)')
+    parser.add_argument('--batch-size', type=cli.positive_int, default=256, metavar='N',
+                        help='images per batch (default 256)')
     parser.add_argument('--data-dir', metavar='DIR', help='tensorflow-datasets data directory')
     parser.add_argument('--logits', metavar='OUT.npy', help='also save every float32 logit, in dataset order')
 
 
 def run_eval(args: argparse.Namespace, framework: str, forward: cli.Forward, cfg: ViTConfig) -> dict:
     """Scores `forward` (NHWC batch -> logits) on the dataset; prints and writes the result JSON."""
-    if args.batch_size < 1:
-        raise UserError(f'--batch-size {args.batch_size}: must be positive')
+    cli.check_inference(cfg, args.batch_size)
     dataset = datasets.load(args.dataset, args.data_dir)
     if cfg.num_classes != dataset.num_classes:
         raise UserError(f'{args.checkpoint} has {cfg.num_classes} classes but {args.dataset} has '
                         f'{dataset.num_classes}; evaluate a checkpoint trained on {args.dataset}')
-    for path, flag in ((args.json, '--json'), (args.logits, '--logits')):
-        if path:
-            files.check_directory(path, flag)
     split = args.split or dataset.preset.test
-    correct, total, logits = 0, 0, []
+    correct, total, logits, nonfinite = 0, 0, [], 0
     for batch in dataset.eval_batches(split, args.batch_size, cfg.image_size):
         y = forward(batch['image'])[batch['mask']]
         correct += int((y.argmax(-1) == batch['label'][batch['mask']]).sum())
         total += len(y)
+        nonfinite += int((~np.isfinite(y)).any(-1).sum())
         if args.logits:
             logits.append(y)
     result = {'framework': framework, 'checkpoint': args.checkpoint, 'dataset': args.dataset, 'split': split,
               'image_size': cfg.image_size, 'examples': total, 'correct': correct, 'accuracy': correct / max(total, 1)}
+    if nonfinite:
+        cli.say(f'warning: {nonfinite} of {total} examples have NaN or Inf logits; their predictions are '
+                'arbitrary and the accuracy does not mean what it says')
     if args.logits:
         cli.save_output(args.logits, np.concatenate(logits))
     text = json.dumps(result)
@@ -75,6 +76,7 @@ def main(framework: str, make_forward: Callable[[ViTConfig, dict], cli.Forward],
     parser = argparse.ArgumentParser(prog=f'python -m {framework} eval', description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    cli.check_outputs({'--json': args.json, '--logits': args.logits}, [args.checkpoint], [args.config])
     cfg, params = cli.load_checkpoint(args.checkpoint, args.config, args.image_size)
     run_eval(args, framework, make_forward(cfg, params), cfg)
     return 0

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from parity import cli
+from parity.core import limits
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.data.class_names import labels_for
@@ -78,7 +79,7 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
                         help='class names, one per line in logit order, or a bundled list (imagenet2012, '
                              'imagenet21k); default: the checkpoint\'s own (a Hugging Face id2label), else chosen by '
                              'the head size (1000, 21843), else class indices')
-    parser.add_argument('--image-size', type=int, metavar='N',
+    parser.add_argument('--image-size', type=cli.positive_int, metavar='N',
                         help="resize images to NxN and build the model there, resizing the position embeddings "
                              "(default: the checkpoint's own resolution; 224 for sincos2d models, which store none)")
 
@@ -122,8 +123,13 @@ def main(framework: str, make_forward: Callable[[ViTConfig, dict], cli.Forward],
     if args.top < 1:
         raise UserError(f'--top {args.top}: must be at least 1')
     cfg, params, labels, source = load(args, args.images)
+    limits.check_compute(len(args.images) * cfg.image_size ** 2 * 3 * 4 + limits.inference_bytes(cfg, BATCH),
+                         f'{len(args.images)} images at {cfg.image_size}x{cfg.image_size}')
     images = load_images(args.images, cfg.image_size)
     probs = predict(make_forward(cfg, params), images)
     cli.say(f'{framework}: {cli.describe(cfg)}, labels: {source}')
+    for path, p in zip(args.images, probs):
+        if not np.isfinite(p).all():
+            cli.say(f'warning: {path}: the logits are not numbers (NaN or Inf), so neither are its probabilities')
     print(format_predictions(args.images, probs, labels, min(args.top, cfg.num_classes)))
     return 0

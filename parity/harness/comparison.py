@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from parity import cli
-from parity.core import files
+from parity.core import files, limits
 from parity.core.config import ViTConfig
 from parity.core.weights import POSEMB
 from parity.core.errors import UserError
@@ -45,7 +45,7 @@ def add_common(parser: argparse.ArgumentParser, images: bool = True) -> None:
                             'to the model resolution and scaled to [-1, 1]')
     source.add_argument('--random', type=int, metavar='N', help='N seeded uniform [-1, 1] images (the default: 2)')
     parser.add_argument('--seed', type=int, default=0, help='seed for --random (default 0)')
-    parser.add_argument('--image-size', type=int, metavar='N',
+    parser.add_argument('--image-size', type=cli.positive_int, metavar='N',
                         help="build the model at NxN, resizing the position embeddings from the checkpoint's grid "
                              "(default: the checkpoint's own resolution)")
     parser.add_argument('--json', metavar='OUT.json', help='also write the comparison as JSON')
@@ -56,7 +56,13 @@ def add_precision(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def load_model(args: argparse.Namespace, path: str) -> cli.Model:
-    """The checkpoint a command compares, at `--image-size`; a model with no stored grid at `--input`'s size (or 224)."""
+    """The checkpoint a command compares, at `--image-size`; a model with no stored grid at `--input`'s size (or 224).
+
+    Checks first that `--json` can be written and is none of the inputs.
+    """
+    function = getattr(args, 'function', None)  # verify's FILE.py:FUNCTION
+    inputs = [args.input, args.config, getattr(args, 'labels', None), function and function.rpartition(':')[0]]
+    cli.check_outputs({'--json': args.json}, [path], inputs)
     return cli.load_model(path, args.config, args.image_size,
                           cli.npy_image_size(args.input) if args.input is not None else 224)
 
@@ -66,17 +72,32 @@ def raw_posemb(model: cli.Model) -> Callable[[], Optional[np.ndarray]]:
     return lambda: model.checkpoint.params(model.cfg).get(POSEMB)
 
 
-def load_batch(args: argparse.Namespace, cfg: ViTConfig) -> tuple[np.ndarray, str]:
-    """The batch the command runs on, and how to describe it."""
+def load_batch(args: argparse.Namespace, cfg: ViTConfig, need: Optional[Callable[[int], int]] = None
+               ) -> tuple[np.ndarray, str]:
+    """The batch the command runs on, and how to describe it.
+
+    `need(n)` is the memory the command takes for n images (default: a forward comparison,
+    `limits.comparison_bytes`); a batch past the machine's budget is refused before it is made.
+    """
+    attention = getattr(args, 'attention', False)
+    need = need or (lambda n: limits.comparison_bytes(cfg, n, attention))
+
+    def check(n: int) -> None:
+        limits.check_compute(need(n), f'{cli.describe(cfg)} on {n} image{"s" if n != 1 else ""}')
+
     if args.input is not None:
         x = cli.load_input(args.input, cfg)
+        check(len(x))
         return x, f'{len(x)} images from {args.input}'
     if getattr(args, 'images', None) is not None:
-        x = images.load_images(images.images_in(args.images), cfg.image_size)
+        found = images.images_in(args.images)
+        check(len(found))
+        x = images.load_images(found, cfg.image_size)
         return x, f'{len(x)} images from {args.images}'
     n = 2 if args.random is None else args.random
     if n < 1:
         raise UserError(f'--random {n}: need at least one image')
+    check(n)
     x = np.random.default_rng(args.seed).uniform(-1, 1, (n, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
     return x, f'{n} random images (seed {args.seed})'
 
@@ -282,6 +303,12 @@ def conclude(run: Comparison, reference: dict, candidate: dict, json_path: Optio
         print(f'yardstick: vit_jax itself at {precision}: max-abs logit difference '
               f'{run.yardstick["max_abs_logit_diff"]:.2e}, top-1 agreement '
               f'{_fraction(run.yardstick["top1_agreement"], len(x))}')
+    for side, got in (('reference', reference), ('candidate', candidate)):
+        if 'logits' in got and not np.isfinite(got['logits']).all():
+            notes.append(f'the {side}\'s logits hold NaN or Inf: a NaN is never within tolerance'
+                         + (' (the checkpoint\'s own weights are not all numbers)'
+                            if not all(np.isfinite(v).all() for v in run.params.values()) else ''))
+            print(f'note       {notes[-1]}')
     print_verdict(summary, precision, len(x))
     print_diagnosis(findings)
     payload = {

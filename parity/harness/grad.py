@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from parity import cli
-from parity.core import weights
+from parity.core import limits, weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.harness import comparison, counterparts, diagnosis, tolerance
@@ -106,7 +106,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         f'and the {cfg.classifier!r} classifier (need a pooled one: token, gap, map or first; '
                         'classes > 0)')
     cfg = cfg.replace(dropout_rate=0.0, attention_dropout_rate=0.0)
-    x, batch = comparison.load_batch(args, cfg)
+    # Both frameworks' training steps, then a forward comparison.
+    x, batch = comparison.load_batch(args, cfg, lambda n: 2 * limits.training_bytes(cfg, n)
+                                     + limits.comparison_bytes(cfg, n))
     labels = load_labels(args.labels, len(x), cfg.num_classes, args.seed)
 
     loss_ref, grads_ref, new_ref = jax_step(cfg, params, x, labels, args.lr)

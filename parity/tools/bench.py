@@ -50,7 +50,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from parity import cli
-from parity.core import files
+from parity.core import files, limits
 from parity.core.config import OFFICIAL_CONFIGS, ViTConfig
 from parity.core.errors import UserError
 
@@ -129,6 +129,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- devices and memory
+
+def check_memory(configs: Sequence[ViTConfig], modes: Sequence[str], batch: int, device: str) -> None:
+    """Refuses up front a --batch-size no row could run with, rather than failing every row after its warm-up."""
+    import torch
+
+    budget, where = None, 'this machine'
+    if device != 'cpu':
+        budget, where = torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+    estimate = limits.training_bytes if 'train' in modes else limits.inference_bytes
+    for cfg in configs:
+        limits.check_compute(estimate(cfg, batch), f'{cfg.name} at --batch-size {batch}', budget, where)
+
 
 def describe_device(device: str) -> str:
     """What the runs ran on, in words."""
@@ -445,7 +457,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.warmup < 0:
         raise UserError(f'--warmup {args.warmup}: must be 0 or more')
     if args.json:
-        files.check_directory(args.json, '--json')
+        files.check_outputs({'--json': args.json})
     reuse_freed_memory()  # before timm, torch or jax start a thread
     impls = list(args.impls)
     if REFERENCE in impls:
@@ -465,6 +477,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch_runtime.device()
     described = describe_device(device)
     cli.say(f'bench: {described}')
+    check_memory(configs, args.mode, args.batch_size, device)
     rows = []
     for cfg in configs:
         rows += bench_model(cfg, args.mode, impls, args.precision, args.batch_size, device, args.warmup,

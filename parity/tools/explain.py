@@ -20,7 +20,7 @@ import numpy as np
 
 from parity import cli
 from parity.cli import predict
-from parity.core import posemb
+from parity.core import files, posemb
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.data.images import load_image
@@ -166,29 +166,24 @@ def select(args: argparse.Namespace, cfg: ViTConfig) -> Selection:
 
 
 def write(directory: str, cfg: ViTConfig, image: np.ndarray, result: dict[str, np.ndarray], sel: Selection,
-          title: str) -> list[str]:
-    """Every figure as PNG and every array as float32 .npy; returns the files written."""
-    written = []
-    for key, a in result.items():
-        path = os.path.join(directory, f'{key}.npy')
-        np.save(path, a.astype(np.float32))
-        written.append(path)
+          title: str, inputs: Sequence[str] = ()) -> list[str]:
+    """Every figure as PNG and every array as float32 .npy, all or none (`files.AtomicFiles`); the files written."""
+    with files.AtomicFiles(directory, '--out', inputs) as out:
+        for key, a in result.items():
+            np.save(out.path(f'{key}.npy'), a.astype(np.float32))
 
-    def png(name):
-        return os.path.join(directory, f'{name}.png')
+        def png(name):
+            return out.path(f'{name}.png')
 
-    written += [
-        figures.render_rollout(png('rollout'), image, result['rollout'], title, cfg.has_cls_token),
+        figures.render_rollout(png('rollout'), image, result['rollout'], title, cfg.has_cls_token)
         figures.render_attention(png('attention'), image, result['attention'], sel.layers, sel.heads, sel.query_text,
-                                 sel.query),
-        figures.render_position_similarity(png('position_similarity'), result['position_similarity'], title),
+                                 sel.query)
+        figures.render_position_similarity(png('position_similarity'), result['position_similarity'], title)
         figures.render_attention_distance(png('attention_distance'), result['attention_distance'],
-                                          cfg.image_size, f'{title} (1 image)'),
-    ]
-    if 'filter_pca' in result:
-        written.append(figures.render_filter_pca(png('filter_pca'), result['filter_pca'],
-                                                 result['filter_pca_variance'], title))
-    return written
+                                          cfg.image_size, f'{title} (1 image)')
+        if 'filter_pca' in result:
+            figures.render_filter_pca(png('filter_pca'), result['filter_pca'], result['filter_pca_variance'], title)
+    return out.written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -216,13 +211,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='principal components of the embedding filters to draw (default 28, as in the paper)')
     args = parser.parse_args(argv)
 
-    cfg, params, labels, _ = predict.load(args, [args.image])
-    sel = select(args, cfg)
-    image = load_image(args.image, cfg.image_size)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f'--out {args.out}: exists and is not a folder')
-    os.makedirs(args.out, exist_ok=True)
+    cfg, params, labels, _ = predict.load(args, [args.image])
+    bad = [k for k, v in params.items() if not np.isfinite(v).all()]
+    if bad:
+        raise UserError(f'{args.checkpoint}: {", ".join(bad[:3])}{" and more" if len(bad) > 3 else ""} hold NaN or '
+                        'Inf; attention maps and filter components of numbers that are not numbers mean nothing')
+    sel = select(args, cfg)
+    image = load_image(args.image, cfg.image_size)
+    created = not os.path.exists(args.out)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise files.write_error(args.out, e, '--out') from None
+    try:
+        return _explain(args, cfg, params, labels, sel, image)
+    except BaseException:
+        if created and not os.listdir(args.out):  # a folder this run made stays only with its files in it
+            os.rmdir(args.out)
+        raise
 
+
+def _explain(args: argparse.Namespace, cfg: ViTConfig, params: dict, labels: Sequence[str], sel: Selection,
+             image: np.ndarray) -> int:
+    """Runs the chosen frameworks, compares them, and writes the figures and arrays into `args.out`."""
     names = FRAMEWORKS[args.framework]
     results = {fw: arrays(cfg, RUN[fw](cfg, params, image), sel) for fw in names}
     first = results[names[0]]
@@ -237,7 +250,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(names) == 2:
         ok = compare(first, results[names[1]], tuple(f'vit_{n}' for n in names))
         print('parity: ' + ('OK, ' + tolerance.policy('fp32').what if ok else 'FAILED'))
-    written = write(args.out, cfg, image, first, sel, title)
+    nonfinite = [k for k, a in first.items() if not np.isfinite(a).all()]
+    if nonfinite:
+        raise UserError(f'{args.image}: the model\'s {", ".join(nonfinite)} came out NaN or Inf (an overflow in '
+                        'float32); nothing was written')
+    written = write(args.out, cfg, image, first, sel, title, [args.image, args.checkpoint, args.labels])
     print(f'wrote {len(written)} files to {args.out} (from vit_{names[0]}): '
           + ' '.join(os.path.basename(p) for p in written if p.endswith('.png')))
     return 0 if ok else 1
