@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 import textwrap
 
 import numpy as np
@@ -172,6 +174,43 @@ def test_verify_user_errors_are_one_line(tmp_path):
         assert needle in str(e.value) and '\n' not in str(e.value)
 
 
+@pytest.mark.parametrize('body, needle', [
+    ('sys.exit(0)', 'your code called sys.exit(0) instead of returning a result'),
+    ('os._exit(3)', 'it exited with code 3'),
+    ('ctypes.string_at(0)', 'killed by SIGSEGV (a crash in native code)'),
+    ('os.kill(os.getpid(), signal.SIGKILL)', 'killed by SIGKILL (out of memory, or killed from outside)'),
+], ids=['sys.exit(0)', 'os._exit(3)', 'segfault', 'SIGKILL'])
+def test_verify_reports_how_a_function_ended_never_as_a_pass(tmp_path, body, needle):
+    """The user's function runs in a child process: an exit or a crash there is exit 2 here, with a verdict of none."""
+    path = tmp_path / 'ends.py'
+    path.write_text(f'import ctypes, os, signal, sys\n\ndef vit(params, x):\n    {body}\n')
+    ckpt, *rest = case_args(TINY)
+    with pytest.raises(UserError) as e:
+        verify.main([f'{path}:vit', '--checkpoint', ckpt, *rest])
+    assert needle in str(e.value) and str(e.value).startswith(f'{path}:vit: '), e.value
+
+
+def test_verify_stops_a_function_that_never_returns(tmp_path):
+    path = tmp_path / 'hangs.py'
+    path.write_text('import subprocess, time\n\ndef vit(params, x):\n'
+                    '    subprocess.Popen(["sleep", "600"])\n    while True:\n        time.sleep(1)\n')
+    ckpt, *rest = case_args(TINY)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r'did not return within 1 s and was stopped \(--timeout SECONDS'):
+        verify.main([f'{path}:vit', '--checkpoint', ckpt, *rest, '--timeout', '1'])
+    assert time.monotonic() - start < 30
+
+
+def test_verify_runs_nothing_of_the_users_file_in_its_own_process(tmp_path):
+    """An exit at import time is reported too, and the file's prints go to stderr, never into the report."""
+    path = tmp_path / 'exits_on_import.py'
+    path.write_text('import sys\nprint("imported")\nsys.exit(0)\n')
+    ckpt, *rest = case_args(TINY)
+    with pytest.raises(UserError, match='called sys.exit'):
+        verify.main([f'{path}:vit', '--checkpoint', ckpt, *rest])
+    assert '_parity_verify' not in ' '.join(sys.modules)
+
+
 @pytest.mark.slow
 def test_verify_command_line(tmp_path):
     out = tmp_path / 'v.json'
@@ -185,6 +224,12 @@ def test_verify_command_line(tmp_path):
     report = json.loads(out.read_text())
     assert set(report) >= {'first_divergence', 'activations', 'max_abs_logit_diff', 'top1_agreement', 'diagnosis'}
     assert set(report['activations'][0]) >= {'name', 'shape', 'max_abs_diff', 'rel_diff', 'cosine'}
+    exits = tmp_path / 'exits.py'
+    exits.write_text('import sys\n\ndef vit(params, x):\n    sys.exit(0)\n')
+    out.unlink()
+    proc = run_cli('parity', 'verify', f'{exits}:vit', '--checkpoint', ckpt, *rest, '--json', out)
+    assert proc.returncode == 2 and 'verdict' not in proc.stdout and not out.exists()
+    assert proc.stderr.strip().splitlines()[-1].startswith(f'error: {exits}:vit: your code called sys.exit(0)')
 
 
 # --------------------------------------------------------------------------- compare
@@ -342,6 +387,7 @@ def test_numpy_stem_with_stages_is_the_reference_stem():
     assert not policy.within(ref, symmetric)
 
 
+@pytest.mark.slow  # the hybrid's two backward passes compile for several seconds
 def test_grad_parity_on_a_hybrid(tmp_path):
     code, report = run(grad.main, case_args(HYBRID) + ['--lr', '0.1'], tmp_path)
     assert code == 0 and report['first_divergence'] is None and report['loss']['ok']

@@ -307,11 +307,9 @@ def hf_notes(cfg: ViTConfig) -> list[str]:
 
 def load_function(spec: str) -> Callable:
     """`FILE.py:FUNCTION` loaded from its path with importlib (any framework inside)."""
-    path, sep, name = spec.rpartition(':')
-    if not sep or not path or not name:
-        raise UserError(f'{spec}: expected FILE.py:FUNCTION, e.g. examples/numpy_vit.py:vit')
-    if not os.path.isfile(path):
-        raise UserError(f'{spec}: no such file {path}')
+    from parity.harness.child import check_spec
+
+    path, name = check_spec(spec), spec.rpartition(':')[2]
     module_name = f'_parity_verify_{abs(hash(os.path.abspath(path)))}'
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:

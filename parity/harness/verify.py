@@ -1,7 +1,9 @@
 """`python -m parity verify FILE.py:FUNCTION --checkpoint CKPT`: your own implementation against vit_jax.
 
-Your function is loaded and called by `counterparts.load_function` / `run_function`;
-what it returns is compared with the reference like any other candidate.
+Your function runs in a child process (`child.run_isolated`, which loads and calls it
+with `counterparts.load_function` / `run_function`), so an exit, a crash or a hang of it
+is reported as such, never taken for a verdict; what it returns is compared with the
+reference like any other candidate.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import difflib
 from typing import Optional, Sequence
 
 from parity import cli
-from parity.harness import comparison, counterparts
+from parity.core.errors import UserError
+from parity.harness import child, comparison, counterparts
 from parity.harness.comparison import REFERENCE
 
 HELP = f"""\
@@ -27,6 +30,9 @@ float dtype. Optional sub-step outputs let the diagnosis pin a fault inside a bl
 Transformer/encoderblock_i/LayerNorm_0, .../MultiHeadDotProductAttention_0 (the attention
 branch before its residual), .../LayerNorm_1, .../MlpBlock_0 (the MLP branch).
 
+FILE.py is imported and FUNCTION called in a child process: if it exits (sys.exit,
+os._exit), crashes, raises or runs past --timeout, verify says so and exits 2.
+
 Example: python -m parity verify examples/numpy_vit.py:vit --checkpoint ckpt.npz --input x.npy
 Exit 0 when everything returned is within tolerance, 1 when not, 2 for a user error."""
 
@@ -41,14 +47,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     comparison.add_common(parser)
     comparison.add_precision(parser, 'the precision your implementation computes in, which picks the tolerance '
                              '(default fp32)')
+    parser.add_argument('--timeout', type=float, default=child.DEFAULT_TIMEOUT, metavar='SECONDS',
+                        help=f'how long your function may take, import included (default {child.DEFAULT_TIMEOUT:g})')
     args = parser.parse_args(argv)
+    if not args.timeout > 0:
+        raise UserError(f'--timeout {args.timeout}: must be a positive number of seconds')
     runtime.strict_float32()
 
-    fn = counterparts.load_function(args.function)
+    child.check_spec(args.function)  # fail fast, before the checkpoint is read; nothing of it runs here
     model = comparison.load_model(args, args.checkpoint)
     cfg, params = model.cfg, model.params
     x, batch = comparison.load_batch(args, cfg)
-    candidate, notes = counterparts.run_function(fn, args.function, params, x)
+    candidate, notes = child.run_isolated(args.function, params, x, args.timeout)
     known = set(counterparts.known_names(cfg))
     for name in [k for k in candidate if k not in known]:
         close = difflib.get_close_matches(name, sorted(known), n=1)

@@ -1,0 +1,143 @@
+"""A user's function run in a child process, so that nothing it does can pass for a verdict.
+
+`parity verify` calls code it did not write. In the same process a `sys.exit(0)` in that
+code would end `verify` with exit 0 and no verdict (a false pass), an `os._exit(3)` would
+leak its code, a crash would take the report with it and an endless loop would hang.
+Here the parent writes the params and the batch to a private folder, starts
+`python -m parity.harness.child FOLDER SPEC` in its own session, and waits at most
+`timeout` seconds. The child imports FILE.py, calls FUNCTION(params, x) through
+`counterparts.run_function` and writes what it returned (`result.npz`, `result.json`,
+each atomically). Any other ending (an exit, a signal, the timeout) is one `UserError`
+saying which; the child and anything it started are killed on a timeout.
+
+The user's prints go to our stderr, so stdout stays the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from parity.core import files
+from parity.core.errors import UserError
+from parity.core.weights import containers
+
+DEFAULT_TIMEOUT = 300.0  # seconds for the import and the call together
+
+
+def check_spec(spec: str) -> str:
+    """The FILE.py of `FILE.py:FUNCTION`, checked before anything is loaded (nothing of it runs here)."""
+    path, sep, name = spec.rpartition(':')
+    if not sep or not path or not name:
+        raise UserError(f'{spec}: expected FILE.py:FUNCTION, e.g. examples/numpy_vit.py:vit')
+    if not os.path.isfile(path):
+        raise UserError(f'{spec}: no such file {path}')
+    return path
+
+
+def run_isolated(spec: str, params: Mapping[str, np.ndarray], x: np.ndarray, timeout: float = DEFAULT_TIMEOUT
+                 ) -> tuple[dict[str, Any], list[str]]:
+    """FUNCTION(params, x) of `spec` in a child process: (its outputs as float64 arrays, notes on reading them)."""
+    check_spec(spec)
+    with tempfile.TemporaryDirectory(prefix='parity-verify-') as folder:
+        containers.write_npz(os.path.join(folder, 'params.npz'), dict(params))
+        np.save(os.path.join(folder, 'x.npy'), x)
+        child = subprocess.Popen([sys.executable, '-m', 'parity.harness.child', folder, spec],
+                                 stdin=subprocess.DEVNULL, stdout=2, start_new_session=True)
+        try:
+            code = child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill(child)
+            raise UserError(f'{spec}: your function did not return within {timeout:g} s and was stopped '
+                            '(--timeout SECONDS allows longer)') from None
+        except BaseException:  # Ctrl-C: the child goes too
+            _kill(child)
+            raise
+        finally:
+            _kill_group(child.pid)  # whatever the function started and left running
+        report = os.path.join(folder, 'result.json')
+        if not os.path.isfile(report):
+            raise UserError(f'{spec}: {_ending(code)} before your function returned a result; '
+                            'return a dict of intermediates instead')
+        with open(report) as f:
+            result = json.load(f)
+        if result.get('error'):
+            raise UserError(result['error'])
+        out = containers.read_npz(os.path.join(folder, 'result.npz')) if result['keys'] else {}
+        return {k: np.array(out[f'{i}']) for i, k in enumerate(result['keys'])}, result['notes']
+
+
+def _ending(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f'signal {-code}'
+        why = 'out of memory, or killed from outside' if -code == signal.SIGKILL else 'a crash in native code'
+        return f'the process running it was killed by {name} ({why})'
+    return f'it exited with code {code} (sys.exit or os._exit)'
+
+
+def _kill(child: subprocess.Popen) -> None:
+    _kill_group(child.pid)
+    child.wait()
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _child(folder: str, spec: str) -> int:
+    """In the child: import, call, write the result; a user's exit is reported, never passed on."""
+    from parity.harness import counterparts
+
+    def report(**fields) -> None:
+        files.write_text(os.path.join(folder, 'result.json'), json.dumps(fields))
+
+    try:
+        params = containers.read_npz(os.path.join(folder, 'params.npz'))
+        x = np.load(os.path.join(folder, 'x.npy'))
+        fn = counterparts.load_function(spec)
+        _strict_float32()
+        out, notes = counterparts.run_function(fn, spec, params, x)
+    except UserError as e:
+        report(error=str(e))
+        return 0
+    except SystemExit as e:
+        report(error=f'{spec}: your code called sys.exit({e.code!r}) instead of returning a result; return a '
+                     'dict of intermediates')
+        return 0
+    keys = list(out)
+    if keys:
+        containers.write_npz(os.path.join(folder, 'result.npz'), {f'{i}': out[k] for i, k in enumerate(keys)})
+    report(keys=keys, notes=notes)
+    return 0
+
+
+def _strict_float32() -> None:
+    """The float32 settings of every parity command, for the frameworks the user's file imported."""
+    if 'jax' in sys.modules:
+        from vit_jax import runtime as jax_runtime
+        jax_runtime.strict_float32()
+    if 'torch' in sys.modules:
+        from vit_torch import runtime as torch_runtime
+        torch_runtime.strict_float32()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    folder, spec = (sys.argv[1:] if argv is None else argv)
+    return _child(folder, spec)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
