@@ -10,6 +10,7 @@ simulated CPU devices runs in a subprocess, since XLA_FLAGS must be set before J
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from parity.core.errors import UserError
 from parity.data import datasets
 from vit_jax import settings, train, trainer
 
-from conftest import REFERENCE, REPO, random_params, run_cli, tolerance
+from conftest import REFERENCE, REPO, killed_writer_leftover, random_params, run_cli, tolerance
 
 pytestmark = pytest.mark.slow  # every test here trains, or runs the command line
 
@@ -124,8 +125,7 @@ def test_kill_and_restart_ends_with_the_same_parameters(reference, run_args, tmp
     assert not (workdir / 'final.npz').exists(), 'the run ended before it was killed; make it longer'
     killed_at = train.list_checkpoints(str(workdir))[-1][0]
     assert 10 <= killed_at < STEPS
-    # What a kill in the middle of writing leaves: half a checkpoint and half a metrics line.
-    (workdir / 'checkpoints' / f'ckpt-{STEPS:07d}.npz.tmp-1').write_bytes(b'PK\x03\x04')
+    # What a kill in the middle of a metrics write leaves: half a line (a half checkpoint: below, from a real kill).
     with open(workdir / 'metrics.jsonl', 'a') as f:
         f.write('{"step": 9')
 
@@ -138,7 +138,75 @@ def test_kill_and_restart_ends_with_the_same_parameters(reference, run_args, tmp
     steps = [json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()
              if json.loads(line)['split'] == 'train']
     assert steps == list(range(10, STEPS + 1, 10))
-    assert not list((workdir / 'checkpoints').glob('*.tmp-*'))
+    assert not list((workdir / 'checkpoints').glob('.tmp-*'))
+
+
+def test_a_second_trainer_on_the_workdir_is_refused_by_the_lock(run_args, tmp_path):
+    workdir = tmp_path / 'run'
+    first = popen('vit_jax', 'train', *run_args, '--workdir', workdir, out=tmp_path / 'first')
+    deadline = time.time() + 300
+    while not (workdir / '.lock').exists() or not (workdir / '.lock').read_text():
+        assert first.poll() is None, (tmp_path / 'first.err').read_text()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    second = run_cli('vit_jax', 'train', *run_args, '--workdir', workdir)
+    assert second.returncode == 2 and 'Traceback' not in second.stderr, second.stderr
+    line = second.stderr.strip().splitlines()[-1]
+    assert line.startswith(f'error: --workdir {workdir} is in use by PID {first.pid} on '), line
+    assert 'python -m vit_jax train' in line
+    assert first.wait() == 0, (tmp_path / 'first.err').read_text()  # the first run never noticed
+    assert summary((tmp_path / 'first.out').read_text())['step'] == STEPS and not (workdir / '.lock').exists()
+
+
+def test_a_killed_writers_temporaries_are_removed_at_start(tiny_json, tmp_path, capsys):
+    workdir = tmp_path / 'run'
+    (workdir / 'checkpoints').mkdir(parents=True)
+    left = killed_writer_leftover(workdir / 'checkpoints')  # what SIGKILL in a checkpoint write really leaves
+    train_main('--config', tiny_json, '--workdir', workdir, '--steps', '2', '--batch-size', '32',
+               '--warmup-steps', '1')
+    assert f'removed 1 half-written files a killed run left in {workdir} ({left})' in capsys.readouterr().err
+    assert not [n for n in os.listdir(workdir / 'checkpoints') if n.startswith('.tmp-')]
+
+
+def test_a_run_that_never_started_leaves_nothing_and_the_corrected_one_runs(tiny_json, tmp_path, monkeypatch):
+    workdir = tmp_path / 'run'
+    good = ('--config', tiny_json, '--workdir', workdir, '--steps', '2', '--batch-size', '32', '--warmup-steps', '1')
+    with pytest.raises(UserError, match='is not divisible'):
+        train_main(*good, '--accum-steps', '3')
+    real = datasets.Digits.train_batches
+
+    def fails(*args, **kwargs):  # a data pipeline that fails before the first step
+        raise UserError('the data could not be read')
+
+    monkeypatch.setattr(datasets.Digits, 'train_batches', fails)
+    with pytest.raises(UserError, match='could not be read'):
+        train_main(*good, '--lr', '0.5')
+    assert not workdir.exists()  # no run.json to refuse the corrected command with
+    monkeypatch.setattr(datasets.Digits, 'train_batches', real)
+    assert train_main(*good) == 0 and json.loads((workdir / 'run.json').read_text())['lr'] == 0.1
+
+
+def test_a_full_disk_during_a_checkpoint_stops_cleanly_and_resumes(reference, run_args, tmp_path, monkeypatch):
+    workdir = tmp_path / 'run'
+    real, written = np.savez, []
+
+    def fills_the_disk(f, **arrays):  # the third checkpoint meets a full disk half-way through
+        if len(written) == 2:
+            f.write(b'PK\x03\x04 half')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        written.append(1)
+        real(f, **arrays)
+
+    monkeypatch.setattr(np, 'savez', fills_the_disk)
+    with pytest.raises(UserError) as e:
+        train_main(*run_args, '--workdir', workdir)
+    assert str(e.value).startswith(f'{workdir}/checkpoints/ckpt-0000030.npz: cannot write it: the disk is full')
+    assert f'stopped at step 30, the last good checkpoint is {workdir}/checkpoints/ckpt-0000020.npz' in str(e.value)
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['ckpt-0000010.npz', 'ckpt-0000020.npz']
+    monkeypatch.setattr(np, 'savez', real)
+    train_main(*run_args, '--workdir', workdir)  # space freed: the same command resumes and ends where it would have
+    want, got = final_params(reference), final_params(workdir)
+    assert all(np.array_equal(want[k], got[k]) for k in want)
 
 
 def test_a_finished_run_is_not_trained_again(reference, run_args, capsys):
@@ -316,6 +384,10 @@ def train_main(*args):
 
 
 def test_bad_workdirs(reference, run_args, tmp_path):
+    (tmp_path / 'listed').mkdir()
+    (tmp_path / 'listed' / 'run.json').write_text('[1, 2]')
+    with pytest.raises(UserError, match='run.json holds a JSON list, not the record of a run'):
+        train_main(*run_args, '--workdir', tmp_path / 'listed')
     (tmp_path / 'file').write_text('')
     with pytest.raises(UserError, match='is not a directory'):
         train_main('--workdir', tmp_path / 'file' / 'run')

@@ -7,7 +7,7 @@ precision everywhere, and `matmul_precision` chooses it for one block of code.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import jax
 import numpy as np
@@ -21,6 +21,15 @@ from vit_jax.model import VisionTransformer
 def strict_float32() -> None:
     """Every JAX matmul and convolution from here on at the highest precision (true float32)."""
     jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+def device_memory() -> tuple[Optional[int], str]:
+    """(bytes one accelerator may use, its name); (None, 'this machine') on CPU, where devices share the host's."""
+    device = jax.local_devices()[0]
+    if device.platform == 'cpu':
+        return None, 'this machine'
+    stats = device.memory_stats() or {}
+    return stats.get('bytes_limit'), getattr(device, 'device_kind', device.platform)
 
 
 def matmul_precision(precision: str = 'fp32'):

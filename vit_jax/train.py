@@ -23,6 +23,7 @@ Shapes: B global batch, Bl per-process rows, A accumulation steps, S image size,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -35,7 +36,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from parity.core import weights
+from parity.core import files, weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.core.weights import containers
@@ -275,23 +276,30 @@ def state_arrays(state: TrainState) -> dict[str, Any]:
 
 
 def save_checkpoint(workdir: str, state: TrainState, keep: int) -> str:
-    """Writes DIR/checkpoints/ckpt-STEP.npz atomically (temp file, then rename); keeps the newest `keep`."""
+    """Writes DIR/checkpoints/ckpt-STEP.npz atomically (temp file, then rename); keeps the newest `keep`.
+
+    A failed write (a full disk) is a `UserError` and leaves the older checkpoints as they were.
+    """
     directory = os.path.join(workdir, CHECKPOINTS)
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise files.write_error(directory, e) from None
     arrays = state_arrays(to_host(state))
     path = os.path.join(directory, f'ckpt-{int(arrays["step"]):07d}.npz')
     containers.write_npz(path, arrays, durable=True)
     for old in list_checkpoints(workdir)[:-keep]:
-        os.unlink(old[1])
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(old[1])
     return path
 
 
-def remove_partial_checkpoints(workdir: str) -> None:
-    """Deletes temporary files a killed run left half-written (complete checkpoints are never temporary)."""
-    directory = os.path.join(workdir, CHECKPOINTS)
-    for name in os.listdir(directory) if os.path.isdir(directory) else ():
-        if CHECKPOINT.match(name.split('.tmp-')[0]) and '.tmp-' in name:
-            os.unlink(os.path.join(directory, name))
+def remove_temporaries(workdir: str) -> list[str]:
+    """Deletes what a killed run left half-written in DIR and DIR/checkpoints (`files.TEMPORARY` names).
+
+    Only the workdir's lock holder may call it: nobody else is writing there.
+    """
+    return files.remove_temporaries(workdir) + files.remove_temporaries(os.path.join(workdir, CHECKPOINTS))
 
 
 def list_checkpoints(workdir: str) -> list[tuple[int, str]]:

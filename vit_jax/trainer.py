@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Optional, Sequence
@@ -24,12 +25,13 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from parity import cli
-from parity.core import files, weights
+from parity.core import files, limits, weights
 from parity.core.config import ViTConfig, load_config
-from parity.core.errors import UserError
+from parity.core.errors import UserError, cause
+from parity.core.lock import WorkdirLock, describe
 from parity.core.weights import configs
 from parity.data import datasets
-from vit_jax import settings, train
+from vit_jax import runtime, settings, train
 from vit_jax.settings import TrainSettings
 
 RUN_JSON = 'run.json'
@@ -134,7 +136,28 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
     return cfg, weights.prepare_for_finetuning(ckpt.params(own), cfg, args.checkpoint)
 
 
-# --------------------------------------------------------------------------- the workdir
+# --------------------------------------------------------------------------- the workdir and the machine
+
+def check_memory(s: TrainSettings, devices: int, procs: int) -> None:
+    """Refuses a batch and resolution that cannot fit, before any data is read or anything compiled.
+
+    Each device holds its microbatch's activations and the parameters, gradients and optimizer
+    state; the host holds this process's share of the batch twice (the one training, the next
+    one loading). On CPU the devices are the host, so both count against its memory.
+    """
+    cfg, B, A, S = s.config, s.batch_size, s.accum_steps, s.image_size
+    state = 4 * 4 * weights.count_params(cfg)  # params, gradients, momentum, accumulated gradients (float32)
+    local = B // procs
+    host = 2 * 4 * local * S * S * 3
+    what = f'training {cli.describe(cfg)} with --batch-size {B}' + (f' in {A} microbatches' if A > 1 else '')
+    device_bytes, where = runtime.device_memory()
+    if device_bytes is None:  # CPU: every local device's share lives in host memory
+        limits.check_compute(host + limits.training_bytes(cfg, local // A) + state * (devices // procs), what)
+        return
+    limits.check_compute(host, f'{what} (the host\'s copy of each batch)')
+    limits.check_compute(limits.training_bytes(cfg, B // devices // A) + state, f'{what} (per device)',
+                         device_bytes, f'one {where}')
+
 
 def _check_workdir(workdir: str) -> None:
     """A directory that is or can be made writable; created only once every other check has passed."""
@@ -147,15 +170,18 @@ def _check_workdir(workdir: str) -> None:
         raise UserError(f'--workdir {workdir}: {path} is not writable; pick a writable path')
 
 
-def _claim_workdir(workdir: str, s: TrainSettings, is_writer: bool) -> None:
-    """Records the run's settings in DIR/run.json, or checks that a restart repeats them."""
+def _check_resume(workdir: str, s: TrainSettings) -> None:
+    """A workdir with a run in it must hold this run: DIR/run.json repeats the settings (nothing is written here)."""
     path = os.path.join(workdir, RUN_JSON)
     if os.path.exists(path):
         try:
             with open(path) as f:
                 theirs = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f'--workdir {workdir}: {RUN_JSON} is unreadable ({e}); use a new --workdir') from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise UserError(f'--workdir {workdir}: {RUN_JSON} is unreadable ({cause(e)}); use a new --workdir') from None
+        if not isinstance(theirs, dict):
+            raise UserError(f'--workdir {workdir}: {RUN_JSON} holds a JSON {type(theirs).__name__}, not the record '
+                            'of a run; use a new --workdir')
         differ = s.differences(theirs)
         if differ:
             raise UserError(f'--workdir {workdir} holds a run with other settings ({", ".join(differ)}: '
@@ -163,8 +189,12 @@ def _claim_workdir(workdir: str, s: TrainSettings, is_writer: bool) -> None:
                             'repeat that command to resume it, or use a new --workdir')
     elif train.list_checkpoints(workdir) or os.path.exists(os.path.join(workdir, 'final.npz')):
         raise UserError(f'--workdir {workdir} holds checkpoints of an unknown run; use a new --workdir')
-    elif is_writer:
-        os.makedirs(workdir, exist_ok=True)
+
+
+def _record_run(workdir: str, s: TrainSettings) -> None:
+    """DIR/run.json, once the run has really started (its first step ran): a run that never started leaves none."""
+    path = os.path.join(workdir, RUN_JSON)
+    if not os.path.exists(path):
         _write_json(path, s.record())
 
 
@@ -192,8 +222,11 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            try:
+                with open(self.path, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+            except OSError as e:
+                raise files.write_error(self.path, e) from None
 
 
 # --------------------------------------------------------------------------- the run
@@ -240,6 +273,8 @@ class Run:
                 if step == start + 1:  # the first step compiles: leave it out of the throughput
                     jax.block_until_ready(metrics)
                     tick, ticked = time.perf_counter(), step
+                    if self.writer:  # the config, the data and the compile all worked: the run has started
+                        _record_run(self.workdir, s)
                 due_eval = s.eval_every and step % s.eval_every == 0 or step == steps
                 due_ckpt = step % s.checkpoint_every == 0 or step == steps
                 if step % s.log_every and not (due_eval or due_ckpt):
@@ -275,7 +310,12 @@ class Run:
                         bar.write(f'step {step}: {test} accuracy {ev["accuracy"]:.2%} '
                                   f'({ev["examples"]} images), loss {ev["loss"]:.4f}', file=sys.stderr)
                 if due_ckpt and self.writer:
-                    last_good = train.save_checkpoint(self.workdir, state, s.keep_checkpoints)
+                    try:
+                        last_good = train.save_checkpoint(self.workdir, state, s.keep_checkpoints)
+                    except UserError as e:
+                        where = f'the last good checkpoint is {last_good}' if last_good else 'no checkpoint was kept'
+                        raise UserError(f'{e}; stopped at step {step}, {where}; run the same command again '
+                                        'to resume from it') from None
                 tick, ticked = time.perf_counter(), step
         finally:
             bar.close()
@@ -295,9 +335,13 @@ class Run:
         if self.writer:
             # The released layout where the official model can express the config; big_vision's where not (map,
             # first, sincos2d): `weights.load` reads either.
-            weights.save(final, params, self.settings.config, 'npz' if self.settings.config.is_official
-                         else 'big_vision')
-            _write_json(config_path, self.settings.config.to_official_dict())
+            try:
+                weights.save(final, params, self.settings.config, 'npz' if self.settings.config.is_official
+                             else 'big_vision')
+                _write_json(config_path, self.settings.config.to_official_dict())
+            except UserError as e:
+                raise UserError(f'{e}; training finished and its last checkpoint is kept: run the same command '
+                                'again to write the final files') from None
         print(json.dumps({'step': self.settings.steps, **ev, 'final': final, 'config': config_path,
                           'process': jax.process_index(), 'params_sha256': digest}))
         return 0
@@ -320,19 +364,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError(f'--seed {args.seed}: must be 0 or more')
     _check_workdir(args.workdir)
     init_distributed(args.coordinator, args.num_processes, args.process_id)
+    writer = jax.process_index() == 0  # process 0 writes the workdir and holds its lock
+    if not writer:
+        return _train(args, writer)
+    created = not os.path.exists(args.workdir)
+    try:
+        os.makedirs(args.workdir, exist_ok=True)
+    except OSError as e:
+        raise files.write_error(args.workdir, e, '--workdir') from None
+    try:
+        with WorkdirLock(args.workdir) as held:
+            if held.took_over:
+                cli.say(f'note: --workdir {args.workdir} was locked by {describe(held.took_over)}, which is '
+                        'no longer running; taken over')
+            return _train(args, writer)
+    except BaseException:
+        # A run that never started (its first step did not run) leaves nothing behind.
+        if created and not os.path.exists(os.path.join(args.workdir, RUN_JSON)):
+            shutil.rmtree(args.workdir, ignore_errors=True)
+        raise
 
+
+def _train(args: argparse.Namespace, writer: bool) -> int:
+    """The run itself, the workdir held (by process 0)."""
     dataset = datasets.load(args.dataset, args.data_dir)
     cfg, finetune = _model(args, dataset, args.image_size or dataset.preset.image_size)
     s = settings.resolve(args, cfg)
     B, A = s.batch_size, s.accum_steps
-    devices, pid, procs = jax.device_count(), jax.process_index(), jax.process_count()
+    devices, procs = jax.device_count(), jax.process_count()
     if B % devices or (B // devices) % A:
         raise UserError(f'--batch-size {B} does not split over {devices} devices with --accum-steps {A}; '
                         f'pick a multiple of {devices * A}')
-    writer = pid == 0
-    _claim_workdir(args.workdir, s, writer)
+    check_memory(s, devices, procs)
+    _check_resume(args.workdir, s)
     if writer:
-        train.remove_partial_checkpoints(args.workdir)
+        removed = train.remove_temporaries(args.workdir)
+        if removed:
+            cli.say(f'note: removed {len(removed)} half-written files a killed run left in {args.workdir} '
+                    f'({", ".join(removed[:3])}{", ..." if len(removed) > 3 else ""})')
 
     mesh = train.make_mesh()
     tx, lr_fn = train.make_optimizer(s.lr, s.steps, s.warmup_steps, s.schedule)
