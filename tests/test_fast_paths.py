@@ -218,7 +218,7 @@ def assert_bf16_agrees(ref: np.ndarray, got: np.ndarray) -> None:
     assert np.abs(got - ref).max() > 0  # bf16 really ran
 
 
-@pytest.mark.parametrize('fast', [False, True])
+@pytest.mark.parametrize('fast', [pytest.param(False, marks=pytest.mark.slow), True])  # the teaching path: slow
 def test_flax_bf16_within_its_bound_and_top1(fast):
     cfg, params, x = bf16_case()
     variables = variables_from_params(params)

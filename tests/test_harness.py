@@ -263,6 +263,7 @@ def test_compare_fails_on_a_mismatched_candidate(tmp_path, monkeypatch):
     assert eps and abs(math.log10(eps[0] / 1e-2)) < 0.1
 
 
+@pytest.mark.slow  # compiles the reference at two precisions and the candidate under autocast
 def test_compare_reduced_precision(tmp_path):
     code, report = run(compare.main, case_args(TINY) + ['--precision', 'bf16'], tmp_path)
     assert code == 0 and report['precision'] == 'bf16' and report['top1_agreement'] == 1.0

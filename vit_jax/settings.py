@@ -97,7 +97,7 @@ def resolve(args, cfg: ViTConfig) -> TrainSettings:
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, data_dir=args.data_dir, **pick)
     if s.warmup_steps < 0 or s.warmup_steps >= s.steps:
         raise UserError(f'--warmup-steps {s.warmup_steps} must be at least 0 and below --steps {s.steps}')
-    if s.lr <= 0:
+    if not s.lr > 0:  # NaN included
         raise UserError(f'--lr {s.lr}: must be positive')
     if s.batch_size % s.accum_steps:
         raise UserError(f'--batch-size {s.batch_size} is not divisible by --accum-steps {s.accum_steps}')

@@ -59,14 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--steps', type=int, metavar='N', help='optimizer updates')
     p.add_argument('--batch-size', type=int, metavar='N', help='global batch (all devices and processes)')
     p.add_argument('--accum-steps', type=int, metavar='N', help='microbatches per update (gradient accumulation)')
-    p.add_argument('--lr', type=float, metavar='F', help='peak learning rate')
+    p.add_argument('--lr', type=cli.positive_float, metavar='F', help='peak learning rate')
     p.add_argument('--warmup-steps', type=int, metavar='N', help='linear warm-up steps')
     p.add_argument('--schedule', choices=('cosine', 'linear'), default='cosine', help='decay after warm-up')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                    help='compute dtype (parameters and optimizer state stay float32)')
     p.add_argument('--eval-every', type=int, metavar='N',
                    help='evaluate on the test split every N steps (0: only at the end)')
-    p.add_argument('--seed', type=int, default=0, metavar='N', help='initialisation, data order, augmentation, dropout')
+    p.add_argument('--seed', type=cli.seed_int, default=0, metavar='N',
+                   help='initialisation, data order, augmentation, dropout')
     p.add_argument('--checkpoint-every', type=int, metavar='N',
                    help='write a checkpoint every N steps (default: --eval-every)')
     p.add_argument('--keep-checkpoints', type=int, default=3, metavar='N', help='newest checkpoints kept (default 3)')
@@ -133,6 +134,8 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
     cfg = load_config(args.config) if args.config else own.replace(representation_size=None)
     cfg = cfg.replace(num_classes=dataset.num_classes, image_size=image_size)
     cfg.grid_for(image_size)
+    # Before the surgery allocates position embeddings for the new grid: one image must fit at all.
+    limits.check_compute(limits.training_bytes(cfg, 1), f'training {cli.describe(cfg)}')
     return cfg, weights.prepare_for_finetuning(ckpt.params(own), cfg, args.checkpoint)
 
 
@@ -174,6 +177,7 @@ def _check_resume(workdir: str, s: TrainSettings) -> None:
     """A workdir with a run in it must hold this run: DIR/run.json repeats the settings (nothing is written here)."""
     path = os.path.join(workdir, RUN_JSON)
     if os.path.exists(path):
+        limits.check_text(path, f'--workdir {workdir}: {RUN_JSON}')
         try:
             with open(path) as f:
                 theirs = json.load(f)
@@ -360,8 +364,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               'image_size')
     if args.eval_every is not None and args.eval_every < 0:
         raise UserError(f'--eval-every {args.eval_every}: must be 0 (only at the end) or more')
-    if args.seed < 0:
-        raise UserError(f'--seed {args.seed}: must be 0 or more')
     _check_workdir(args.workdir)
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     writer = jax.process_index() == 0  # process 0 writes the workdir and holds its lock

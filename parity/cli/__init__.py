@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import math
 import os
 import sys
 import zipfile
@@ -211,6 +212,28 @@ def check_inference(cfg: ViTConfig, batch: int) -> None:
     """Refuses a forward pass of `batch` images at `cfg`'s resolution that this machine cannot hold."""
     limits.check_compute(limits.inference_bytes(cfg, batch),
                          f'{describe(cfg)} on {batch} image{"s" if batch != 1 else ""}')
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (a learning rate, a timeout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f'{text}: must be a finite number above 0')
+    return value
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a random seed, a whole number in 0 .. 2**32 - 1 (what every generator takes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f'{value}: a seed is a whole number from 0 to {2 ** 32 - 1}')
+    return value
 
 
 def positive_int(text: str) -> int:

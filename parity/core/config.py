@@ -20,7 +20,7 @@ import os
 from typing import Any, Optional
 
 from parity.core.errors import UserError, cause
-from parity.core.limits import MAX_JSON_BYTES
+from parity.core.limits import check_text
 
 # The official classifiers, then big_vision's multihead attention pooling and its first-token pooling.
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled', 'map', 'first')
@@ -323,9 +323,7 @@ def load_config(name_or_path: str) -> ViTConfig:
         raise UserError(f'--config {name_or_path!r}: not an official config name nor a JSON file; '
                         f'names are: {", ".join(OFFICIAL_CONFIGS)}')
     try:
-        if os.path.getsize(name_or_path) > MAX_JSON_BYTES:
-            raise UserError(f'--config {name_or_path}: {os.path.getsize(name_or_path):,} bytes, too large for a '
-                            'config file')
+        check_text(name_or_path, f'--config {name_or_path}')
         with open(name_or_path, encoding='utf-8') as f:
             d = json.load(f)
     except OSError as e:

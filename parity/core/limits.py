@@ -30,7 +30,7 @@ from parity.core.errors import UserError
 READ_ENV, MEMORY_ENV = 'VIT_MIRROR_MAX_READ', 'VIT_MIRROR_MAX_MEMORY'
 DEFAULT_READ = 1 << 30
 MAX_IMAGE_PIXELS = 40_000_000  # 40 megapixels: 7,300 x 5,500, beyond any camera a ViT is shown
-MAX_JSON_BYTES = 16 << 20  # a config file larger than this is not a config
+MAX_TEXT_BYTES = 16 << 20  # a config or a list of class names larger than this is neither
 
 
 def _bytes(text: str, env: str) -> int:
@@ -60,6 +60,14 @@ def machine_budget() -> int:
     if text is not None:
         return _bytes(text, MEMORY_ENV)
     return machine_memory() // 2 or 1 << 40  # unknown machine: only the absurd is refused
+
+
+def check_text(path: str, what: str) -> None:
+    """Refuses a text file (a JSON config, an index, a list of names) larger than `MAX_TEXT_BYTES`, before reading it."""
+    size = os.path.getsize(path)
+    if size > MAX_TEXT_BYTES:
+        raise UserError(f'{what}: {human(size)}, more than a file of its kind holds ({human(MAX_TEXT_BYTES)} at most); '
+                        'is it the file you meant?')
 
 
 def human(n: float) -> str:

@@ -11,6 +11,7 @@ from importlib import resources
 from typing import Optional
 
 from parity.core.errors import UserError
+from parity.core.limits import check_text
 
 # Which bundled list names a head of this size.
 BUNDLED = {1000: 'imagenet2012', 21843: 'imagenet21k'}
@@ -41,6 +42,7 @@ def labels_for(num_classes: int, spec: Optional[str] = None) -> tuple[list[str],
             return bundled_labels(BUNDLED[num_classes]), BUNDLED[num_classes]
         return [f'class {i}' for i in range(num_classes)], 'class indices (pass --labels FILE for names)'
     if os.path.isfile(spec):
+        check_text(spec, f'--labels {spec}')
         try:
             with open(spec, encoding='utf-8') as f:
                 names = _read_names(f.read())

@@ -44,7 +44,7 @@ def add_common(parser: argparse.ArgumentParser, images: bool = True) -> None:
         source.add_argument('--images', metavar='DIR', help='a folder of .jpg/.jpeg/.png images, resized (bilinear) '
                             'to the model resolution and scaled to [-1, 1]')
     source.add_argument('--random', type=int, metavar='N', help='N seeded uniform [-1, 1] images (the default: 2)')
-    parser.add_argument('--seed', type=int, default=0, help='seed for --random (default 0)')
+    parser.add_argument('--seed', type=cli.seed_int, default=0, help='seed for --random (default 0)')
     parser.add_argument('--image-size', type=cli.positive_int, metavar='N',
                         help="build the model at NxN, resizing the position embeddings from the checkpoint's grid "
                              "(default: the checkpoint's own resolution)")

@@ -95,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cli.add_checkpoint_argument(parser)
     comparison.add_common(parser, images=False)
     parser.add_argument('--labels', metavar='L.npy', help='integer class per image (default: seeded random)')
-    parser.add_argument('--lr', type=float, default=0.03, help='SGD learning rate (default 0.03)')
+    parser.add_argument('--lr', type=cli.positive_float, default=0.03, help='SGD learning rate (default 0.03)')
     args = parser.parse_args(argv)
     runtime.strict_float32()
 

@@ -12,7 +12,6 @@ import difflib
 from typing import Optional, Sequence
 
 from parity import cli
-from parity.core.errors import UserError
 from parity.harness import child, comparison, counterparts
 from parity.harness.comparison import REFERENCE
 
@@ -47,11 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     comparison.add_common(parser)
     comparison.add_precision(parser, 'the precision your implementation computes in, which picks the tolerance '
                              '(default fp32)')
-    parser.add_argument('--timeout', type=float, default=child.DEFAULT_TIMEOUT, metavar='SECONDS',
+    parser.add_argument('--timeout', type=cli.positive_float, default=child.DEFAULT_TIMEOUT, metavar='SECONDS',
                         help=f'how long your function may take, import included (default {child.DEFAULT_TIMEOUT:g})')
     args = parser.parse_args(argv)
-    if not args.timeout > 0:
-        raise UserError(f'--timeout {args.timeout}: must be a positive number of seconds')
     runtime.strict_float32()
 
     child.check_spec(args.function)  # fail fast, before the checkpoint is read; nothing of it runs here

@@ -26,6 +26,7 @@ import numpy as np
 from parity.core.config import ViTConfig, heads_for_width
 from parity.core import files
 from parity.core.errors import UserError, cause
+from parity.core.limits import check_text
 from parity.core.weights import configs, containers
 from parity.core.weights.formats import big_vision, hf, released, timm, vit_torch
 from parity.core.weights.spec import Params, check_params
@@ -231,6 +232,8 @@ def _hf(spec: str, path: str, state: dict, d: Optional[dict]) -> Checkpoint:
 def _load_folder(spec: str, folder: str) -> Checkpoint:
     """A Hugging Face folder (transformers' config.json) or a timm hub folder (timm's config.json)."""
     try:
+        if os.path.isfile(os.path.join(folder, 'config.json')):
+            check_text(os.path.join(folder, 'config.json'), f'{folder}/config.json')
         with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
             d = json.load(f)
     except FileNotFoundError:
@@ -247,6 +250,7 @@ def _folder_weights(spec: str, folder: str) -> dict:
     """The state dict in a hub folder: model.safetensors (sharded or not), else pytorch_model.bin."""
     index = os.path.join(folder, 'model.safetensors.index.json')
     if os.path.isfile(index):
+        check_text(index, index)
         try:
             with open(index, encoding='utf-8') as f:
                 shards = sorted(set(json.load(f)['weight_map'].values()))

@@ -21,6 +21,7 @@ from typing import Optional
 
 from parity.core.config import ViTConfig, official_name_for, whole_number
 from parity.core.errors import UserError, cause
+from parity.core.limits import check_text
 from parity.core.weights.formats.tables import Table
 
 _B, _A = 'Transformer.encoderblock_{i}.', 'Transformer.encoderblock_{i}.MultiHeadDotProductAttention_0.'
@@ -82,6 +83,7 @@ def read_config(folder: str, where: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f'{where}: a Hugging Face folder needs its config.json (not found in {folder}); '
                         'pass the folder transformers wrote with save_pretrained')
+    check_text(path, path)
     try:
         with open(path, encoding='utf-8') as f:
             d = json.load(f)
