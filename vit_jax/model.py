@@ -99,6 +99,24 @@ class Attention(Module):
                                kernel_init=nn.initializers.xavier_uniform(), name='out')(y)  # (B, Q, D)
 
 
+class DropPath(Module):
+    """Stochastic depth: drops a residual branch for a whole example with probability `rate`.
+
+    The kept examples' branches are scaled by 1 / (1 - rate), so the expected sum is
+    unchanged and evaluation (or rate 0) is the identity, as in timm and DeiT.
+    """
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, *, deterministic):
+        if deterministic or self.rate == 0.0:
+            return x
+        B, N, D = x.shape
+        keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.rate, (B, 1, 1))  # one draw per example
+        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
 class EncoderBlock(Module):
     """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
 
@@ -106,6 +124,7 @@ class EncoderBlock(Module):
     num_heads: int
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     fast: bool = False
 
@@ -115,11 +134,11 @@ class EncoderBlock(Module):
         y = Attention(num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
                       fast=self.fast, name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
         y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
-        x = x + y
+        x = x + DropPath(self.drop_path_rate, name='DropPath_0')(y, deterministic=deterministic)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_1')(x)
         y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype, fast=self.fast,
                      name='MlpBlock_0')(y, deterministic=deterministic)
-        x = x + y
+        x = x + DropPath(self.drop_path_rate, name='DropPath_1')(y, deterministic=deterministic)
         self.sow('intermediates', 'output', x)
         return x
 
@@ -148,6 +167,7 @@ class Encoder(Module):
     num_heads: int
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    drop_path_rates: tuple[float, ...] = ()  # one per block (`ViTConfig.drop_path_rates`); empty: none
     dtype: Dtype = jnp.float32
     fast: bool = False
     posemb: str = 'learn'
@@ -160,8 +180,9 @@ class Encoder(Module):
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
         for i in range(self.num_layers):
             x = EncoderBlock(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-                             attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-                             fast=self.fast, name=f'encoderblock_{i}')(x, deterministic=not train)
+                             attention_dropout_rate=self.attention_dropout_rate,
+                             drop_path_rate=self.drop_path_rates[i] if self.drop_path_rates else 0.0,
+                             dtype=self.dtype, fast=self.fast, name=f'encoderblock_{i}')(x, deterministic=not train)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
         self.sow('intermediates', 'encoded', x)
         return x
@@ -285,7 +306,7 @@ class VisionTransformer(Module):
             cls = self.param('cls', nn.initializers.zeros, (1, 1, D))
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (B, 1, 1)), x], axis=1)  # (B, N, D)
         x = Encoder(cfg.num_layers, cfg.mlp_dim, cfg.num_heads, cfg.dropout_rate, cfg.attention_dropout_rate,
-                    self.dtype, self.fast, cfg.posemb, (h, w), name='Transformer')(x, train=train)
+                    cfg.drop_path_rates, self.dtype, self.fast, cfg.posemb, (h, w), name='Transformer')(x, train=train)
         if cfg.classifier in ('token', 'first'):
             x = x[:, 0]  # (B, D)
         elif cfg.classifier == 'gap':

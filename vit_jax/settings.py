@@ -9,13 +9,17 @@ checkpoint, where the data lives) may change between restarts.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import math
 import os
 from typing import Any, Optional
 
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
-from parity.data import datasets
+from parity.data import augment as augmentation, datasets
+from parity.data.augment import Augment
 
 DIGITS_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'digits.json')
 
@@ -64,37 +68,126 @@ class TrainSettings:
     schedule: str = _run()
     dtype: str = _run()
     seed: int = _run()
+    # The recipe beside the schedule (`vit_jax.train.make_optimizer`, `Objective`); the defaults are the official one.
+    optimizer: str = _run(default='sgd')
+    weight_decay: float = _run(default=0.0)
+    weight_decay_on: str = _run(default='kernels')
+    b1: float = _run(default=0.9)
+    b2: float = _run(default=0.999)
+    grad_clip: float = _run(default=1.0)  # global norm; 0: no clipping
+    loss: str = _run(default='softmax')
+    label_smoothing: float = _run(default=0.0)
+    head_bias_init: Optional[float] = _run(default=None)  # None: the model's zero init
+    mixup: float = _run(default=0.0)
+    augment: str = _run(default='')  # `parity.data.augment` spec, resolved (the dataset's default when not given)
+    randaug: Optional[tuple[int, int]] = _run(default=None)  # (layers, magnitude)
+    # Knowledge distillation: (absolute checkpoint path, config or None) per teacher.
+    teachers: tuple[tuple[str, Optional[str]], ...] = _run(default=())
+    distill: str = _run(default='soft')
+    distill_alpha: float = _run(default=0.0)
+    distill_temperature: float = _run(default=1.0)
+    teacher_weights: tuple[float, ...] = _run(default=())  # normalised to sum to 1
     eval_every: int = 100  # 0: only at the end
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 10
     data_dir: Optional[str] = None
+    recipe: str = 'official'  # the preset the unset flags came from (`RECIPE_PRESETS`); the values above decide
+
+    @property
+    def augmentation(self) -> Augment:
+        """The training augmentation these settings name."""
+        randaug = None if self.randaug is None else f'{self.randaug[0]},{self.randaug[1]}'
+        return augmentation.parse(self.augment, randaug, digits=self.dataset == datasets.DIGITS)
 
     def record(self) -> dict:
-        """The settings as `run.json` holds them (the config in the official field layout)."""
+        """The settings as `run.json` holds them (the config in the official field layout), JSON values only."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d['config'] = dict(self.config.to_official_dict(), image_size=self.config.image_size)
-        return d
+        d['teachers'] = [{'checkpoint': path, 'config': config} for path, config in self.teachers]
+        return json.loads(json.dumps(d))  # tuples as lists, as they come back from the file
 
     def differences(self, recorded: dict) -> list[str]:
-        """The run-defining fields in which `recorded` (a run.json) differs from these settings."""
+        """The run-defining fields in which `recorded` (a run.json) differs from these settings.
+
+        A field that an older run.json does not have counts as its default (the recipe
+        fields arrived after the first runs were recorded).
+        """
         mine = self.record()
-        return [k for k in RUN_FIELDS if recorded.get(k) != mine[k]]
+        defaults = dict(DEFAULTS, augment=augmentation.parse(None, None, self.dataset == datasets.DIGITS).spec())
+        return [k for k in RUN_FIELDS if recorded.get(k, defaults.get(k)) != mine[k]]
 
 
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get('run'))
+# The record of each default, for run.json files written before a field existed.
+DEFAULTS = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(TrainSettings)
+                                  if f.default is not dataclasses.MISSING}))
+
+
+def _augreg(mixup: float, randaug: tuple[int, int]) -> dict:
+    """big_vision's AugReg recipe (`configs/vit_i21k.py`) at one of its augmentation levels."""
+    return dict(optimizer='adam', lr=0.001, weight_decay=0.0001, grad_clip=1.0, loss='sigmoid',
+                head_bias_init=lambda classes: -6.9 if classes == 1000 else -10.0, augment='crop,flip',
+                randaug=f'{randaug[0]},{randaug[1]}', mixup=mixup)
+
+
+# `--recipe NAME`: flag values in one word; a flag given beside it wins. Steps, warm-up and batch stay the
+# dataset's unless the recipe is tied to one dataset and resolution (adamw-cifar).
+RECIPE_PRESETS: dict[str, dict] = {
+    'official': {},
+    # The commonest "fine-tune a ViT on CIFAR-10" recipe: AdamW, smoothing, flips, rotations, colour jitter, 224 px,
+    # ten epochs of batch 64.
+    'adamw-cifar': dict(optimizer='adamw', lr=1e-4, weight_decay=1e-4, label_smoothing=0.1, batch_size=64,
+                        accum_steps=1, image_size=224, steps=7813, warmup_steps=500,
+                        augment='flip,rotate=15,jitter=0.4'),
+    'augreg-light1': _augreg(0.0, (2, 0)),
+    'augreg-light2': _augreg(0.2, (2, 10)),
+    'augreg-medium1': _augreg(0.2, (2, 15)),
+    'augreg-medium2': _augreg(0.5, (2, 15)),
+    'augreg-strong1': _augreg(0.5, (2, 20)),
+    'augreg-strong2': _augreg(0.8, (2, 20)),
+    # DeiT (Touvron et al. 2021, table 9) with what this project has: AdamW at 5e-4 x batch / 512, weight decay
+    # 0.05, smoothing 0.1, mixup 0.8, RandAugment (2, 9), stochastic depth 0.1 (no CutMix, repeated augmentation or
+    # random erasing).
+    'deit': dict(optimizer='adamw', lr=lambda batch: 5e-4 * batch / 512, weight_decay=0.05, label_smoothing=0.1,
+                 mixup=0.8, augment='crop,flip', randaug='2,9', stochastic_depth=0.1),
+}
+
+
+def apply_recipe(args, num_classes: int):
+    """A copy of the parsed flags with `--recipe`'s values filled in where no flag was given."""
+    name = getattr(args, 'recipe', None) or 'official'
+    if name not in RECIPE_PRESETS:
+        raise UserError(f'--recipe {name!r}: expected one of {", ".join(RECIPE_PRESETS)}')
+    out = argparse.Namespace(**vars(args))
+    out.recipe = name
+    out.from_recipe = set(getattr(args, 'from_recipe', ()))
+    preset = RECIPE_PRESETS[name]
+    for flag, value in preset.items():
+        if getattr(out, flag) is None and not callable(value):
+            setattr(out, flag, value)
+            out.from_recipe.add(flag)
+    if getattr(out, 'head_bias_init') is None and callable(preset.get('head_bias_init')):
+        out.head_bias_init = preset['head_bias_init'](num_classes)
+    if out.lr is None and callable(preset.get('lr')):
+        out.lr = preset['lr'](out.batch_size or RECIPES.get(args.dataset, DEFAULT_RECIPE).batch_size)
+    return out
 
 
 def resolve(args, cfg: ViTConfig) -> TrainSettings:
-    """The settings of a `train` command line for model `cfg`: flags, else the dataset's defaults; checked."""
+    """The settings of a `train` command line for model `cfg`: flags, else `--recipe`'s values, else the
+    dataset's defaults; checked. `cfg` is at its training resolution (after `apply_recipe`)."""
+    args = apply_recipe(args, cfg.num_classes)
     recipe = RECIPES.get(args.dataset, DEFAULT_RECIPE)
+    cfg, fields = recipe_settings(args, cfg)
     pick = {name: getattr(args, name) if getattr(args, name) is not None else getattr(recipe, name)
             for name in ('steps', 'batch_size', 'accum_steps', 'lr', 'warmup_steps', 'eval_every')}
     s = TrainSettings(
         config=cfg, dataset=args.dataset, checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
         image_size=cfg.image_size, schedule=args.schedule, dtype=args.dtype, seed=args.seed,
         checkpoint_every=args.checkpoint_every or pick['eval_every'] or pick['steps'],
-        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, data_dir=args.data_dir, **pick)
+        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, data_dir=args.data_dir, recipe=args.recipe,
+        **pick, **fields)
     if s.warmup_steps < 0 or s.warmup_steps >= s.steps:
         raise UserError(f'--warmup-steps {s.warmup_steps} must be at least 0 and below --steps {s.steps}')
     if not s.lr > 0:  # NaN included
@@ -102,3 +195,88 @@ def resolve(args, cfg: ViTConfig) -> TrainSettings:
     if s.batch_size % s.accum_steps:
         raise UserError(f'--batch-size {s.batch_size} is not divisible by --accum-steps {s.accum_steps}')
     return s
+
+
+def _flag(name: str) -> str:
+    return '--' + name.replace('_', '-')
+
+
+def _in_range(args, name: str, low: float, high: float, high_open: bool = True) -> None:
+    value = getattr(args, name)
+    if value is None:
+        return
+    ok = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        raise UserError(f'{_flag(name)} {value}: must lie in [{low:g}, {high:g}{")" if high_open else "]"}')
+
+
+def recipe_settings(args, cfg: ViTConfig) -> tuple[ViTConfig, dict]:
+    """The model's regularisation (into `cfg`) and the optimizer, loss and distillation fields of a
+    `train` command line, checked, each flag's default the official recipe's."""
+    for name in ('dropout', 'attention_dropout', 'stochastic_depth', 'label_smoothing', 'b1', 'b2'):
+        _in_range(args, name, 0, 1)
+    _in_range(args, 'distill_alpha', 0, 1, high_open=False)
+    for name in ('weight_decay', 'grad_clip', 'mixup'):
+        _in_range(args, name, 0, math.inf)
+    if args.head_bias_init is not None and not math.isfinite(args.head_bias_init):
+        raise UserError(f'--head-bias-init {args.head_bias_init}: must be a finite number')
+    optimizer = args.optimizer or 'sgd'
+    if optimizer == 'sgd' and (args.b1 is not None or args.b2 is not None):
+        raise UserError('--b1 and --b2 are Adam\'s moment decays; pass --optimizer adamw or adam, or drop them')
+    cfg = cfg.replace(**{k: v for k, v in (('dropout_rate', args.dropout),
+                                           ('attention_dropout_rate', args.attention_dropout),
+                                           ('stochastic_depth_rate', args.stochastic_depth)) if v is not None})
+    try:
+        aug = augmentation.parse(args.augment, args.randaug, digits=args.dataset == datasets.DIGITS)
+    except UserError as e:
+        given = sorted(set(getattr(args, 'from_recipe', ())) & {'augment', 'randaug'})
+        if not given:
+            raise
+        raise UserError(f'{e} (set by --recipe {args.recipe}; pass {" and ".join(_flag(g) for g in given)} '
+                        'to override)') from None
+    fields = dict(optimizer=optimizer, loss=args.loss or 'softmax', head_bias_init=args.head_bias_init,
+                  augment=aug.spec(), randaug=aug.randaug,
+                  **{k: getattr(args, k) for k in ('weight_decay', 'weight_decay_on', 'b1', 'b2', 'grad_clip',
+                                                   'label_smoothing', 'mixup') if getattr(args, k) is not None})
+    teachers = args.teacher or []
+    configs = args.teacher_config or []
+    distill_flags = [f for f in ('distill', 'distill_alpha', 'distill_temperature', 'teacher_weights',
+                                 'teacher_config') if getattr(args, f) is not None]
+    if not teachers:
+        if distill_flags:
+            raise UserError(f'{_flag(distill_flags[0])} sets up knowledge distillation, which needs a teacher: '
+                            'pass --teacher CKPT (repeatable), or drop it')
+        return cfg, fields
+    if configs and len(configs) != len(teachers):
+        raise UserError(f'{len(configs)} --teacher-config for {len(teachers)} --teacher: give none (each config '
+                        'inferred from its file) or one per teacher, in the same order')
+    if args.distill_temperature is not None and not (math.isfinite(args.distill_temperature)
+                                                     and args.distill_temperature > 0):
+        raise UserError(f'--distill-temperature {args.distill_temperature}: must be a finite number above 0')
+    weights = [1.0] * len(teachers)
+    if args.teacher_weights is not None:
+        try:
+            weights = [float(w) for w in args.teacher_weights.split(',')]
+        except ValueError:
+            raise UserError(f'--teacher-weights {args.teacher_weights!r}: expected numbers separated by commas, '
+                            'one per teacher') from None
+        if len(weights) != len(teachers):
+            raise UserError(f'--teacher-weights {args.teacher_weights}: {len(weights)} weights for '
+                            f'{len(teachers)} --teacher; give one per teacher, in the same order')
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+            raise UserError(f'--teacher-weights {args.teacher_weights}: weights must be 0 or more, '
+                            'not all 0, and finite')
+    total = sum(weights)
+    fields.update(
+        teachers=tuple((os.path.abspath(t), _absolute_config(c)) for t, c in
+                       zip(teachers, configs or [None] * len(teachers))),
+        distill=args.distill or 'soft',
+        distill_alpha=0.5 if args.distill_alpha is None else args.distill_alpha,  # DeiT's
+        distill_temperature=args.distill_temperature or 1.0,
+        teacher_weights=tuple(w / total for w in weights))
+    return cfg, fields
+
+
+def _absolute_config(spec: Optional[str]) -> Optional[str]:
+    """A config JSON path made absolute (the run must find it again from elsewhere); names stay names."""
+    return os.path.abspath(spec) if spec is not None and os.path.exists(spec) else spec

@@ -24,10 +24,11 @@ Shapes: B global batch, Bl per-process rows, A accumulation steps, S image size,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -99,13 +100,41 @@ def learning_rate_schedule(lr: float, steps: int, warmup_steps: int, schedule: s
     return lr_fn
 
 
-def make_optimizer(lr: float, steps: int, warmup_steps: int, schedule: str = 'cosine', grad_norm_clip: float = 1.0):
-    """(optax transformation, lr_fn): the official recipe, clipping to global norm 1 then SGD momentum 0.9.
+OPTIMIZERS = ('sgd', 'adamw', 'adam')
 
-    No weight decay; float32 momentum (the official code keeps it in bfloat16 to save memory).
+
+def kernels_mask(params):
+    """True for the leaves weight decay applies to by default: the kernels of dense layers and convolutions,
+    not biases, LayerNorm and GroupNorm scales, the class token or the position embeddings."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def make_optimizer(lr: float, steps: int, warmup_steps: int, schedule: str = 'cosine', grad_norm_clip: float = 1.0,
+                   *, optimizer: str = 'sgd', weight_decay: float = 0.0, weight_decay_on: str = 'kernels',
+                   b1: float = 0.9, b2: float = 0.999):
+    """(optax transformation, lr_fn). The default is the official recipe: clip to global norm 1, then SGD
+    with momentum 0.9 and no weight decay (float32 momentum; the official code keeps it in bfloat16).
+
+    `grad_norm_clip` 0 clips nothing. `optimizer='adamw'` is optax's AdamW (eps 1e-8); `'adam'`
+    is big_vision's `scale_by_adam`, then the weight decay, then the learning rate. Weight
+    decay is decoupled (the update is `-lr * (direction + weight_decay * param)`), on kernels
+    only unless `weight_decay_on='all'`; with `sgd` it is added after the momentum the same way.
     """
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f'--optimizer {optimizer!r}: expected one of {", ".join(OPTIMIZERS)}')
+    if weight_decay_on not in ('kernels', 'all'):
+        raise UserError(f'--weight-decay-on {weight_decay_on!r}: expected kernels or all')
     lr_fn = learning_rate_schedule(lr, steps, warmup_steps, schedule)
-    return optax.chain(optax.clip_by_global_norm(grad_norm_clip), optax.sgd(learning_rate=lr_fn, momentum=0.9)), lr_fn
+    clip = [optax.clip_by_global_norm(grad_norm_clip)] if grad_norm_clip else []
+    mask = kernels_mask if weight_decay_on == 'kernels' else None
+    if optimizer == 'sgd' and not weight_decay:  # the official chain, exactly: old checkpoints keep their layout
+        return optax.chain(*clip, optax.sgd(learning_rate=lr_fn, momentum=0.9)), lr_fn
+    if optimizer == 'adamw':
+        return optax.chain(*clip, optax.adamw(lr_fn, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay,
+                                              mask=mask)), lr_fn
+    direction = optax.trace(decay=0.9) if optimizer == 'sgd' else optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8)
+    decay = [optax.add_decayed_weights(weight_decay, mask)] if weight_decay else []
+    return optax.chain(*clip, direction, *decay, optax.scale_by_learning_rate(lr_fn)), lr_fn
 
 
 # --------------------------------------------------------------------------- the state
@@ -175,88 +204,226 @@ def cross_entropy(logits, labels):
     return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]  # (B,)
 
 
+def soft_cross_entropy(logits, targets):
+    """Softmax cross-entropy per example against (B, C) target distributions -> (B,)."""
+    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+
+
+def sigmoid_cross_entropy(logits, targets):
+    """big_vision's sigmoid cross-entropy: one binary loss per class, summed over classes -> (B,)."""
+    x = logits.astype(jnp.float32)
+    return -jnp.sum(targets * jax.nn.log_sigmoid(x) + (1.0 - targets) * jax.nn.log_sigmoid(-x), axis=-1)
+
+
+def distillation_kl(student, teacher, temperature: float):
+    """DeiT's soft distillation per example: T^2 KL(softmax(t / T) || softmax(s / T)) -> (B,).
+
+    Averaged over the batch this is PyTorch's `kl_div(..., reduction='batchmean') * T**2`.
+    """
+    T = temperature
+    log_t = jax.nn.log_softmax(teacher.astype(jnp.float32) / T)  # (B, C)
+    log_s = jax.nn.log_softmax(student.astype(jnp.float32) / T)  # (B, C)
+    return T * T * jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+
+
+def mixup(key, images, targets, alpha: float):
+    """big_vision's mixup: one lambda per batch from Beta(alpha, alpha), the larger of lambda and 1 - lambda,
+    each example mixed with its neighbour (the batch rolled by one). Returns (images, targets, lambda)."""
+    lam = jax.random.beta(key, alpha, alpha)
+    lam = jnp.maximum(lam, 1.0 - lam)
+    mix = lambda x: lam * x + (1.0 - lam) * jnp.roll(x, 1, axis=0)  # noqa: E731
+    return mix(images), mix(targets), lam
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the step minimises, beside the optimizer: the loss, its targets and the distillation.
+
+    The default is the official objective, softmax cross-entropy on the integer labels.
+    `label_smoothing` eps makes the targets `(1 - eps) onehot + eps / C` (optax's, and
+    torch's `label_smoothing`); `mixup` alpha > 0 mixes images and targets (see `mixup`).
+    With teachers, the loss is `(1 - distill_alpha) * loss + distill_alpha * sum_k w_k D_k`,
+    D_k the soft (`distillation_kl`) or hard (cross-entropy on teacher k's argmax) term.
+    """
+
+    loss: str = 'softmax'
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    distill: str = 'soft'
+    distill_alpha: float = 0.0
+    temperature: float = 1.0
+    teacher_weights: tuple[float, ...] = ()  # one per teacher, summing to 1
+
+    @property
+    def soft_targets(self) -> bool:
+        """Targets as distributions; else the official integer-label loss, so the default step stays bit-identical."""
+        return self.loss == 'sigmoid' or self.label_smoothing > 0 or self.mixup > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A frozen teacher: its config (its own resolution) and canonical NumPy params."""
+
+    cfg: ViTConfig
+    params: Any
+
+
+MIXUP_STREAM = 0x6D697875  # mixup's random stream, apart from dropout's: fold_in(fold_in(rng, this), step)
+
+
 def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mesh: Optional[Mesh] = None,
-                    accum_steps: int = 1, dtype: str = 'float32', fast: bool = False):
+                    accum_steps: int = 1, dtype: str = 'float32', fast: bool = False,
+                    objective: Objective = Objective(), teachers: Sequence[Teacher] = ()):
     """The jitted `train_step(state, batch) -> (state, metrics)` for `cfg` and optimizer `tx`.
 
     `batch` holds 'image' (B, S, S, 3) float32 and 'label' (B,) int32, sharded over `mesh`
     (see `shard_batch`). With `accum_steps` A > 1 the batch is split into A microbatches
     (row i goes to microbatch i mod A, so every device keeps its rows) whose gradients are
     averaged before one update; B / devices must divide by A. Metrics (device scalars):
-    loss, accuracy, grad_norm (before clipping), learning_rate (the one this update used).
-    `dtype` is the compute dtype; `fast` takes the model's fast path (`vit_jax.fast`).
+    loss, accuracy, grad_norm (before clipping), learning_rate (the one this update used),
+    and with teachers distill_loss. `dtype` is the compute dtype; `fast` takes the model's
+    fast path (`vit_jax.fast`). `objective` sets the loss (see `Objective`); `teachers` run
+    frozen in the step, on the same (mixed) images as the student, resized on the device to
+    their own resolution; with `distill_alpha` 0 they are not run at all.
     """
     mesh = mesh if mesh is not None else make_mesh()
     replicated, sharded = _shardings(mesh)
     model = VisionTransformer(cfg, dtype=jnp.dtype(dtype), fast=fast)
-    A = accum_steps
+    A, obj, C = accum_steps, objective, cfg.num_classes
+    distilling = bool(teachers) and obj.distill_alpha > 0
+    teacher_models = [VisionTransformer(t.cfg, dtype=jnp.dtype(dtype), fast=fast) for t in teachers]
+    teacher_trees = _replicate([variables_from_params(t.params)['params'] for t in teachers], mesh) \
+        if distilling else []
 
-    def loss_fn(params, images, labels, key):
-        logits = model.apply({'params': params}, images, train=True, rngs={'dropout': key})  # (B/A, C)
-        losses = cross_entropy(logits, labels)
-        return losses.mean(), (logits.argmax(-1) == labels).mean()
+    def teacher_logits(tree, images):
+        out = []
+        for t, m, p in zip(teachers, teacher_models, tree):
+            B, S = images.shape[0], t.cfg.image_size
+            x = images if images.shape[1] == S else jax.image.resize(images, (B, S, S, 3), 'bilinear',
+                                                                       antialias=False)
+            out.append(jax.lax.stop_gradient(m.apply({'params': p}, x, train=False)))  # (B, C)
+        return out
+
+    def loss_fn(params, rows, key, tree):
+        logits = model.apply({'params': params}, rows['image'], train=True, rngs={'dropout': key})  # (B/A, C)
+        if obj.loss == 'sigmoid':
+            losses = sigmoid_cross_entropy(logits, rows['target'])
+        elif obj.soft_targets:
+            losses = soft_cross_entropy(logits, rows['target'])
+        else:
+            losses = cross_entropy(logits, rows['label'])
+        loss = losses.mean()
+        aux = {'accuracy': (logits.argmax(-1) == rows['label']).mean()}
+        if distilling:
+            terms = [distillation_kl(logits, t, obj.temperature) if obj.distill == 'soft'
+                     else cross_entropy(logits, t.argmax(-1)) for t in teacher_logits(tree, rows['image'])]
+            distill = sum(w * d.mean() for w, d in zip(obj.teacher_weights, terms))
+            aux['distill_loss'] = distill
+            loss = (1.0 - obj.distill_alpha) * loss + obj.distill_alpha * distill
+        return loss, aux
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state, batch):
-        images, labels = batch['image'], batch['label']
+    def train_step(state, batch, tree):
+        rows = {'image': batch['image'], 'label': batch['label']}
         key = jax.random.fold_in(state.rng, state.step)
+        if obj.soft_targets:
+            rows['target'] = optax.smooth_labels(jax.nn.one_hot(rows['label'], C), obj.label_smoothing) \
+                if obj.label_smoothing else jax.nn.one_hot(rows['label'], C)
+        if obj.mixup:
+            mix_key = jax.random.fold_in(jax.random.fold_in(state.rng, MIXUP_STREAM), state.step)
+            rows['image'], rows['target'], _ = mixup(mix_key, rows['image'], rows['target'], obj.mixup)
         if A == 1:
-            (loss, acc), grads = grad_fn(state.params, images, labels, key)
+            (loss, aux), grads = grad_fn(state.params, rows, key, tree)
         else:
-            B = images.shape[0]
-            micro = images.reshape(B // A, A, *images.shape[1:]).swapaxes(0, 1)  # (A, B/A, S, S, 3)
-            micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, 'data')))
-            micro_labels = labels.reshape(B // A, A).T  # (A, B/A)
+            B = rows['label'].shape[0]
+
+            def split(x):  # (B, ...) -> (A, B/A, ...), row i into microbatch i mod A
+                x = x.reshape(B // A, A, *x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, 'data')))
+
+            micro = {k: split(v) for k, v in rows.items()}
 
             def accumulate(carry, xs):
-                i, x, y = xs
-                (l, a), g = grad_fn(state.params, x, y, jax.random.fold_in(key, i))
+                i, r = xs
+                (l, a), g = grad_fn(state.params, r, jax.random.fold_in(key, i), tree)
                 return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, acc, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(A), micro, micro_labels))
-            loss, acc, grads = jax.tree.map(lambda t: t / A, (loss, acc, grads))
-        metrics = {'loss': loss, 'accuracy': acc, 'grad_norm': optax.tree.norm(grads)}
+            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda: grad_fn(state.params, jax.tree.map(lambda v: v[0], micro), key, tree)[0][1])),
+                jax.tree.map(jnp.zeros_like, state.params))
+            (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(A), micro))
+            loss, aux, grads = jax.tree.map(lambda t: t / A, (loss, aux, grads))
+        metrics = {'loss': loss, **aux, 'grad_norm': optax.tree.norm(grads)}
         if lr_fn is not None:
             metrics['learning_rate'] = lr_fn(state.step)
         return state.apply_gradients(grads=grads), metrics
 
-    return jax.jit(train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+    step = jax.jit(train_step, in_shardings=(replicated, sharded, replicated), out_shardings=(replicated, replicated),
                    donate_argnums=(0,))
+    return lambda state, batch: step(state, batch, teacher_trees)
 
 
-def make_eval_step(cfg: ViTConfig, *, mesh: Optional[Mesh] = None, dtype: str = 'float32', fast: bool = False):
+def make_eval_step(cfg: ViTConfig, *, mesh: Optional[Mesh] = None, dtype: str = 'float32', fast: bool = False,
+                   teachers: Sequence[Teacher] = ()):
     """Jitted `eval_step(params, batch, totals) -> totals`: adds the batch's 'correct', 'loss' and 'count'
-    over its unmasked rows to `totals` (start from `eval_totals(mesh)`), all on the devices."""
+    over its unmasked rows to `totals` (start from `eval_totals(mesh, len(teachers))`), all on the devices.
+
+    With teachers, 'agree' (one count per teacher) adds the rows where the student's and
+    the teacher's predicted classes are the same.
+    """
     mesh = mesh if mesh is not None else make_mesh()
     replicated, sharded = _shardings(mesh)
     model = VisionTransformer(cfg, dtype=jnp.dtype(dtype), fast=fast)
+    teacher_models = [VisionTransformer(t.cfg, dtype=jnp.dtype(dtype), fast=fast) for t in teachers]
+    teacher_trees = _replicate([variables_from_params(t.params)['params'] for t in teachers], mesh)
 
-    def eval_step(params, batch, totals):
+    def eval_step(params, batch, totals, tree):
         logits = model.apply({'params': params}, batch['image'], train=False)  # (B, C)
         mask = batch['mask']
-        return {'correct': totals['correct'] + jnp.sum((logits.argmax(-1) == batch['label']) & mask),
-                'loss': totals['loss'] + jnp.sum(jnp.where(mask, cross_entropy(logits, batch['label']), 0.0)),
-                'count': totals['count'] + jnp.sum(mask)}
+        out = {'correct': totals['correct'] + jnp.sum((logits.argmax(-1) == batch['label']) & mask),
+               'loss': totals['loss'] + jnp.sum(jnp.where(mask, cross_entropy(logits, batch['label']), 0.0)),
+               'count': totals['count'] + jnp.sum(mask)}
+        if teachers:
+            B = logits.shape[0]
+            agree = []
+            for t, m, p in zip(teachers, teacher_models, tree):
+                S = t.cfg.image_size
+                x = batch['image'] if batch['image'].shape[1] == S else jax.image.resize(
+                    batch['image'], (B, S, S, 3), 'bilinear', antialias=False)
+                agree.append(jnp.sum((m.apply({'params': p}, x, train=False).argmax(-1) == logits.argmax(-1)) & mask))
+            out['agree'] = totals['agree'] + jnp.stack(agree)
+        return out
 
-    return jax.jit(eval_step, in_shardings=(replicated, sharded, replicated), out_shardings=replicated,
+    step = jax.jit(eval_step, in_shardings=(replicated, sharded, replicated, replicated), out_shardings=replicated,
                    donate_argnums=(2,))
+    return lambda params, batch, totals: step(params, batch, totals, teacher_trees)
 
 
-def eval_totals(mesh: Mesh) -> dict:
-    """Zero totals for `make_eval_step`."""
-    return _replicate({'correct': np.int32(0), 'loss': np.float32(0), 'count': np.int32(0)}, mesh)
+def eval_totals(mesh: Mesh, teachers: int = 0) -> dict:
+    """Zero totals for `make_eval_step` (with `teachers` agreement counts)."""
+    totals = {'correct': np.int32(0), 'loss': np.float32(0), 'count': np.int32(0)}
+    if teachers:
+        totals['agree'] = np.zeros(teachers, np.int32)
+    return _replicate(totals, mesh)
 
 
-def evaluate(eval_step, params, dataset: Dataset, batch_size: int, image_size: int, mesh: Mesh) -> dict:
-    """Test-split loss and accuracy of replicated `params`; sums stay on the devices until the end."""
-    totals = eval_totals(mesh)
+def evaluate(eval_step, params, dataset: Dataset, batch_size: int, image_size: int, mesh: Mesh,
+             teachers: int = 0) -> dict:
+    """Test-split loss and accuracy of replicated `params`; sums stay on the devices until the end.
+
+    With `teachers` (the eval step's), 'teacher_agreement' lists the fraction of test
+    images on which the student predicts each teacher's class.
+    """
+    totals = eval_totals(mesh, teachers)
     for batch in dataset.eval_batches(None, batch_size, image_size, jax.process_index(), jax.process_count()):
         totals = eval_step(params, shard_batch(batch, mesh), totals)
     totals = to_host(totals)
     n = int(totals['count'])
-    return {'examples': n, 'loss': float(totals['loss']) / max(n, 1), 'accuracy': int(totals['correct']) / max(n, 1)}
+    out = {'examples': n, 'loss': float(totals['loss']) / max(n, 1), 'accuracy': int(totals['correct']) / max(n, 1)}
+    if teachers:
+        out['teacher_agreement'] = [int(a) / max(n, 1) for a in totals['agree']]
+    return out
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -64,6 +64,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--schedule', choices=('cosine', 'linear'), default='cosine', help='decay after warm-up')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                    help='compute dtype (parameters and optimizer state stay float32)')
+    r = p.add_argument_group('recipe (each default is the official fine-tuning recipe\'s)')
+    r.add_argument('--recipe', metavar='NAME',
+                   help=f'set the flags below in one word: {", ".join(settings.RECIPE_PRESETS)} (flags given '
+                        'beside it win; README, "Training recipes")')
+    r.add_argument('--optimizer', choices=train.OPTIMIZERS,
+                   help='sgd (momentum 0.9; default), adamw (optax AdamW, eps 1e-8), adam (big_vision: '
+                        'scale_by_adam, then the weight decay)')
+    r.add_argument('--weight-decay', type=float, metavar='F', help='decoupled: the update adds -lr * F * param '
+                   '(default 0)')
+    r.add_argument('--weight-decay-on', choices=('kernels', 'all'),
+                   help='kernels (default: not biases, norms, class token, position embeddings) or all')
+    r.add_argument('--b1', type=float, metavar='F', help='Adam first-moment decay (default 0.9)')
+    r.add_argument('--b2', type=float, metavar='F', help='Adam second-moment decay (default 0.999)')
+    r.add_argument('--grad-clip', type=float, metavar='F', help='clip gradients to this global norm (default 1.0; '
+                   '0: no clipping)')
+    r.add_argument('--loss', choices=('softmax', 'sigmoid'),
+                   help='softmax cross-entropy (default) or sigmoid cross-entropy summed over classes (AugReg)')
+    r.add_argument('--label-smoothing', type=float, metavar='F', help='targets (1 - F) onehot + F / C (default 0)')
+    r.add_argument('--head-bias-init', type=float, metavar='F',
+                   help='start the head bias here (AugReg: -10, or -6.9 for 1000 classes; default 0)')
+    r.add_argument('--mixup', type=float, metavar='ALPHA',
+                   help='big_vision\'s mixup: lambda ~ Beta(ALPHA, ALPHA) per batch, max(lambda, 1 - lambda), '
+                        'the batch rolled by one (default 0: off)')
+    r.add_argument('--augment', metavar='T1,T2,...',
+                   help='training transforms: crop, flip, rotate=DEGREES, jitter=F (or B:C:S:H), shift=PIXELS '
+                        '(digits), none (default: crop,flip; digits shift=1)')
+    r.add_argument('--randaug', metavar='N,M', help='big_vision\'s RandAugment: N operations at magnitude M (0..30)')
+    r.add_argument('--dropout', type=float, metavar='F', help='dropout rate (default: the config\'s)')
+    r.add_argument('--attention-dropout', type=float, metavar='F',
+                   help='dropout on the attention weights (default: the config\'s)')
+    r.add_argument('--stochastic-depth', type=float, metavar='F',
+                   help='drop-path rate of the last block, rising linearly from 0 at the first (default 0)')
+    d = p.add_argument_group('knowledge distillation (DeiT)')
+    d.add_argument('--teacher', action='append', metavar='CKPT',
+                   help='a frozen teacher, any checkpoint the project reads; repeat for several')
+    d.add_argument('--teacher-config', action='append', metavar='NAME_OR_JSON',
+                   help='the config of each --teacher, in the same order (default: inferred from its file)')
+    d.add_argument('--distill', choices=('soft', 'hard'),
+                   help='soft: T^2 KL(softmax(t/T) || softmax(s/T)) (default); hard: cross-entropy on argmax t')
+    d.add_argument('--distill-alpha', type=float, metavar='F',
+                   help='loss = (1 - F) * loss on the labels + F * distillation (default 0.5; 0: teachers unused)')
+    d.add_argument('--distill-temperature', type=float, metavar='T', help='soft distillation temperature (default 1)')
+    d.add_argument('--teacher-weights', metavar='W1,W2,...',
+                   help='how the distillation term is split between teachers (default equal; normalised)')
     p.add_argument('--eval-every', type=int, metavar='N',
                    help='evaluate on the test split every N steps (0: only at the end)')
     p.add_argument('--seed', type=cli.seed_int, default=0, metavar='N',
@@ -141,7 +185,19 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
 
 # --------------------------------------------------------------------------- the workdir and the machine
 
-def check_memory(s: TrainSettings, devices: int, procs: int) -> None:
+def load_teachers(s: TrainSettings, dataset: datasets.Dataset) -> list[train.Teacher]:
+    """The run's teachers, each read, configured at its own resolution and checked against the dataset."""
+    teachers = []
+    for path, config in s.teachers:
+        model = cli.load_model(path, config, None)
+        if model.cfg.num_classes != dataset.num_classes:
+            raise UserError(f'--teacher {path}: it predicts {model.cfg.num_classes} classes and {dataset.name} has '
+                            f'{dataset.num_classes}; a teacher must be trained on the same classes')
+        teachers.append(train.Teacher(model.cfg, model.params))
+    return teachers
+
+
+def check_memory(s: TrainSettings, devices: int, procs: int, teachers: Sequence[ViTConfig] = ()) -> None:
     """Refuses a batch and resolution that cannot fit, before any data is read or anything compiled.
 
     Each device holds its microbatch's activations and the parameters, gradients and optimizer
@@ -149,7 +205,9 @@ def check_memory(s: TrainSettings, devices: int, procs: int) -> None:
     one loading). On CPU the devices are the host, so both count against its memory.
     """
     cfg, B, A, S = s.config, s.batch_size, s.accum_steps, s.image_size
-    state = 4 * 4 * weights.count_params(cfg)  # params, gradients, momentum, accumulated gradients (float32)
+    state = (5 if s.optimizer != 'sgd' else 4) * 4 * weights.count_params(cfg)  # + gradients, moments, accumulation
+    # Teachers run forward only, on the same microbatch: their weights and one inference each.
+    state += sum(4 * weights.count_params(t) + limits.inference_bytes(t, max(B // devices // A, 1)) for t in teachers)
     local = B // procs
     host = 2 * 4 * local * S * S * 3
     what = f'training {cli.describe(cfg)} with --batch-size {B}' + (f' in {A} microbatches' if A > 1 else '')
@@ -250,7 +308,8 @@ class Run:
 
     def evaluate(self, state) -> dict:
         s = self.settings
-        return train.evaluate(self.eval_step, state.params, self.dataset, s.batch_size, s.image_size, self.mesh)
+        return train.evaluate(self.eval_step, state.params, self.dataset, s.batch_size, s.image_size, self.mesh,
+                              len(s.teachers))
 
     def loop(self, state, start: int):
         """Steps `start + 1 .. steps`, logging, evaluating and checkpointing as the settings say.
@@ -260,7 +319,7 @@ class Run:
         s = self.settings
         steps, B, S = s.steps, s.batch_size, s.image_size
         pid, procs = jax.process_index(), jax.process_count()
-        batches = self.dataset.train_batches(B, S, s.seed, start, pid, procs)
+        batches = self.dataset.train_batches(B, S, s.seed, start, pid, procs, s.augmentation)
         bar = tqdm(total=steps, initial=start, unit='step', disable=not self.writer, dynamic_ncols=True,
                    file=sys.stderr, desc='train')
         pending: list[tuple[int, dict]] = []
@@ -301,6 +360,8 @@ class Run:
                           'accuracy': float(np.mean([m['accuracy'] for m in host])),
                           'learning_rate': float(host[-1]['learning_rate']), 'img_per_sec': round(rate, 2),
                           'grad_norm': float(host[-1]['grad_norm'])}
+                if 'distill_loss' in host[-1]:
+                    record['distill_loss'] = float(np.mean([m['distill_loss'] for m in host]))
                 self.log.write(record)
                 bar.set_postfix(loss=f'{record["loss"]:.4f}', img_s=f'{rate:.0f}', refresh=False)
                 pending = []
@@ -311,8 +372,10 @@ class Run:
                     self.log.write({'step': step, 'split': test, **ev,
                                     'img_per_sec': round(ev['examples'] / (time.perf_counter() - t0), 2)})
                     if self.writer:
+                        agree = ''.join(f', agrees with teacher {i + 1} on {a:.2%}'
+                                        for i, a in enumerate(ev.get('teacher_agreement', ())))
                         bar.write(f'step {step}: {test} accuracy {ev["accuracy"]:.2%} '
-                                  f'({ev["examples"]} images), loss {ev["loss"]:.4f}', file=sys.stderr)
+                                  f'({ev["examples"]} images), loss {ev["loss"]:.4f}{agree}', file=sys.stderr)
                 if due_ckpt and self.writer:
                     try:
                         last_good = train.save_checkpoint(self.workdir, state, s.keep_checkpoints)
@@ -389,7 +452,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _train(args: argparse.Namespace, writer: bool) -> int:
     """The run itself, the workdir held (by process 0)."""
+    settings.apply_recipe(args, 0)  # an unknown --recipe fails before anything is read
     dataset = datasets.load(args.dataset, args.data_dir)
+    args = settings.apply_recipe(args, dataset.num_classes)  # its resolution decides the model's grid
     cfg, finetune = _model(args, dataset, args.image_size or dataset.preset.image_size)
     s = settings.resolve(args, cfg)
     B, A = s.batch_size, s.accum_steps
@@ -397,7 +462,8 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
     if B % devices or (B // devices) % A:
         raise UserError(f'--batch-size {B} does not split over {devices} devices with --accum-steps {A}; '
                         f'pick a multiple of {devices * A}')
-    check_memory(s, devices, procs)
+    teachers = load_teachers(s, dataset)
+    check_memory(s, devices, procs, [t.cfg for t in teachers])
     _check_resume(args.workdir, s)
     if writer:
         removed = train.remove_temporaries(args.workdir)
@@ -406,12 +472,19 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
                     f'({", ".join(removed[:3])}{", ..." if len(removed) > 3 else ""})')
 
     mesh = train.make_mesh()
-    tx, lr_fn = train.make_optimizer(s.lr, s.steps, s.warmup_steps, s.schedule)
+    cfg = s.config  # with the regularisation flags
+    tx, lr_fn = train.make_optimizer(s.lr, s.steps, s.warmup_steps, s.schedule, s.grad_clip, optimizer=s.optimizer,
+                                     weight_decay=s.weight_decay, weight_decay_on=s.weight_decay_on, b1=s.b1, b2=s.b2)
+    objective = train.Objective(loss=s.loss, label_smoothing=s.label_smoothing, mixup=s.mixup, distill=s.distill,
+                                distill_alpha=s.distill_alpha, temperature=s.distill_temperature,
+                                teacher_weights=s.teacher_weights)
     found = train.list_checkpoints(args.workdir)
     if found:
         state = train.restore_checkpoint(found[-1][1], train.abstract_train_state(cfg, tx), mesh)
     else:
         params = finetune if finetune is not None else train.init_params(cfg, s.seed)
+        if s.head_bias_init is not None and cfg.num_classes:
+            params = dict(params, **{'head/bias': np.full(cfg.num_classes, s.head_bias_init, np.float32)})
         state = train.create_train_state(cfg, params, tx, s.seed, mesh)
     start = int(train.to_host(state.step))
     if procs > 1:
@@ -425,13 +498,16 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
     # The fast path (fused attention, ordered dense backward, patch matmul): the same function, proven
     # equal to the by-hand path in tests/test_fast_paths.py; it falls back by itself under attention dropout.
     run = Run(s, args.workdir, dataset, mesh,
-              train.make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=A, dtype=s.dtype, fast=True),
-              train.make_eval_step(cfg, mesh=mesh, dtype=s.dtype, fast=True),
+              train.make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=A, dtype=s.dtype, fast=True,
+                                    objective=objective, teachers=teachers),
+              train.make_eval_step(cfg, mesh=mesh, dtype=s.dtype, fast=True, teachers=teachers),
               MetricsLog(os.path.join(args.workdir, METRICS), start, writer), writer)
     if writer:
         cli.say(f'vit_jax train: {cli.describe(cfg)}, {weights.count_params(cfg):,} params, on {args.dataset} '
                 f'({dataset.num_examples(dataset.preset.train):,} train images); {devices} device(s) in {procs} '
                 f'process(es); batch {B}' + (f' in {A} microbatches' if A > 1 else '')
+                + (f'; {len(teachers)} teacher(s), {s.distill} distillation, alpha {s.distill_alpha:g}'
+                   if teachers else '')
                 + (f'; resuming at step {start}' if start else ''))
     t_start = time.perf_counter()
     state, ev = run.loop(state, start)

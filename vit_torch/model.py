@@ -123,26 +123,46 @@ class Attention(Module):
         return self.out(y)
 
 
+class DropPath(Module):
+    """Stochastic depth: drops a residual branch for a whole example with probability `rate`.
+
+    The kept examples' branches are scaled by 1 / (1 - rate), so the expected sum is
+    unchanged and evaluation (or rate 0) is the identity, as in timm and DeiT.
+    """
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x):
+        if not self.training or self.rate == 0.0:
+            return x
+        B, N, D = x.shape
+        keep = torch.rand(B, 1, 1, device=x.device) < 1.0 - self.rate  # one draw per example
+        return torch.where(keep, x / (1.0 - self.rate), torch.zeros_like(x))
+
+
 class EncoderBlock(Module):
     """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, mlp_dim: int, num_heads: int, dropout_rate: float = 0.0,
-                 attention_dropout_rate: float = 0.0, fast: bool = False):
+                 attention_dropout_rate: float = 0.0, drop_path_rate: float = 0.0, fast: bool = False):
         super().__init__()
         self.LayerNorm_0 = nn.LayerNorm(dim, eps=1e-6)
         self.MultiHeadDotProductAttention_0 = Attention(dim, num_heads, attention_dropout_rate, fast)
         self.LayerNorm_1 = nn.LayerNorm(dim, eps=1e-6)
         self.MlpBlock_0 = MlpBlock(dim, mlp_dim, dropout_rate)
         self.dropout_rate = dropout_rate
+        self.DropPath_0, self.DropPath_1 = DropPath(drop_path_rate), DropPath(drop_path_rate)
 
     def forward(self, x):
         y = self.LayerNorm_0(x)
         y = self.MultiHeadDotProductAttention_0(y)
         y = F.dropout(y, self.dropout_rate, self.training)
-        x = x + y
+        x = x + self.DropPath_0(y)
         y = self.LayerNorm_1(x)
         y = self.MlpBlock_0(y)
-        x = x + y
+        x = x + self.DropPath_1(y)
         self.sow('intermediates', 'output', x)
         return x
 
@@ -170,15 +190,17 @@ class Encoder(Module):
     """Position embeddings, `num_layers` blocks, final LayerNorm."""
 
     def __init__(self, num_tokens: int, dim: int, num_layers: int, mlp_dim: int, num_heads: int,
-                 dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0, fast: bool = False,
+                 dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
+                 drop_path_rates: tuple[float, ...] = (), fast: bool = False,
                  posemb: str = 'learn', grid: tuple[int, int] = (0, 0)):
         super().__init__()
         self.posembed_input = AddPositionEmbs(num_tokens, dim, posemb, grid)
         self.num_layers = num_layers
         self.dropout_rate = dropout_rate
         for i in range(num_layers):
+            rate = drop_path_rates[i] if drop_path_rates else 0.0
             self.add_module(f'encoderblock_{i}', EncoderBlock(dim, mlp_dim, num_heads, dropout_rate,
-                                                              attention_dropout_rate, fast))
+                                                              attention_dropout_rate, rate, fast))
         self.encoder_norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x):
@@ -304,7 +326,8 @@ class VisionTransformer(Module):
         if cfg.has_cls_token:
             self.cls = nn.Parameter(torch.zeros(1, 1, D))
         self.Transformer = Encoder(cfg.num_tokens, D, cfg.num_layers, cfg.mlp_dim, cfg.num_heads,
-                                   cfg.dropout_rate, cfg.attention_dropout_rate, fast, cfg.posemb, cfg.grid_size)
+                                   cfg.dropout_rate, cfg.attention_dropout_rate, cfg.drop_path_rates, fast,
+                                   cfg.posemb, cfg.grid_size)
         if cfg.classifier == 'map':
             self.MAPHead_0 = MAPHead(D, cfg.mlp_dim, cfg.num_heads)
         features = D

@@ -54,6 +54,7 @@ class ViTConfig:
     resnet_width_factor: float = 1.0
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    stochastic_depth_rate: float = 0.0  # drop-path of the last block's residual branches (training only)
     num_classes: int = 1000
     image_size: int = 224
     posemb: str = 'learn'
@@ -80,13 +81,21 @@ class ViTConfig:
             raise UserError(f'{where}: ResNet width 64*{self.resnet_width_factor} = {self.resnet_width} '
                             'must be a positive multiple of 32 (GroupNorm uses 32 groups), and every stage '
                             'at least one unit')
-        if not 0 <= self.dropout_rate < 1 or not 0 <= self.attention_dropout_rate < 1:
-            raise UserError(f'{where}: dropout rates must lie in [0, 1)')
+        if not all(0 <= r < 1 for r in (self.dropout_rate, self.attention_dropout_rate,
+                                         self.stochastic_depth_rate)):
+            raise UserError(f'{where}: dropout and stochastic depth rates must lie in [0, 1)')
 
     # Derived quantities, so no caller recomputes them its own way.
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def drop_path_rates(self) -> tuple[float, ...]:
+        """Each block's drop-path rate: 0 at the first, rising linearly to `stochastic_depth_rate` at the last
+        (timm's and DeiT's `linspace(0, rate, depth)`)."""
+        L = self.num_layers
+        return tuple(self.stochastic_depth_rate * i / max(L - 1, 1) for i in range(L))
 
     @property
     def is_hybrid(self) -> bool:
@@ -160,6 +169,8 @@ class ViTConfig:
             },
             'num_classes': self.num_classes,
         }
+        if self.stochastic_depth_rate:  # an extension: the official code has no stochastic depth
+            d['transformer']['stochastic_depth_rate'] = self.stochastic_depth_rate
         if self.posemb != 'learn':
             d['posemb'] = self.posemb
         return d
@@ -190,6 +201,7 @@ class ViTConfig:
                 dropout_rate=_number(t.get('dropout_rate', 0.0), f'{where}: dropout_rate'),
                 attention_dropout_rate=_number(t.get('attention_dropout_rate', 0.0),
                                                f'{where}: attention_dropout_rate'),
+                stochastic_depth_rate=_number(t.get('stochastic_depth_rate', 0.0), f'{where}: stochastic_depth_rate'),
                 num_classes=n(d.get('num_classes') or 0, 'num_classes'),
                 image_size=n(d.get('image_size', 224), 'image_size'),
                 posemb=str(d.get('posemb', 'learn')),

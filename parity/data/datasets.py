@@ -6,13 +6,14 @@ Two sources behind one interface (`load(name)` returns a `Dataset`):
   shipped inside the scikit-learn wheel, so no download). The split is fixed:
   `np.random.RandomState(0).permutation(1797)`, the first 1,437 images train and the last
   360 test. Pixels (0..16) are scaled to [-1, 1] and copied to 3 channels; other sizes
-  are a bilinear resize. Training augmentation is a random sub-pixel shift of up to
-  `DIGITS_SHIFT` pixels each way (bilinear, background fills in): the official crop and
-  flip would mirror digits and crop most of an 8x8 image away.
+  are a bilinear resize. Training augmentation is by default a random sub-pixel shift of up
+  to `augment.DIGITS_SHIFT` pixels each way (bilinear, background fills in), and may add a
+  rotation: the official crop and flip would mirror digits and crop most of an 8x8 image away.
 - any image-classification dataset of tensorflow-datasets, with the official ViT input
   pipeline (google-research/vision_transformer, `input_pipeline.py`): train images are
   randomly cropped (`sample_distorted_bounding_box`, area 0.05 to 1, any aspect ratio),
-  resized to the crop size and flipped left-right half the time; eval images are plainly
+  resized to the crop size and flipped left-right half the time (`parity.data.augment` adds
+  rotations, colour jitter and RandAugment, or replaces the crop); eval images are plainly
   resized; pixels map to [-1, 1] as `(x - 127.5) / 127.5`. Splits follow the official
   configs (`PRESETS`). TensorFlow is imported only when such a dataset is used.
 
@@ -39,12 +40,13 @@ from typing import Iterator, Optional
 import numpy as np
 
 from parity.core.errors import UserError
+from parity.data import augment as augmentation
+from parity.data.augment import Augment
 
 Batch = dict[str, np.ndarray]  # 'image' (Bl, S, S, 3) float32, 'label' (Bl,) int32, eval also 'mask' (Bl,) bool
 
 DIGITS = 'digits'
 DIGITS_TEST_SIZE = 360
-DIGITS_SHIFT = 1.0
 SHUFFLE_BUFFER = 50_000  # the official config's shuffle_buffer
 
 
@@ -97,8 +99,12 @@ class Dataset:
         raise NotImplementedError
 
     def train_batches(self, batch_size: int, image_size: int, seed: int, start_step: int = 0,
-                      process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
-        """Endless augmented training batches of Bl rows, from global step `start_step` on."""
+                      process_index: int = 0, process_count: int = 1,
+                      augment: Optional[Augment] = None) -> Iterator[Batch]:
+        """Endless augmented training batches of Bl rows, from global step `start_step` on.
+
+        `augment` (see `parity.data.augment`; None: the dataset's default) says how.
+        """
         raise NotImplementedError
 
     def _eval_stream(self, split: str, batch_size: int, image_size: int, rows: slice) -> Iterator[Batch]:
@@ -168,7 +174,32 @@ class Digits(Dataset):
                + at(1, 0) * fy * (1 - fx) + at(1, 1) * fy * fx)
         return np.repeat(out.astype(np.float32)[..., None], 3, axis=-1)  # (B, S, S, 3)
 
-    def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1):
+    @staticmethod
+    def _render_rotated(images: np.ndarray, shifts: np.ndarray, angles: np.ndarray, image_size: int) -> np.ndarray:
+        """`_render` with each image also rotated by `angles` (B,) radians about its centre: bilinear sampling
+        of the rotated, shifted output grid, background (-1) outside."""
+        B, h, w = images.shape
+        centres = (np.arange(image_size) + 0.5) * h / image_size - 0.5  # output pixel centres in input pixels
+        mid = (h - 1) / 2
+        c, s = np.cos(angles)[:, None, None], np.sin(angles)[:, None, None]  # (B, 1, 1)
+        oy, ox = centres[None, :, None] - mid, centres[None, None, :] - mid  # (1, S, 1), (1, 1, S)
+        # Inverse map: where in the input each output pixel comes from, then 1 for the padding row.
+        ys = np.clip(c * oy + s * ox + mid - shifts[:, :1, None] + 1, 0, h + 1)  # (B, S, S)
+        xs = np.clip(-s * oy + c * ox + mid - shifts[:, 1:, None] + 1, 0, w + 1)  # (B, S, S)
+        y0, x0 = np.minimum(ys.astype(np.int64), h), np.minimum(xs.astype(np.int64), w)
+        fy, fx = ys - y0, xs - x0
+        padded = np.pad(images, ((0, 0), (1, 1), (1, 1)), constant_values=-1.0)  # (B, h+2, w+2)
+        b = np.arange(B)[:, None, None]
+        at = lambda dy, dx: padded[b, y0 + dy, x0 + dx]  # noqa: E731 (B, S, S)
+        out = (at(0, 0) * (1 - fy) * (1 - fx) + at(0, 1) * (1 - fy) * fx
+               + at(1, 0) * fy * (1 - fx) + at(1, 1) * fy * fx)
+        return np.repeat(out.astype(np.float32)[..., None], 3, axis=-1)  # (B, S, S, 3)
+
+    def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1,
+                      augment=None):
+        aug = augment if augment is not None else augmentation.parse(None, None, digits=True)
+        if aug.crop or aug.flip or any(aug.jitter) or aug.randaug:
+            raise UserError(f'--augment {aug.spec()}: digits takes shift and rotate only')
         images, labels = self._split('train')
         n = len(labels)
         rows = local_rows(batch_size, process_index, process_count)
@@ -183,8 +214,13 @@ class Digits(Dataset):
                 sel = g // n == e
                 idx[sel] = orders[e][g[sel] % n]
             # Shifts are drawn for the whole global batch, then sliced: the same for any process count.
-            shifts = np.random.default_rng([seed, 2 ** 31, step]).uniform(-DIGITS_SHIFT, DIGITS_SHIFT, (batch_size, 2))
-            yield {'image': self._render(images[idx], shifts[rows], image_size), 'label': labels[idx]}
+            shifts = np.random.default_rng([seed, 2 ** 31, step]).uniform(-aug.shift, aug.shift, (batch_size, 2))
+            if aug.rotate:
+                angles = np.random.default_rng([seed, 2 ** 31 + 1, step]).uniform(-aug.rotate, aug.rotate, batch_size)
+                out = self._render_rotated(images[idx], shifts[rows], np.deg2rad(angles[rows]), image_size)
+            else:  # the shift alone keeps its separable sampling, bit for bit as before rotations existed
+                out = self._render(images[idx], shifts[rows], image_size)
+            yield {'image': out, 'label': labels[idx]}
             step += 1
 
     def _eval_stream(self, split, batch_size, image_size, rows):
@@ -291,8 +327,11 @@ class Tfds(Dataset):
             im = tf.image.grayscale_to_rgb(im)
         return im
 
-    def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1):
+    def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1,
+                      augment=None):
         tf = import_tensorflow()
+        aug = augment if augment is not None else augmentation.parse(None, None, digits=False)
+        ops = None if aug.is_official else augmentation.tf_ops()
         rows = local_rows(batch_size, process_index, process_count)
         split = self.preset.train
         n = self.num_examples(split)
@@ -307,13 +346,25 @@ class Tfds(Dataset):
             crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
                 tf.stack([tf.constant(seed, tf.int64), g]), 2))
             im = self._decode(image)
-            begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-                tf.shape(im), tf.zeros([0, 0, 4], tf.float32), seed=crop_seed, area_range=(0.05, 1.0),
-                min_object_covered=0, use_image_if_no_bounding_boxes=True)
-            im = tf.slice(im, begin, size)
-            im.set_shape([None, None, 3])  # slicing loses the channel count
+            if aug.crop:
+                begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+                    tf.shape(im), tf.zeros([0, 0, 4], tf.float32), seed=crop_seed, area_range=(0.05, 1.0),
+                    min_object_covered=0, use_image_if_no_bounding_boxes=True)
+                im = tf.slice(im, begin, size)
+                im.set_shape([None, None, 3])  # slicing loses the channel count
             im = tf.image.resize(im, [image_size, image_size])
-            im = tf.image.stateless_random_flip_left_right(im, seed=flip_seed)
+            if aug.flip:
+                im = tf.image.stateless_random_flip_left_right(im, seed=flip_seed)
+            if ops is not None:
+                example = tf.stack([tf.constant(seed, tf.int64), g])
+                if aug.rotate:
+                    im = ops.rotate(im, aug.rotate, ops.seeds(example, augmentation.ROTATE_STREAM, 1)[0])
+                if any(aug.jitter):
+                    im = ops.jitter(im, aug.jitter, ops.seeds(example, augmentation.JITTER_STREAM, 1)[0])
+                if aug.randaug:
+                    im = tf.image.convert_image_dtype(im / 255.0, tf.uint8, saturate=True)
+                    im = tf.cast(ops.randaug(im, *aug.randaug, ops.seeds(example, augmentation.RANDAUG_STREAM, 1)[0]),
+                                 tf.float32)
             return (im - 127.5) / 127.5, tf.cast(label, tf.int32)
 
         first = start_step * batch_size

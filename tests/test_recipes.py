@@ -1,0 +1,459 @@
+"""Training recipes and knowledge distillation: each flag changes the step the way it says.
+
+The library tests build one step on a one-layer model and check it against what the flag
+promises (a formula, a NumPy computation, bit-identity with the default step). The
+command-line tests (slow) train small digits models: a teacher whose head rows are
+permuted must be followed by a student that learns from it alone, resuming after SIGKILL
+stays bit-identical with a teacher and mixup, and every bad flag is one `error:` line.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from parity.core import weights
+from parity.core.config import ViTConfig
+from parity.data import datasets
+from vit_jax import train
+from vit_jax.model import DropPath as JaxDropPath, VisionTransformer
+from vit_torch.checkpoint import build_model
+from vit_torch.model import DropPath as TorchDropPath, VisionTransformer as TorchViT
+
+from conftest import random_params, run_cli
+
+TINY = {'model_name': 'tiny', 'hidden_size': 32, 'patches': {'size': [4, 4]}, 'classifier': 'token',
+        'transformer': {'mlp_dim': 64, 'num_heads': 2, 'num_layers': 1}, 'representation_size': None, 'num_classes': 10}
+
+
+def tiny_config(**kw) -> ViTConfig:
+    return ViTConfig.from_official_dict(TINY).replace(**{'image_size': 8, **kw})
+
+
+def digits_batch(n: int = 16, seed: int = 0) -> dict:
+    return next(datasets.load('digits').train_batches(n, 8, seed=seed))
+
+
+def run_steps(cfg, params, tx, lr_fn=None, steps=2, **kw) -> tuple[dict, list]:
+    mesh = train.make_mesh()
+    state = train.create_train_state(cfg, params, tx, 0, mesh)
+    step = train.make_train_step(cfg, tx, lr_fn, mesh=mesh, **kw)
+    batches = datasets.load('digits').train_batches(16, cfg.image_size, seed=0)
+    metrics = []
+    for _ in range(steps):
+        state, m = step(state, train.shard_batch(next(batches), mesh))
+        metrics.append(jax.device_get(m))
+    return train.canonical_params(state), metrics
+
+
+def bit_identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- the optimizer
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'adam', 'sgd'])
+def test_decoupled_weight_decay_shrinks_kernels_only(optimizer):
+    cfg = tiny_config()
+    params = random_params(weights.param_shapes(cfg), seed=1)
+    tree = train.variables_from_params(params)['params']
+    lr, wd = 0.1, 0.05
+    tx, _ = train.make_optimizer(lr, steps=10, warmup_steps=0, optimizer=optimizer, weight_decay=wd)
+    zeros = jax.tree.map(jnp.zeros_like, tree)
+    updates, _ = tx.update(zeros, tx.init(tree), tree)
+    got = train.params_from_variables({'params': updates})
+    for k, p in params.items():
+        if k.endswith('kernel'):
+            np.testing.assert_allclose(got[k], -lr * wd * p, rtol=1e-6, atol=1e-9, err_msg=k)
+        else:  # biases, LayerNorms, cls and the position embeddings
+            assert not got[k].any(), k
+    assert {k for k in params if not k.endswith('kernel')} >= {'cls', weights.POSEMB, 'head/bias'}
+
+
+def test_weight_decay_on_all_decays_everything():
+    cfg = tiny_config()
+    params = random_params(weights.param_shapes(cfg), seed=1)
+    tree = train.variables_from_params(params)['params']
+    tx, _ = train.make_optimizer(0.1, 10, 0, optimizer='adamw', weight_decay=0.05, weight_decay_on='all')
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, tree), tx.init(tree), tree)
+    got = train.params_from_variables({'params': updates})
+    for k, p in params.items():
+        np.testing.assert_allclose(got[k], -0.1 * 0.05 * p, rtol=1e-6, atol=1e-9, err_msg=k)
+
+
+def test_adamw_first_step_is_the_formula():
+    """Adam's first bias-corrected step is -lr * g / (|g| + eps) per element (plus the decay on kernels)."""
+    cfg = tiny_config()
+    params = random_params(weights.param_shapes(cfg), seed=1)
+    grads = random_params(weights.param_shapes(cfg), seed=2)
+    tree, gtree = (train.variables_from_params(p)['params'] for p in (params, grads))
+    lr, wd = 0.01, 0.1
+    tx, _ = train.make_optimizer(lr, 10, 0, grad_norm_clip=0, optimizer='adamw', weight_decay=wd)
+    updates, _ = tx.update(gtree, tx.init(tree), tree)
+    got = train.params_from_variables({'params': updates})
+    for k in params:
+        want = -lr * (grads[k] / (np.abs(grads[k]) + 1e-8) + (wd * params[k] if k.endswith('kernel') else 0))
+        np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-7, err_msg=k)
+
+
+def test_no_clipping_and_clipping_differ_only_for_large_gradients():
+    cfg = tiny_config()
+    params = random_params(weights.param_shapes(cfg), seed=1)
+    tree = train.variables_from_params(params)['params']
+    big = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), tree)
+    for clip, expect_norm in ((1.0, 1.0), (0, None)):
+        tx, _ = train.make_optimizer(1.0, 10, 0, grad_norm_clip=clip)
+        updates, _ = tx.update(big, tx.init(tree), tree)
+        norm = float(jax.device_get(train.optax.tree.norm(updates)))
+        if expect_norm:
+            assert norm == pytest.approx(expect_norm, rel=1e-5)  # lr 1 and one momentum step: the clipped norm
+        else:
+            assert norm > 1000
+
+
+# --------------------------------------------------------------------------- losses and targets
+
+def test_label_smoothing_loss_on_a_one_hot_prediction_is_the_formula():
+    C, eps, z = 10, 0.1, 5.0
+    logits = jnp.zeros((1, C)).at[0, 3].set(z)
+    targets = train.optax.smooth_labels(jax.nn.one_hot(jnp.array([3]), C), eps)
+    log_norm = np.log(np.exp(z) + C - 1)
+    want = -((1 - eps + eps / C) * (z - log_norm) + (C - 1) * (eps / C) * (-log_norm))
+    assert float(train.soft_cross_entropy(logits, targets)[0]) == pytest.approx(want, rel=1e-6)
+    # Without smoothing the soft loss is the integer-label loss.
+    np.testing.assert_allclose(train.soft_cross_entropy(logits, jax.nn.one_hot(jnp.array([3]), C)),
+                               train.cross_entropy(logits, jnp.array([3])), rtol=1e-6)
+
+
+def test_sigmoid_cross_entropy_is_big_visions_formula():
+    rng = np.random.default_rng(0)
+    logits, targets = rng.normal(size=(4, 10)).astype(np.float32), rng.uniform(size=(4, 10)).astype(np.float32)
+    sig = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    want = -(targets * np.log(sig) + (1 - targets) * np.log(1 - sig)).sum(-1)
+    np.testing.assert_allclose(train.sigmoid_cross_entropy(logits, targets), want, rtol=1e-5)
+
+
+def test_mixup_mixes_with_the_rolled_batch_and_keeps_the_larger_share():
+    batch = digits_batch(8)
+    images, targets = jnp.asarray(batch['image']), jax.nn.one_hot(batch['label'], 10)
+    for seed in range(5):
+        mixed, mixed_targets, lam = train.mixup(jax.random.PRNGKey(seed), images, targets, 0.4)
+        lam = float(lam)
+        assert 0.5 <= lam <= 1.0
+        np.testing.assert_allclose(mixed, lam * images + (1 - lam) * np.roll(images, 1, axis=0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)
+    # A vanishing alpha draws lambda at 0 or 1: max(lambda, 1 - lambda) is 1, the identity.
+    mixed, _, lam = train.mixup(jax.random.PRNGKey(0), images, targets, 1e-4)
+    assert float(lam) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(mixed, images, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_default_objective_is_the_official_step_bit_for_bit():
+    """Explicit defaults (mixup 0, smoothing 0, no teachers) run the very step of before."""
+    cfg = tiny_config()
+    params = random_params(weights.param_shapes(cfg), seed=2, scale=0.1)
+    tx, lr_fn = train.make_optimizer(0.1, 10, 2)
+    plain, _ = run_steps(cfg, params, tx, lr_fn)
+    explicit, _ = run_steps(cfg, params, tx, lr_fn, objective=train.Objective(mixup=0.0, label_smoothing=0.0))
+    assert bit_identical(plain, explicit)
+
+
+@pytest.mark.slow
+def test_mixup_and_smoothing_change_the_step():
+    cfg = tiny_config()
+    params = random_params(weights.param_shapes(cfg), seed=2, scale=0.1)
+    tx, lr_fn = train.make_optimizer(0.1, 10, 2)
+    plain, _ = run_steps(cfg, params, tx, lr_fn)
+    for objective in (train.Objective(mixup=0.5), train.Objective(label_smoothing=0.1),
+                      train.Objective(loss='sigmoid')):
+        changed, metrics = run_steps(cfg, params, tx, lr_fn, objective=objective)
+        assert not bit_identical(plain, changed), objective
+        assert all(np.isfinite(m['loss']) for m in metrics)
+
+
+# --------------------------------------------------------------------------- regularisation in the models
+
+def test_drop_path_rates_rise_linearly():
+    cfg = tiny_config().replace(num_layers=5, stochastic_depth_rate=0.2)
+    np.testing.assert_allclose(cfg.drop_path_rates, [0.0, 0.05, 0.1, 0.15, 0.2])
+    assert tiny_config().drop_path_rates == (0.0,)
+
+
+def test_drop_path_drops_whole_examples_in_both_frameworks():
+    x = np.random.default_rng(0).normal(size=(64, 5, 8)).astype(np.float32)
+    rate = 0.5
+    jax_out = np.asarray(JaxDropPath(rate).apply({}, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(0)}))
+    module = TorchDropPath(rate).train()
+    torch_out = module(torch.from_numpy(x)).numpy()
+    for out in (jax_out, torch_out):
+        kept = np.array([np.allclose(o, xi / (1 - rate)) for o, xi in zip(out, x)])
+        dropped = np.array([not o.any() for o in out])
+        assert (kept | dropped).all() and kept.any() and dropped.any()
+    # Identity in evaluation and at rate 0.
+    np.testing.assert_array_equal(JaxDropPath(rate).apply({}, x, deterministic=True), x)
+    np.testing.assert_array_equal(TorchDropPath(rate).eval()(torch.from_numpy(x)).numpy(), x)
+    np.testing.assert_array_equal(TorchDropPath(0.0).train()(torch.from_numpy(x)).numpy(), x)
+
+
+def test_stochastic_depth_is_a_no_op_in_evaluation_and_mirrored():
+    cfg = tiny_config().replace(num_layers=2, stochastic_depth_rate=0.3, dropout_rate=0.1)
+    params = random_params(weights.param_shapes(cfg), seed=3)
+    x = digits_batch(4)['image']
+    plain = VisionTransformer(tiny_config().replace(num_layers=2))
+    ours = VisionTransformer(cfg)
+    tree = train.variables_from_params(params)
+    np.testing.assert_array_equal(ours.apply(tree, x), plain.apply(tree, x))
+    model = build_model(cfg, params).eval()
+    assert isinstance(model, TorchViT)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(y, np.asarray(ours.apply(tree, x)), rtol=1e-4, atol=1e-5)
+    # In training, the drop-path draws change the logits.
+    trained = ours.apply(tree, x, train=True, rngs={'dropout': jax.random.PRNGKey(1)})
+    assert not np.allclose(trained, ours.apply(tree, x))
+    assert cfg.to_official_dict()['transformer']['stochastic_depth_rate'] == 0.3
+    assert ViTConfig.from_official_dict(cfg.to_official_dict()).stochastic_depth_rate == 0.3
+
+
+# --------------------------------------------------------------------------- distillation
+
+def test_soft_distillation_is_the_deit_formula():
+    rng = np.random.default_rng(0)
+    s, t, T = rng.normal(size=(6, 10)), rng.normal(size=(6, 10)), 3.0
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    pt = np.exp(log_softmax(t / T))
+    want = T * T * (pt * (log_softmax(t / T) - log_softmax(s / T))).sum(-1)
+    np.testing.assert_allclose(train.distillation_kl(s.astype(np.float32), t.astype(np.float32), T), want, rtol=1e-5)
+    # PyTorch's batchmean KL, times T^2, is its mean.
+    torch_kl = torch.nn.functional.kl_div(torch.log_softmax(torch.tensor(s / T), -1),
+                                          torch.log_softmax(torch.tensor(t / T), -1),
+                                          reduction='batchmean', log_target=True) * T * T
+    assert float(torch_kl) == pytest.approx(want.mean(), rel=1e-6)
+
+
+def teacher(seed: int = 5, **kw) -> train.Teacher:
+    cfg = tiny_config(**kw)
+    return train.Teacher(cfg, random_params(weights.param_shapes(cfg), seed=seed, scale=0.3))
+
+
+@pytest.mark.slow
+def test_alpha_zero_is_the_step_without_a_teacher_bit_for_bit():
+    cfg = tiny_config()
+    params = random_params(weights.param_shapes(cfg), seed=2, scale=0.1)
+    tx, lr_fn = train.make_optimizer(0.1, 10, 2)
+    alone, _ = run_steps(cfg, params, tx, lr_fn)
+    zero, _ = run_steps(cfg, params, tx, lr_fn, teachers=[teacher()],
+                        objective=train.Objective(distill_alpha=0.0, teacher_weights=(1.0,)))
+    assert bit_identical(alone, zero)
+    taught, metrics = run_steps(cfg, params, tx, lr_fn, teachers=[teacher()],
+                                objective=train.Objective(distill_alpha=0.5, teacher_weights=(1.0,)))
+    assert not bit_identical(alone, taught) and 'distill_loss' in metrics[0]
+
+
+@pytest.mark.slow
+def test_distill_loss_is_the_weighted_sum_over_teachers_at_their_own_resolution():
+    """Two teachers, one at 16 px (the batch resized on the device): the step's distill_loss is the formula."""
+    cfg = tiny_config()
+    params = random_params(weights.param_shapes(cfg), seed=2, scale=0.1)
+    t1, t2 = teacher(5), teacher(6, image_size=16)
+    tx, _ = train.make_optimizer(0.1, 10, 0)
+    _, metrics = run_steps(cfg, params, tx, steps=1, teachers=[t1, t2],
+                           objective=train.Objective(distill='hard', distill_alpha=0.3, teacher_weights=(0.25, 0.75)))
+    batch = next(datasets.load('digits').train_batches(16, 8, seed=0))
+    x = batch['image']
+    student = VisionTransformer(cfg).apply(train.variables_from_params(params), x, train=True,
+                                           rngs={'dropout': jax.random.PRNGKey(0)})
+    big = jax.image.resize(x, (16, 16, 16, 3), 'bilinear', antialias=False)
+    terms = [train.cross_entropy(student, VisionTransformer(t.cfg).apply(
+        train.variables_from_params(t.params), xi).argmax(-1)).mean() for t, xi in ((t1, x), (t2, big))]
+    want_distill = 0.25 * float(terms[0]) + 0.75 * float(terms[1])
+    assert float(metrics[0]['distill_loss']) == pytest.approx(want_distill, rel=1e-4)
+    label_loss = float(train.cross_entropy(student, batch['label']).mean())
+    assert float(metrics[0]['loss']) == pytest.approx(0.7 * label_loss + 0.3 * want_distill, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_teacher_agreement_is_counted_on_the_test_split():
+    cfg = tiny_config()
+    params = random_params(weights.param_shapes(cfg), seed=2, scale=0.1)
+    mesh = train.make_mesh()
+    same = train.Teacher(cfg, params)
+    step = train.make_eval_step(cfg, mesh=mesh, teachers=[same, teacher()])
+    ev = train.evaluate(step, train.create_train_state(cfg, params, train.make_optimizer(0.1, 10, 0)[0]).params,
+                        datasets.load('digits'), 64, 8, mesh, teachers=2)
+    assert ev['teacher_agreement'][0] == 1.0  # a student agrees with itself on every image
+    assert 0 <= ev['teacher_agreement'][1] < 1.0
+
+
+# --------------------------------------------------------------------------- the command line (slow)
+
+def write_tiny(tmp_path: Path, width: int = 32, layers: int = 1) -> Path:
+    d = json.loads(json.dumps(TINY))
+    d['hidden_size'], d['transformer']['num_layers'], d['transformer']['mlp_dim'] = width, layers, 2 * width
+    path = tmp_path / f'tiny-{width}-{layers}.json'
+    path.write_text(json.dumps(d))
+    return path
+
+
+def summary(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def permuted_teacher(tmp_path_factory) -> Path:
+    """A digits model trained for real, then its head rows permuted: it predicts PERM[y] for a digit y."""
+    tmp = tmp_path_factory.mktemp('teacher')
+    workdir = tmp / 'run'
+    run_cli('vit_jax', 'train', '--config', write_tiny(tmp, 64, 2), '--dataset', 'digits', '--steps', '300',
+            '--warmup-steps', '20', '--eval-every', '0', '--workdir', workdir, check=True)
+    ckpt = weights.load(str(workdir / 'final.npz'))
+    cfg = weights.configure(ckpt, str(workdir / 'config.json'))
+    params = dict(ckpt.params(cfg))
+    params['head/kernel'] = params['head/kernel'][:, PERM_INVERSE]
+    params['head/bias'] = params['head/bias'][PERM_INVERSE]
+    path = tmp / 'permuted.npz'
+    weights.save(str(path), params, cfg, 'npz')
+    return path
+
+
+PERM = np.array([3, 7, 0, 9, 1, 8, 2, 6, 4, 5])  # the teacher says PERM[y] for digit y
+PERM_INVERSE = np.argsort(PERM)
+
+
+@pytest.mark.slow
+def test_a_student_taught_by_a_permuted_teacher_alone_follows_the_permutation(permuted_teacher, tmp_path):
+    proc = run_cli('vit_jax', 'train', '--config', write_tiny(tmp_path), '--dataset', 'digits', '--steps', '300',
+                   '--warmup-steps', '20', '--eval-every', '0', '--teacher', permuted_teacher, '--distill', 'hard',
+                   '--distill-alpha', '1', '--workdir', tmp_path / 'student', check=True)
+    result = summary(proc.stdout)
+    assert result['teacher_agreement'][0] > 0.8, result  # it learned the teacher's labels ...
+    assert result['accuracy'] < 0.2, result  # ... not the dataset's
+    lines = [json.loads(line) for line in (tmp_path / 'student' / 'metrics.jsonl').read_text().splitlines()]
+    assert all('distill_loss' in r for r in lines if r['split'] == 'train')
+    recorded = json.loads((tmp_path / 'student' / 'run.json').read_text())
+    assert recorded['teachers'] == [{'checkpoint': str(permuted_teacher), 'config': None}]
+    assert (recorded['distill'], recorded['distill_alpha'], recorded['teacher_weights']) == ('hard', 1.0, [1.0])
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical_with_a_teacher_and_mixup(permuted_teacher, tmp_path):
+    from test_train import popen
+
+    args = ('--config', write_tiny(tmp_path), '--dataset', 'digits', '--steps', '60', '--warmup-steps', '5',
+            '--batch-size', '32', '--eval-every', '0', '--checkpoint-every', '10', '--teacher', permuted_teacher,
+            '--mixup', '0.4', '--optimizer', 'adamw', '--lr', '0.003', '--weight-decay', '0.05',
+            '--label-smoothing', '0.1', '--stochastic-depth', '0.1')
+    reference = run_cli('vit_jax', 'train', *args, '--workdir', tmp_path / 'reference', check=True)
+    workdir = tmp_path / 'killed'
+    proc = popen('vit_jax', 'train', *args, '--workdir', workdir, out=tmp_path / 'killed')
+    first = workdir / 'checkpoints' / 'ckpt-0000020.npz'
+    deadline = time.time() + 300
+    while not first.exists():
+        assert proc.poll() is None, (tmp_path / 'killed.err').read_text()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / 'final.npz').exists(), 'the run ended before it was killed'
+    resumed = run_cli('vit_jax', 'train', *args, '--workdir', workdir, check=True)
+    assert 'resuming at step' in resumed.stderr
+    assert summary(resumed.stdout)['params_sha256'] == summary(reference.stdout)['params_sha256']
+    # A restart with another recipe value is refused, naming the field.
+    other = run_cli('vit_jax', 'train', *args[:-2], '--stochastic-depth', '0.2', '--workdir', workdir)
+    assert other.returncode == 2 and 'config' in other.stderr
+
+
+BAD = [
+    (('--optimizer', 'lamb'), 'invalid choice'),
+    (('--recipe-typo',), 'unrecognized arguments'),
+    (('--distill-alpha', '1.5', '--teacher', '{teacher}'), '--distill-alpha 1.5: must lie in [0, 1]'),
+    (('--distill-alpha', '0.5'), 'needs a teacher'),
+    (('--teacher', '{teacher}', '--teacher-weights', '1,2'), '2 weights for 1 --teacher'),
+    (('--teacher', '{teacher}', '--teacher', '{teacher}', '--teacher-config', '{config}'),
+     '1 --teacher-config for 2 --teacher'),
+    (('--teacher', '{other}'), 'predicts 5 classes and digits has 10'),
+    (('--b1', '0.8'), "--b1 and --b2 are Adam's"),
+    (('--label-smoothing', '1'), '--label-smoothing 1.0: must lie in [0, 1)'),
+    (('--stochastic-depth', '-0.1'), '--stochastic-depth -0.1: must lie in [0, 1)'),
+    (('--weight-decay', 'nan'), '--weight-decay nan'),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('flags, needle', BAD, ids=[b[1][:24] for b in BAD])
+def test_bad_recipe_flags_are_one_line_before_any_compilation(flags, needle, tmp_path):
+    cfg = tiny_config()
+    teacher_path, other_path = tmp_path / 'teacher.npz', tmp_path / 'other.npz'
+    weights.save(str(teacher_path), random_params(weights.param_shapes(cfg)), cfg, 'npz')
+    five = cfg.replace(num_classes=5)
+    weights.save(str(other_path), random_params(weights.param_shapes(five)), five, 'npz')
+    config = write_tiny(tmp_path)
+    flags = [f.format(teacher=teacher_path, other=other_path, config=config) for f in flags]
+    workdir = tmp_path / 'run'
+    start = time.perf_counter()
+    proc = run_cli('vit_jax', 'train', '--config', config, '--dataset', 'digits', '--workdir', workdir, *flags)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+    assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(('error: ', 'python -m vit_jax train: error: '))
+    assert not workdir.exists()
+    assert time.perf_counter() - start < 30
+
+
+# --------------------------------------------------------------------------- recipes
+
+def parsed(*flags: str):
+    from vit_jax import trainer
+
+    return trainer._parser().parse_args(['--dataset', 'digits', '--workdir', 'unused', *flags])
+
+
+def test_a_recipe_fills_the_flags_not_given_and_a_flag_given_wins():
+    from vit_jax import settings
+
+    args = settings.apply_recipe(parsed('--recipe', 'augreg-medium2', '--mixup', '0.1'), 1000)
+    assert (args.optimizer, args.lr, args.weight_decay, args.loss, args.randaug) == ('adam', 0.001, 0.0001,
+                                                                                    'sigmoid', '2,15')
+    assert args.mixup == 0.1 and args.head_bias_init == -6.9  # the flag wins; 1000 classes start at -6.9
+    assert settings.apply_recipe(parsed('--recipe', 'augreg-light1'), 10).head_bias_init == -10.0
+    deit = settings.apply_recipe(parsed('--recipe', 'deit', '--batch-size', '1024'), 10)
+    assert deit.lr == pytest.approx(1e-3) and deit.stochastic_depth == 0.1  # 5e-4 x 1024 / 512
+    official = settings.apply_recipe(parsed(), 10)
+    assert official.recipe == 'official' and official.optimizer is None
+    with pytest.raises(Exception, match="--recipe 'sota': expected one of official, adamw-cifar"):
+        settings.apply_recipe(parsed('--recipe', 'sota'), 10)
+
+
+@pytest.mark.slow
+def test_the_cifar_adamw_recipe_runs_through_the_tfds_pipeline(tmp_path, monkeypatch, capsys):
+    """The acceptance's new user: `--recipe adamw-cifar` on cifar10 (`tfds.testing.mock_data`), the pipeline."""
+    from vit_jax import trainer
+
+    datasets.import_tensorflow()
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setattr(datasets, '_online', lambda: True)
+    workdir = tmp_path / 'run'
+    with tfds.testing.mock_data(num_examples=24):
+        assert trainer.main(['--config', str(write_tiny(tmp_path)), '--dataset', 'cifar10', '--recipe', 'adamw-cifar',
+                             '--image-size', '16', '--steps', '3', '--batch-size', '8', '--warmup-steps', '1',
+                             '--workdir', str(workdir)]) == 0
+    result = summary(capsys.readouterr().out)
+    assert result['examples'] == 24 and np.isfinite(result['loss'])
+    recorded = json.loads((workdir / 'run.json').read_text())
+    assert (recorded['recipe'], recorded['optimizer'], recorded['lr'], recorded['weight_decay']) == \
+        ('adamw-cifar', 'adamw', 1e-4, 1e-4)
+    assert (recorded['label_smoothing'], recorded['augment'], recorded['image_size']) == \
+        (0.1, 'flip,rotate=15,jitter=0.4:0.4:0.4:0.1', 16)
