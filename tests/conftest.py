@@ -63,6 +63,8 @@ CONFIGS = {
     'map': tiny(classifier='map'),
     'first': tiny(classifier='first'),
     'sincos2d': tiny(posemb='sincos2d'),
+    # DeiT's class and distillation tokens, two heads averaged.
+    'token_distilled': tiny(classifier='token_distilled'),
 }
 
 

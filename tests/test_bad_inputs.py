@@ -205,7 +205,7 @@ def test_non_square_position_grid(tmp_path, out):
 def test_non_square_position_grid_library():
     posemb = np.zeros((1, 1 + 15, 8), np.float32)
     with pytest.raises(UserError, match='square'):
-        weights.resize_posemb(posemb, (6, 6), has_cls=True)
+        weights.resize_posemb(posemb, (6, 6), prefix_tokens=1)
     cfg = load_config(str(CFG))
     with pytest.raises(UserError, match='square'):
         weights.checkpoint_grid({POSEMB: posemb}, cfg)

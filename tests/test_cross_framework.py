@@ -40,7 +40,7 @@ def test_flax_and_torch_agree_on_random_weights(name):
         assert np.abs(got - ref).max() <= tolerance(ref), f'{name}, fast={fast}'
 
 
-@pytest.mark.parametrize('name', ['token', pytest.param('hybrid-stages', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('name', ['token', 'token_distilled', pytest.param('hybrid-stages', marks=pytest.mark.slow)])
 def test_fresh_inits_share_the_canonical_tree(name):
     """A fresh model in either framework exports to the same names and shapes, and runs in the other."""
     cfg = CONFIGS[name]
@@ -51,6 +51,22 @@ def test_fresh_inits_share_the_canonical_tree(name):
     ref = torch_forward(build_model(cfg, flax_params), x)
     got = np.asarray(FlaxViT(cfg).apply(variables_from_params(flax_params), x))
     assert np.abs(got - ref).max() <= tolerance(ref)
+
+
+def test_the_distilled_model_averages_its_two_heads_in_both_frameworks():
+    cfg = CONFIGS['token_distilled']
+    params = random_params(weights.param_shapes(cfg))
+    assert weights.param_shapes(cfg)['dist_token'] == (1, 1, cfg.hidden_size)
+    assert weights.param_shapes(cfg)[weights.POSEMB][1] == cfg.grid_size[0] * cfg.grid_size[1] + 2
+    x = images(cfg)
+    cls, dist = FlaxViT(cfg).apply(variables_from_params(params), x, both_heads=True)
+    assert not np.allclose(cls, dist)
+    np.testing.assert_allclose(FlaxViT(cfg).apply(variables_from_params(params), x), (cls + dist) / 2, rtol=1e-6)
+    model = build_model(cfg, params)
+    with torch.no_grad():
+        t_cls, t_dist = model(torch.from_numpy(x).permute(0, 3, 1, 2), both_heads=True)
+    for got, want in ((t_cls.numpy(), cls), (t_dist.numpy(), dist)):
+        assert np.abs(got - np.asarray(want)).max() <= tolerance(np.asarray(want))
 
 
 def test_bfloat16_compute_keeps_float32_params_and_close_logits():

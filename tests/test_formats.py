@@ -24,6 +24,7 @@ import big_vision_vit as bv
 from conftest import random_params, run_cli, tiny, tolerance
 from parity import cli
 from parity.core import weights
+from parity.core.config import BIG_VISION_VARIANTS, ViTConfig
 from parity.core.errors import UserError
 from parity.core.weights.formats import timm as timm_format
 from parity.harness import counterparts
@@ -298,6 +299,46 @@ def test_timm_files_the_official_model_cannot_compute_are_refused(timm_files, tm
               str(tmp_path / 'fc_norm.safetensors'))
     with pytest.raises(UserError, match="fc_norm"):
         weights.load(str(tmp_path / 'fc_norm.safetensors'))
+
+
+def test_a_timm_deit_distilled_file_gives_timms_logits_and_goes_back(tmp_path):
+    """timm's own VisionTransformerDistilled (tiny, tanh GELU) saved by timm: both frameworks give its logits."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    cfg = tiny(classifier='token_distilled')
+    model = VisionTransformerDistilled(img_size=S, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2,
+                                       num_classes=5, act_layer='gelu_tanh').eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # zero heads would hide everything
+    save_file(model.state_dict(), str(tmp_path / 'deit.safetensors'))
+    config = write_json(tmp_path / 'deit.json', dict(cfg.to_official_dict(), image_size=S))
+    want = timm_logits(model)
+    assert weights.load(str(tmp_path / 'deit.safetensors')).format == 'timm'
+    assert_close(logits_of(tmp_path / 'deit.safetensors', config), want)
+    params = weights.load(str(tmp_path / 'deit.safetensors')).params(cfg)
+    weights.save(str(tmp_path / 'back.safetensors'), dict(params), cfg, 'timm')
+    again = VisionTransformerDistilled(img_size=S, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2,
+                                       num_classes=5, act_layer='gelu_tanh').eval()
+    again.load_state_dict(load_file(str(tmp_path / 'back.safetensors')), strict=True)
+    np.testing.assert_array_equal(timm_logits(again), want)
+    # The released npz layout holds it too (its extra arrays by name), and the config is read back from it.
+    weights.save(str(tmp_path / 'deit.npz'), dict(params), cfg, 'npz')
+    assert_close(logits_of(tmp_path / 'deit.npz'), want)
+    assert weights.infer_config(weights.load_npz(str(tmp_path / 'deit.npz'))).classifier == 'token_distilled'
+    with pytest.raises(UserError, match="distillation token"):
+        weights.save(str(tmp_path / 'bv.npz'), dict(params), cfg, 'big_vision')
+
+
+def test_deit_parameter_counts_are_timms():
+    import timm
+
+    for name, variant in (('deit_tiny_distilled_patch16_224', 'Ti'), ('deit_small_distilled_patch16_224', 'S')):
+        D, L, M, H = BIG_VISION_VARIANTS[variant]
+        cfg = ViTConfig(name=None, patch_size=(16, 16), hidden_size=D, num_layers=L, mlp_dim=M, num_heads=H,
+                        classifier='token_distilled', num_classes=1000, image_size=224)
+        model = timm.create_model(name, pretrained=False)
+        assert weights.count_params(cfg) == sum(p.numel() for p in model.parameters()), name
 
 
 # --------------------------------------------------------------------------- Hugging Face

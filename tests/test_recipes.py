@@ -349,6 +349,33 @@ def test_a_student_taught_by_a_permuted_teacher_alone_follows_the_permutation(pe
 
 
 @pytest.mark.slow
+def test_a_deit_student_with_a_distillation_token_trains_and_is_read_back(permuted_teacher, tmp_path):
+    """The class head learns the labels, the distillation head the (permuted) teacher; evaluation averages them."""
+    config = tmp_path / 'distilled.json'
+    config.write_text(json.dumps(dict(TINY, classifier='token_distilled')))
+    workdir = tmp_path / 'deit'
+    proc = run_cli('vit_jax', 'train', '--config', config, '--dataset', 'digits', '--steps', '200',
+                   '--warmup-steps', '20', '--eval-every', '0', '--teacher', permuted_teacher, '--distill', 'hard',
+                   '--workdir', workdir, check=True)
+    result = summary(proc.stdout)
+    ckpt = weights.load(str(workdir / 'final.npz'))
+    cfg = weights.configure(ckpt, None)
+    assert cfg.classifier == 'token_distilled' and 'head_dist/kernel' in ckpt.shapes
+    params = ckpt.params(cfg)
+    x = datasets.load('digits').eval_batches(None, 360, 8).__next__()
+    model = VisionTransformer(cfg)
+    cls, dist = model.apply(train.variables_from_params(params), x['image'], both_heads=True)
+    labels, teacher_says = np.asarray(x['label']), PERM[np.asarray(x['label'])]
+    assert (np.asarray(cls).argmax(-1) == labels).mean() > 0.5  # the class head learned the digits ...
+    assert (np.asarray(dist).argmax(-1) == teacher_says).mean() > 0.5  # ... the distillation head the teacher
+    assert 0 <= result['teacher_agreement'][0] <= 1
+    # Both frameworks' eval commands read it and agree.
+    for framework in ('vit_jax', 'vit_torch'):
+        out = run_cli(framework, 'eval', workdir / 'final.npz', '--dataset', 'digits', check=True)
+        assert json.loads(out.stdout.strip().splitlines()[-1])['accuracy'] == pytest.approx(result['accuracy'])
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical_with_a_teacher_and_mixup(permuted_teacher, tmp_path):
     from test_train import popen
 
@@ -389,6 +416,9 @@ BAD = [
     (('--label-smoothing', '1'), '--label-smoothing 1.0: must lie in [0, 1)'),
     (('--stochastic-depth', '-0.1'), '--stochastic-depth -0.1: must lie in [0, 1)'),
     (('--weight-decay', 'nan'), '--weight-decay nan'),
+    (('--config', '{distilled}'), 'the token_distilled classifier learns its distillation head from a teacher'),
+    (('--config', '{distilled}', '--teacher', '{teacher}', '--distill-alpha', '0'), 'a --distill-alpha above 0'),
+    (('--recipe', 'deit'), 'set by --recipe deit'),
 ]
 
 
@@ -401,10 +431,14 @@ def test_bad_recipe_flags_are_one_line_before_any_compilation(flags, needle, tmp
     five = cfg.replace(num_classes=5)
     weights.save(str(other_path), random_params(weights.param_shapes(five)), five, 'npz')
     config = write_tiny(tmp_path)
-    flags = [f.format(teacher=teacher_path, other=other_path, config=config) for f in flags]
+    distilled = tmp_path / 'distilled.json'
+    distilled.write_text(json.dumps(dict(TINY, classifier='token_distilled')))
+    flags = [f.format(teacher=teacher_path, other=other_path, config=config, distilled=distilled) for f in flags]
     workdir = tmp_path / 'run'
     start = time.perf_counter()
-    proc = run_cli('vit_jax', 'train', '--config', config, '--dataset', 'digits', '--workdir', workdir, *flags)
+    if '--config' not in flags:
+        flags = ['--config', str(config), *flags]
+    proc = run_cli('vit_jax', 'train', '--dataset', 'digits', '--workdir', workdir, *flags)
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
     assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(('error: ', 'python -m vit_jax train: error: '))

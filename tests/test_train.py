@@ -336,7 +336,7 @@ def test_finetuning_starts_from_resized_position_embeddings_and_a_zero_head(tiny
                '--warmup-steps', '1', '--batch-size', '32', '--checkpoint-every', '1')
     start = weights.load_npz(train.list_checkpoints(str(workdir))[0][1])
     np.testing.assert_array_equal(start[weights.POSEMB],
-                                  weights.resize_posemb(pre[weights.POSEMB], (2, 2), has_cls=True))  # 8x8 digits
+                                  weights.resize_posemb(pre[weights.POSEMB], (2, 2), prefix_tokens=1))  # 8x8 digits
     assert start[weights.POSEMB].shape == (1, 5, 32)
     assert start['head/kernel'].shape == (32, 10) and not start['head/kernel'].any() and not start['head/bias'].any()
     assert 'pre_logits/kernel' not in start

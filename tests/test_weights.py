@@ -101,15 +101,15 @@ def test_torch_strictness():
 def test_posemb_resize_is_the_official_bilinear_zoom():
     rng = np.random.default_rng(0)
     posemb = rng.normal(size=(1, 1 + 16, 8)).astype(np.float32)
-    out = weights.resize_posemb(posemb, (6, 6), has_cls=True)
+    out = weights.resize_posemb(posemb, (6, 6), prefix_tokens=1)
     assert out.shape == (1, 37, 8) and out.dtype == np.float32
     assert np.array_equal(out[0, 0], posemb[0, 0])  # class token kept
     want = scipy.ndimage.zoom(posemb[0, 1:].reshape(4, 4, 8), (1.5, 1.5, 1), order=1).reshape(36, 8)
     assert np.array_equal(out[0, 1:], want)
-    gap = weights.resize_posemb(posemb[:, 1:], (2, 2), has_cls=False)
+    gap = weights.resize_posemb(posemb[:, 1:], (2, 2), prefix_tokens=0)
     assert gap.shape == (1, 4, 8)
     with pytest.raises(UserError, match='square'):
-        weights.resize_posemb(posemb[:, :13], (6, 6), has_cls=True)
+        weights.resize_posemb(posemb[:, :13], (6, 6), prefix_tokens=1)
 
 
 def test_finetune_surgery():

@@ -275,7 +275,9 @@ class VisionTransformer(Module):
     `dtype` is the compute dtype (bfloat16 for speed); parameters stay float32 and the
     head runs in float32. Call with `train=True` (and a 'dropout' rng) to enable dropout.
     `fast` takes the fast path (`vit_jax.fast`): fused attention, and on the CPU the dense
-    layers' ordered backward and the patch embedding as a matmul.
+    layers' ordered backward and the patch embedding as a matmul. With the `token_distilled`
+    classifier (DeiT) the class and distillation heads' logits are averaged, or with
+    `both_heads=True` returned as a pair (class head, distillation head) for training.
     """
 
     config: ViTConfig
@@ -283,7 +285,7 @@ class VisionTransformer(Module):
     fast: bool = False
 
     @nn.compact
-    def __call__(self, images, *, train: bool = False):
+    def __call__(self, images, *, train: bool = False, both_heads: bool = False):
         cfg = self.config
         x = images.astype(self.dtype)  # (B, h, w, 3)
         if cfg.is_hybrid:
@@ -302,12 +304,17 @@ class VisionTransformer(Module):
         B, h, w, D = x.shape
         x = x.reshape(B, h * w, D)  # (B, N, D)
         self.sow('intermediates', 'patch_tokens', x)
+        if cfg.has_dist_token:  # DeiT's distillation token goes after the class token
+            dist = self.param('dist_token', nn.initializers.normal(stddev=0.02), (1, 1, D))
+            x = jnp.concatenate([jnp.tile(dist.astype(x.dtype), (B, 1, 1)), x], axis=1)  # (B, N, D)
         if cfg.has_cls_token:
             cls = self.param('cls', nn.initializers.zeros, (1, 1, D))
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (B, 1, 1)), x], axis=1)  # (B, N, D)
         x = Encoder(cfg.num_layers, cfg.mlp_dim, cfg.num_heads, cfg.dropout_rate, cfg.attention_dropout_rate,
                     cfg.drop_path_rates, self.dtype, self.fast, cfg.posemb, (h, w), name='Transformer')(x, train=train)
-        if cfg.classifier in ('token', 'first'):
+        if cfg.has_dist_token:
+            x, x_dist = x[:, 0], x[:, 1]  # (B, D) each
+        elif cfg.classifier in ('token', 'first'):
             x = x[:, 0]  # (B, D)
         elif cfg.classifier == 'gap':
             x = x.mean(axis=1)  # (B, D)
@@ -318,5 +325,11 @@ class VisionTransformer(Module):
         self.sow('intermediates', 'features', x)
         if cfg.num_classes:
             x = nn.Dense(cfg.num_classes, kernel_init=nn.initializers.zeros, name='head')(x.astype(jnp.float32))
+            if cfg.has_dist_token:
+                x_dist = nn.Dense(cfg.num_classes, kernel_init=nn.initializers.zeros,
+                                  name='head_dist')(x_dist.astype(jnp.float32))
+                if both_heads:
+                    return x, x_dist
+                x = (x + x_dist) / 2  # DeiT's inference: the mean of the two heads
         self.sow('intermediates', 'logits', x)
         return x

@@ -242,6 +242,9 @@ def recipe_settings(args, cfg: ViTConfig) -> tuple[ViTConfig, dict]:
     configs = args.teacher_config or []
     distill_flags = [f for f in ('distill', 'distill_alpha', 'distill_temperature', 'teacher_weights',
                                  'teacher_config') if getattr(args, f) is not None]
+    if cfg.has_dist_token and not (teachers and (args.distill_alpha is None or args.distill_alpha > 0)):
+        raise UserError('the token_distilled classifier learns its distillation head from a teacher: pass --teacher '
+                        'CKPT (and a --distill-alpha above 0), or train a token classifier')
     if not teachers:
         if distill_flags:
             raise UserError(f'{_flag(distill_flags[0])} sets up knowledge distillation, which needs a teacher: '

@@ -284,7 +284,9 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
     and with teachers distill_loss. `dtype` is the compute dtype; `fast` takes the model's
     fast path (`vit_jax.fast`). `objective` sets the loss (see `Objective`); `teachers` run
     frozen in the step, on the same (mixed) images as the student, resized on the device to
-    their own resolution; with `distill_alpha` 0 they are not run at all.
+    their own resolution; with `distill_alpha` 0 they are not run at all. With DeiT's
+    `token_distilled` classifier the labels' loss is the class head's and the distillation
+    term the distillation head's; accuracy is that of their mean, as evaluation predicts.
     """
     mesh = mesh if mesh is not None else make_mesh()
     replicated, sharded = _shardings(mesh)
@@ -305,7 +307,10 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
         return out
 
     def loss_fn(params, rows, key, tree):
-        logits = model.apply({'params': params}, rows['image'], train=True, rngs={'dropout': key})  # (B/A, C)
+        logits = model.apply({'params': params}, rows['image'], train=True, rngs={'dropout': key},
+                             both_heads=cfg.has_dist_token)  # (B/A, C), or a pair with DeiT's distillation token
+        # DeiT: the class head learns from the labels, the distillation head from the teachers.
+        logits, student = logits if cfg.has_dist_token else (logits, logits)
         if obj.loss == 'sigmoid':
             losses = sigmoid_cross_entropy(logits, rows['target'])
         elif obj.soft_targets:
@@ -313,10 +318,11 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
         else:
             losses = cross_entropy(logits, rows['label'])
         loss = losses.mean()
-        aux = {'accuracy': (logits.argmax(-1) == rows['label']).mean()}
+        predicted = (logits + student) / 2 if cfg.has_dist_token else logits  # what evaluation predicts
+        aux = {'accuracy': (predicted.argmax(-1) == rows['label']).mean()}
         if distilling:
-            terms = [distillation_kl(logits, t, obj.temperature) if obj.distill == 'soft'
-                     else cross_entropy(logits, t.argmax(-1)) for t in teacher_logits(tree, rows['image'])]
+            terms = [distillation_kl(student, t, obj.temperature) if obj.distill == 'soft'
+                     else cross_entropy(student, t.argmax(-1)) for t in teacher_logits(tree, rows['image'])]
             distill = sum(w * d.mean() for w, d in zip(obj.teacher_weights, terms))
             aux['distill_loss'] = distill
             loss = (1.0 - obj.distill_alpha) * loss + obj.distill_alpha * distill

@@ -403,7 +403,7 @@ class Run:
             # The released layout where the official model can express the config; big_vision's where not (map,
             # first, sincos2d): `weights.load` reads either.
             try:
-                weights.save(final, params, self.settings.config, 'npz' if self.settings.config.is_official
+                weights.save(final, params, self.settings.config, 'npz' if self.settings.config.fits_released_npz
                              else 'big_vision')
                 _write_json(config_path, self.settings.config.to_official_dict())
             except UserError as e:

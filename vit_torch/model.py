@@ -305,6 +305,8 @@ class VisionTransformer(Module):
     """The official ViT (and R+ViT hybrid) for one `ViTConfig`, built at `config.image_size`.
 
     Takes NCHW images in [-1, 1]. `fast` takes the fast path (`vit_torch.fast`): fused attention.
+    With the `token_distilled` classifier (DeiT) the class and distillation heads' logits are
+    averaged, or with `both_heads=True` returned as a pair (class head, distillation head).
     """
 
     def __init__(self, config: ViTConfig, fast: bool = False):
@@ -323,6 +325,9 @@ class VisionTransformer(Module):
         self.embedding = nn.Conv2d(channels, D, cfg.patch_size, stride=cfg.patch_size)
         lecun_normal_(self.embedding.weight)
         nn.init.zeros_(self.embedding.bias)
+        if cfg.has_dist_token:
+            self.dist_token = nn.Parameter(torch.empty(1, 1, D))
+            nn.init.normal_(self.dist_token, std=0.02)
         if cfg.has_cls_token:
             self.cls = nn.Parameter(torch.zeros(1, 1, D))
         self.Transformer = Encoder(cfg.num_tokens, D, cfg.num_layers, cfg.mlp_dim, cfg.num_heads,
@@ -340,8 +345,12 @@ class VisionTransformer(Module):
             self.head = nn.Linear(features, cfg.num_classes)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+            if cfg.has_dist_token:
+                self.head_dist = nn.Linear(features, cfg.num_classes)
+                nn.init.zeros_(self.head_dist.weight)
+                nn.init.zeros_(self.head_dist.bias)
 
-    def forward(self, images):
+    def forward(self, images, both_heads: bool = False):
         cfg = self.config
         x = images  # (B, 3, h, w)
         if cfg.is_hybrid:
@@ -355,10 +364,14 @@ class VisionTransformer(Module):
         B, D, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         self.sow('intermediates', 'patch_tokens', x)
+        if cfg.has_dist_token:  # DeiT's distillation token goes after the class token
+            x = torch.cat([self.dist_token.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, N, D)
         if cfg.has_cls_token:
             x = torch.cat([self.cls.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, N, D)
         x = self.Transformer(x)
-        if cfg.classifier in ('token', 'first'):
+        if cfg.has_dist_token:
+            x, x_dist = x[:, 0], x[:, 1]  # (B, D) each
+        elif cfg.classifier in ('token', 'first'):
             x = x[:, 0]  # (B, D)
         elif cfg.classifier == 'gap':
             x = x.mean(dim=1)  # (B, D)
@@ -370,5 +383,10 @@ class VisionTransformer(Module):
         if cfg.num_classes:
             with torch.autocast(x.device.type, enabled=False):  # logits in float32, as in vit_jax
                 x = self.head(x.float())
+                if cfg.has_dist_token:
+                    x_dist = self.head_dist(x_dist.float())
+                    if both_heads:
+                        return x, x_dist
+                    x = (x + x_dist) / 2  # DeiT's inference: the mean of the two heads
         self.sow('intermediates', 'logits', x)
         return x

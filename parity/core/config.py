@@ -22,8 +22,9 @@ from typing import Any, Optional
 from parity.core.errors import UserError, cause
 from parity.core.limits import check_text
 
-# The official classifiers, then big_vision's multihead attention pooling and its first-token pooling.
-CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled', 'map', 'first')
+# The official classifiers, then big_vision's multihead attention pooling and its first-token pooling, then
+# DeiT's class and distillation tokens.
+CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled', 'map', 'first', 'token_distilled')
 OFFICIAL_CLASSIFIERS = CLASSIFIERS[:4]
 POSEMBS = ('learn', 'sincos2d')  # learned (stored), or big_vision's fixed 2-D sine-cosine table (computed)
 
@@ -38,7 +39,8 @@ class ViTConfig:
     `classifier`: `token` (the class token), `gap` (mean of the tokens), `unpooled` and
     `token_unpooled` (every token), `map` (big_vision's multihead attention pooling: a
     learned probe attends over the tokens) or `first` (the first token, no class token:
-    big_vision's `pool_type='0'`). `posemb`: `learn`, or `sincos2d` (computed for the
+    big_vision's `pool_type='0'`) or `token_distilled` (DeiT: a class token and a distillation
+    token, each with its own head, their logits averaged in evaluation). `posemb`: `learn`, or `sincos2d` (computed for the
     patch grid, never stored; the class token gets no position embedding).
     """
 
@@ -81,6 +83,9 @@ class ViTConfig:
             raise UserError(f'{where}: ResNet width 64*{self.resnet_width_factor} = {self.resnet_width} '
                             'must be a positive multiple of 32 (GroupNorm uses 32 groups), and every stage '
                             'at least one unit')
+        if self.has_dist_token and self.representation_size is not None:
+            raise UserError(f'{where}: the token_distilled classifier has no representation layer (DeiT has none); '
+                            'set representation_size to null')
         if not all(0 <= r < 1 for r in (self.dropout_rate, self.attention_dropout_rate,
                                          self.stochastic_depth_rate)):
             raise UserError(f'{where}: dropout and stochastic depth rates must lie in [0, 1)')
@@ -114,12 +119,27 @@ class ViTConfig:
 
     @property
     def has_cls_token(self) -> bool:
-        return self.classifier in ('token', 'token_unpooled')
+        return self.classifier in ('token', 'token_unpooled', 'token_distilled')
+
+    @property
+    def has_dist_token(self) -> bool:
+        """DeiT's distillation token, after the class token, with its own head `head_dist`."""
+        return self.classifier == 'token_distilled'
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token, and DeiT's distillation token after it."""
+        return int(self.has_cls_token) + int(self.has_dist_token)
 
     @property
     def is_official(self) -> bool:
         """Whether the official model (and so its released npz layout) can express this config."""
         return self.classifier in OFFICIAL_CLASSIFIERS and self.posemb == 'learn'
+
+    @property
+    def fits_released_npz(self) -> bool:
+        """The released npz layout can hold it: the official model, or DeiT's (its extra arrays under their names)."""
+        return (self.is_official or self.has_dist_token) and self.posemb == 'learn'
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -136,7 +156,7 @@ class ViTConfig:
     @property
     def num_tokens(self) -> int:
         h, w = self.grid_size
-        return h * w + int(self.has_cls_token)
+        return h * w + self.num_prefix_tokens
 
     def replace(self, **changes: Any) -> 'ViTConfig':
         return dataclasses.replace(self, **changes)

@@ -548,8 +548,8 @@ def resize_alternatives(raw: np.ndarray, cfg: ViTConfig) -> dict[str, np.ndarray
     import torch
     import torch.nn.functional as F
 
-    official = weights.resize_posemb(raw, cfg.grid_size, cfg.has_cls_token)
-    n_tok = int(cfg.has_cls_token)
+    official = weights.resize_posemb(raw, cfg.grid_size, cfg.num_prefix_tokens)
+    n_tok = cfg.num_prefix_tokens
     tok, grid = raw[:, :n_tok], raw[0, n_tok:]
     gs = math.isqrt(grid.shape[0])
     t = grid.reshape(gs, gs, -1).transpose(2, 0, 1)[None]  # (1, D, gs, gs)
@@ -570,9 +570,9 @@ def resize_alternatives(raw: np.ndarray, cfg: ViTConfig) -> dict[str, np.ndarray
 def _diagnose_posemb(cfg, params, have, reference, precision, raw_posemb) -> list[dict]:
     emb = have.get('embedding', reference['embedding'])
     tokens = np.asarray(emb, np.float64)
-    if cfg.has_cls_token:
-        cls = np.broadcast_to(params['cls'], (tokens.shape[0], 1, tokens.shape[-1]))
-        tokens = np.concatenate([cls, tokens], axis=1)
+    for name in ('dist_token', 'cls')[2 - cfg.num_prefix_tokens:]:  # the distillation token after the class token
+        token = np.broadcast_to(params[name], (tokens.shape[0], 1, tokens.shape[-1]))
+        tokens = np.concatenate([token, tokens], axis=1)
     got = np.asarray(have['with_posemb'], np.float64) - tokens  # (B, N, D): the position embeddings it added
     mine = np.broadcast_to(params[weights.POSEMB], got.shape)
     if _reproduces(mine, got, precision):

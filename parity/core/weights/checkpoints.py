@@ -325,7 +325,7 @@ def save(path: str, params: dict, cfg: ViTConfig, to: str, labels: Optional[list
     A model the format cannot express is one error naming a format that can.
     """
     if to == 'npz':
-        if not cfg.is_official:
+        if not cfg.fits_released_npz:
             raise UserError(f'{path}: the released npz layout is the official model\'s, which has no '
                             f'{cfg.classifier!r} pooling with {cfg.posemb} position embeddings; '
                             'write --to big_vision or --to torch')

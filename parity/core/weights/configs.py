@@ -61,7 +61,8 @@ def infer_config(params: Mapping[str, np.ndarray], num_heads: Optional[int] = No
             while f'block{len(resnet) + 1}/unit{units + 1}/conv1/kernel' in params:
                 units += 1
             resnet.append(units)
-    classifier = 'token' if 'cls' in params else 'map' if 'MAPHead_0/probe' in params else pool_without_token
+    classifier = ('token_distilled' if 'dist_token' in params else 'token' if 'cls' in params
+                  else 'map' if 'MAPHead_0/probe' in params else pool_without_token)
     if classifier is None:
         raise UserError(f'{where}: has no class token and no MAP head, and its layout does not record how it '
                         'pools: pass --config, e.g. a JSON file {"variant": "B/16", "pool_type": "gap"} '
@@ -96,7 +97,7 @@ def checkpoint_grid(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> Optiona
         return None
     if len(params[POSEMB].shape) != 3:
         raise UserError(f'{POSEMB} has shape {tuple(params[POSEMB].shape)}, expected (1, tokens, width)')
-    n = params[POSEMB].shape[1] - int(cfg.has_cls_token)
+    n = params[POSEMB].shape[1] - cfg.num_prefix_tokens
     if not is_square(n):
         raise UserError(f'position embeddings hold {n} patch tokens, not a square grid; '
                         'only square grids can be resized or inferred')

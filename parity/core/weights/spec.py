@@ -50,6 +50,8 @@ def param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     s['embedding/bias'] = (D,)
     if cfg.has_cls_token:
         s['cls'] = (1, 1, D)
+    if cfg.has_dist_token:
+        s['dist_token'] = (1, 1, D)
     if cfg.posemb == 'learn':  # sincos2d is computed, never stored
         s[POSEMB] = (1, cfg.num_tokens, D)
 
@@ -79,6 +81,8 @@ def param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
         s['pre_logits/kernel'], s['pre_logits/bias'] = (D, features), (features,)
     if cfg.num_classes:
         s['head/kernel'], s['head/bias'] = (features, cfg.num_classes), (cfg.num_classes,)
+        if cfg.has_dist_token:
+            s['head_dist/kernel'], s['head_dist/bias'] = (features, cfg.num_classes), (cfg.num_classes,)
     return s
 
 

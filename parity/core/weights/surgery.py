@@ -18,15 +18,15 @@ from parity.core.errors import UserError
 from parity.core.weights.spec import POSEMB, Params, check_params, param_shapes
 
 
-def resize_posemb(posemb: np.ndarray, grid: tuple[int, int], has_cls: bool) -> np.ndarray:
+def resize_posemb(posemb: np.ndarray, grid: tuple[int, int], prefix_tokens: int) -> np.ndarray:
     """Position embeddings (1, N, D) for a new patch grid, as the official `load_pretrained` does.
 
-    Bilinear (`scipy.ndimage.zoom`, order=1) on the square patch grid only; the class-token
-    row, when there is one, is kept as it is.
+    Bilinear (`scipy.ndimage.zoom`, order=1) on the square patch grid only; the rows of the
+    `prefix_tokens` before the patches (the class token, DeiT's distillation token) are kept.
     """
     import scipy.ndimage
 
-    tok, patch = (posemb[:, :1], posemb[0, 1:]) if has_cls else (posemb[:, :0], posemb[0])
+    tok, patch = posemb[:, :prefix_tokens], posemb[0, prefix_tokens:]
     n, D = patch.shape
     if not is_square(n):
         raise UserError(f'position embeddings hold {n} patch tokens, not a square grid; cannot resize them')
@@ -42,7 +42,7 @@ def adapt_resolution(params: Mapping[str, np.ndarray], cfg: ViTConfig) -> Params
     out = dict(params)
     want = param_shapes(cfg).get(POSEMB)  # None for sincos2d, which is computed for any grid
     if want is not None and POSEMB in out and out[POSEMB].shape != want:
-        out[POSEMB] = resize_posemb(out[POSEMB], cfg.grid_size, cfg.has_cls_token)
+        out[POSEMB] = resize_posemb(out[POSEMB], cfg.grid_size, cfg.num_prefix_tokens)
     return out
 
 
@@ -64,11 +64,11 @@ def prepare_for_finetuning(params: Mapping[str, np.ndarray], cfg: ViTConfig, whe
         out.pop('pre_logits/kernel', None)
         out.pop('pre_logits/bias', None)
     shapes = param_shapes(cfg)
-    for k in ('head/kernel', 'head/bias'):
+    for k in ('head/kernel', 'head/bias', 'head_dist/kernel', 'head_dist/bias'):
         if k in shapes and (k not in out or out[k].shape != shapes[k]):
             out[k] = np.zeros(shapes[k], np.float32)
     if not cfg.num_classes:
-        out.pop('head/kernel', None)
-        out.pop('head/bias', None)
+        for k in ('head/kernel', 'head/bias', 'head_dist/kernel', 'head_dist/bias'):
+            out.pop(k, None)
     check_params(out, cfg, where)
     return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}

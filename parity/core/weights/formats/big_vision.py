@@ -103,6 +103,8 @@ def expressible(cfg: ViTConfig) -> Optional[str]:
         return 'a hybrid (it has no ResNet stem)'
     if cfg.classifier == 'token_unpooled':
         return "the 'token_unpooled' classifier (its unpooled model has no class token)"
+    if cfg.has_dist_token:
+        return "DeiT's distillation token"
     return None
 
 

@@ -5,7 +5,8 @@ Every tensor is laid out as in the PyTorch mirror; the names differ, and each bl
 head's `attn_pool.kv`, key then value). `TIMM` is the table. timm's `global_pool='map'`
 (`attn_pool.*`) is big_vision's MAP head. What the official model cannot compute is
 refused by name: a LayerNorm after pooling (`fc_norm`, timm's `avg` default), register
-tokens, a pre-norm (CLIP), a hybrid backbone, a distillation token.
+tokens, a pre-norm (CLIP), a hybrid backbone. DeiT's distilled models (`VisionTransformerDistilled`:
+`dist_token`, `head_dist`) read as the `token_distilled` classifier.
 
 A timm file records neither the head count nor the pooling: they come from `--config`,
 or from the `config.json` timm writes beside a hub checkpoint (its `architecture`
@@ -63,6 +64,9 @@ TIMM = Table('timm', [
     ('MAPHead_0.MlpBlock_0.Dense_1.bias',                           'attn_pool.mlp.fc2.bias'),
     ('head.weight',                                                 'head.weight'),
     ('head.bias',                                                   'head.bias'),
+    ('dist_token',                                                  'dist_token'),  # DeiT's distilled models
+    ('head_dist.weight',                                            'head_dist.weight'),
+    ('head_dist.bias',                                              'head_dist.bias'),
 ])
 SIGNATURE = 'patch_embed.proj.weight'
 # What timm can hold and the official model cannot compute, by the key that shows it.
@@ -71,8 +75,6 @@ REFUSED = {
     'reg_token': 'register tokens',
     'norm_pre.weight': 'a LayerNorm before the blocks (norm_pre, as in CLIP)',
     'patch_embed.backbone': 'a hybrid backbone (timm ResNetV2); convert the official R50 npz instead',
-    'dist_token': "DeiT's distillation token",
-    'head_dist.weight': "DeiT's distillation head",
 }
 # timm's size names in ViT model names, and big_vision's variant each one is.
 _SIZES = {'tiny': 'Ti', 'small': 'S', 'medium': 'M', 'base': 'B', 'large': 'L', 'huge': 'H', 'giant': 'g',
@@ -101,7 +103,7 @@ def heads_from_folder(path: str) -> Optional[tuple[int, Optional[str]]]:
         return None
     if not isinstance(d, dict) or not isinstance(d.get('architecture'), str):
         return None
-    m = re.match(r'^vit_([a-z0-9]+)_', d['architecture'])
+    m = re.match(r'^(?:vit|deit3?)_([a-z0-9]+)_', d['architecture'])
     size = _SIZES.get(m.group(1)) if m else None
     if size is None:
         return None
@@ -133,4 +135,4 @@ def expressible(cfg: ViTConfig) -> Optional[str]:
 
 # How timm builds each classifier: (global_pool, class_token).
 POOLS = {'token': ('token', True), 'gap': ('avg', False), 'unpooled': ('', False), 'token_unpooled': ('', True),
-         'map': ('map', False), 'first': ('token', False)}
+         'map': ('map', False), 'first': ('token', False), 'token_distilled': ('token', True)}
