@@ -491,3 +491,121 @@ def test_the_cifar_adamw_recipe_runs_through_the_tfds_pipeline(tmp_path, monkeyp
         ('adamw-cifar', 'adamw', 1e-4, 1e-4)
     assert (recorded['label_smoothing'], recorded['augment'], recorded['image_size']) == \
         (0.1, 'flip,rotate=15,jitter=0.4:0.4:0.4:0.1', 16)
+
+
+# --------------------------------------------------------------------------- parity grad: the same steps in PyTorch
+
+def grad_main(monkeypatch, tmp_path, *flags, patch=None) -> dict:
+    """`parity grad` in-process on the reference's tiny model, with the PyTorch side optionally patched."""
+    from conftest import REFERENCE
+    from parity.harness import grad
+    from vit_torch import objective
+
+    if patch:
+        patch(monkeypatch, objective)
+    out = tmp_path / 'grad.json'
+    code = grad.main([str(REFERENCE / 'tiny_token' / 'ckpt.npz'), '--config', str(REFERENCE / 'tiny_token' / 'model.json'),
+                      '--json', str(out), *map(str, flags)])
+    result = json.loads(out.read_text())
+    assert code == (0 if result['ok'] else 1)
+    return result
+
+
+@pytest.fixture(scope='module')
+def grad_teacher(tmp_path_factory) -> Path:
+    from conftest import REFERENCE
+
+    ckpt = weights.load(str(REFERENCE / 'tiny_token' / 'ckpt.npz'))
+    cfg = weights.configure(ckpt, str(REFERENCE / 'tiny_token' / 'model.json'))
+    path = tmp_path_factory.mktemp('grad') / 'teacher.npz'
+    weights.save(str(path), random_params(weights.param_shapes(cfg), seed=9, scale=0.3), cfg, 'npz')
+    return path
+
+
+@pytest.mark.slow
+def test_grad_adamw_five_steps_pass_from_the_command_line(tmp_path):
+    from conftest import REFERENCE
+
+    out = tmp_path / 'grad.json'
+    proc = run_cli('parity', 'grad', REFERENCE / 'tiny_token' / 'ckpt.npz', '--config',
+                   REFERENCE / 'tiny_token' / 'model.json', '--optimizer', 'adamw', '--weight-decay', '0.05',
+                   '--lr', '0.001', '--label-smoothing', '0.1', '--steps', '5', '--json', out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result['ok'] and [s['step'] for s in result['steps']] == [1, 2, 3, 4, 5]
+    assert all(s['gradients_ok'] and s['updated_params_ok'] and s['loss']['ok'] for s in result['steps'])
+    losses = [s['loss']['reference'] for s in result['steps']]
+    assert losses[-1] < losses[0]  # the steps train
+
+
+@pytest.mark.slow
+def test_grad_with_a_teacher_passes_soft_and_hard(monkeypatch, tmp_path, grad_teacher):
+    for mode in ('soft', 'hard'):
+        result = grad_main(monkeypatch, tmp_path, '--teacher', grad_teacher, '--distill', mode, '--steps', '2',
+                           '--distill-temperature', '2')
+        assert result['ok'], (mode, result['first_divergence'])
+
+
+def torch_default_adamw_groups(monkeypatch, objective):
+    """What `torch.optim.AdamW(model.parameters(), weight_decay=wd)` does: one group, every parameter decayed."""
+    monkeypatch.setattr(objective, 'param_groups', lambda model, cfg, wd, decay_on='kernels': [
+        {'params': list(model.parameters()), 'weight_decay': wd}])
+
+
+def smoothing_over_the_others(monkeypatch, objective):
+    real = objective.F.cross_entropy
+
+    def cross_entropy(logits, labels, label_smoothing=0.0):
+        if not label_smoothing:
+            return real(logits, labels)
+        C = logits.shape[-1]
+        onehot = torch.nn.functional.one_hot(labels, C).float()
+        target = onehot * (1 - label_smoothing) + (1 - onehot) * label_smoothing / (C - 1)
+        return -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
+    monkeypatch.setattr(objective.F, 'cross_entropy', cross_entropy)
+
+
+def kl_per_element(monkeypatch, objective):
+    def distillation_kl(student, teacher, T):
+        return torch.nn.functional.kl_div(torch.log_softmax(student / T, -1), torch.log_softmax(teacher / T, -1),
+                                          reduction='mean', log_target=True) * T * T
+    monkeypatch.setattr(objective, 'distillation_kl', distillation_kl)
+
+
+def eps_inside_the_root(monkeypatch, objective):
+    class AdamEpsInside:
+        def __init__(self, groups, lr, betas, eps):
+            self.groups, self.lr, self.betas, self.eps, self.t, self.m, self.v = list(groups), lr, betas, eps, 0, {}, {}
+
+        @torch.no_grad()
+        def step(self):
+            self.t += 1
+            b1, b2 = self.betas
+            for g in self.groups:
+                for p in g['params']:
+                    m = self.m[p] = b1 * self.m.get(p, torch.zeros_like(p)) + (1 - b1) * p.grad
+                    v = self.v[p] = b2 * self.v.get(p, torch.zeros_like(p)) + (1 - b2) * p.grad ** 2
+                    p.mul_(1 - self.lr * g['weight_decay'])
+                    p.sub_(self.lr * (m / (1 - b1 ** self.t)) / torch.sqrt(v / (1 - b2 ** self.t) + self.eps))
+
+        def zero_grad(self, set_to_none=False):
+            for g in self.groups:
+                for p in g['params']:
+                    p.grad = None if p.grad is None else torch.zeros_like(p.grad)
+    monkeypatch.setattr(objective.torch.optim, 'AdamW', AdamEpsInside)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:reduction: 'mean' divides")
+@pytest.mark.parametrize('patch, flags, cause', [
+    (torch_default_adamw_groups, ('--optimizer', 'adamw', '--weight-decay', '0.1', '--lr', '0.01'), 'decay_all'),
+    (eps_inside_the_root, ('--optimizer', 'adamw', '--lr', '0.01'), 'eps_inside'),
+    (smoothing_over_the_others, ('--label-smoothing', '0.2'), 'smoothing_others'),
+    (kl_per_element, ('--teacher', '{teacher}', '--distill-alpha', '0.9'), 'kl_mean'),
+], ids=['adamw-groups', 'eps-inside', 'smoothing', 'kl-mean'])
+def test_grad_names_the_known_pytorch_habit_that_parts_the_steps(monkeypatch, tmp_path, grad_teacher, patch, flags,
+                                                                 cause):
+    flags = [str(grad_teacher) if f == '{teacher}' else f for f in flags]
+    result = grad_main(monkeypatch, tmp_path, *flags, '--steps', '2', patch=patch)
+    assert not result['ok']
+    assert [f['cause'] for f in result['diagnosis'] if f['kind'] == 'cause'] == [cause], result['diagnosis']

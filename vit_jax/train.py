@@ -81,16 +81,21 @@ def to_host(tree):
 
 # --------------------------------------------------------------------------- the optimizer
 
+SCHEDULES = ('cosine', 'linear', 'constant')
+
+
 def learning_rate_schedule(lr: float, steps: int, warmup_steps: int, schedule: str = 'cosine',
                            linear_end: float = 1e-5) -> Callable:
-    """The official schedule: linear warm-up to `lr`, then cosine or linear decay until `steps`."""
-    if schedule not in ('cosine', 'linear'):
-        raise UserError(f'--schedule {schedule!r}: expected cosine or linear')
+    """The official schedule: linear warm-up to `lr`, then cosine or linear decay until `steps` (or `constant`)."""
+    if schedule not in SCHEDULES:
+        raise UserError(f'--schedule {schedule!r}: expected one of {", ".join(SCHEDULES)}')
 
     def lr_fn(step):
         progress = jnp.clip((step - warmup_steps) / float(max(steps - warmup_steps, 1)), 0.0, 1.0)
         if schedule == 'cosine':
             value = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        elif schedule == 'constant':
+            value = lr + 0.0 * progress
         else:
             value = linear_end + (lr - linear_end) * (1.0 - progress)
         if warmup_steps:
@@ -111,7 +116,7 @@ def kernels_mask(params):
 
 def make_optimizer(lr: float, steps: int, warmup_steps: int, schedule: str = 'cosine', grad_norm_clip: float = 1.0,
                    *, optimizer: str = 'sgd', weight_decay: float = 0.0, weight_decay_on: str = 'kernels',
-                   b1: float = 0.9, b2: float = 0.999):
+                   b1: float = 0.9, b2: float = 0.999, eps_root: float = 0.0):
     """(optax transformation, lr_fn). The default is the official recipe: clip to global norm 1, then SGD
     with momentum 0.9 and no weight decay (float32 momentum; the official code keeps it in bfloat16).
 
@@ -119,6 +124,8 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, schedule: str = 'co
     is big_vision's `scale_by_adam`, then the weight decay, then the learning rate. Weight
     decay is decoupled (the update is `-lr * (direction + weight_decay * param)`), on kernels
     only unless `weight_decay_on='all'`; with `sgd` it is added after the momentum the same way.
+    `eps_root` > 0 puts Adam's epsilon inside the square root instead (a known deviation, for
+    `parity grad`'s diagnosis).
     """
     if optimizer not in OPTIMIZERS:
         raise UserError(f'--optimizer {optimizer!r}: expected one of {", ".join(OPTIMIZERS)}')
@@ -129,10 +136,12 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, schedule: str = 'co
     mask = kernels_mask if weight_decay_on == 'kernels' else None
     if optimizer == 'sgd' and not weight_decay:  # the official chain, exactly: old checkpoints keep their layout
         return optax.chain(*clip, optax.sgd(learning_rate=lr_fn, momentum=0.9)), lr_fn
+    eps = 0.0 if eps_root else 1e-8
     if optimizer == 'adamw':
-        return optax.chain(*clip, optax.adamw(lr_fn, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay,
-                                              mask=mask)), lr_fn
-    direction = optax.trace(decay=0.9) if optimizer == 'sgd' else optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8)
+        return optax.chain(*clip, optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                                              weight_decay=weight_decay, mask=mask)), lr_fn
+    direction = (optax.trace(decay=0.9) if optimizer == 'sgd'
+                 else optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root))
     decay = [optax.add_decayed_weights(weight_decay, mask)] if weight_decay else []
     return optax.chain(*clip, direction, *decay, optax.scale_by_learning_rate(lr_fn)), lr_fn
 
@@ -268,6 +277,32 @@ class Teacher:
     params: Any
 
 
+def targets(obj: Objective, labels, num_classes: int):
+    """(B, C) target distributions: one-hot, smoothed to `(1 - eps) onehot + eps / C` when asked."""
+    onehot = jax.nn.one_hot(labels, num_classes)
+    return optax.smooth_labels(onehot, obj.label_smoothing) if obj.label_smoothing else onehot
+
+
+def objective_loss(obj: Objective, logits, rows: dict, teacher_logits: Sequence = (), student=None):
+    """(loss, distillation term or None) of `obj` for (B, C) `logits` and `rows` ('label', and 'target' when
+    `obj.soft_targets`). `student` is what the teachers teach (DeiT's distillation head; default `logits`);
+    with no `teacher_logits` there is no distillation term.
+    """
+    if obj.loss == 'sigmoid':
+        loss = sigmoid_cross_entropy(logits, rows['target']).mean()
+    elif obj.soft_targets:
+        loss = soft_cross_entropy(logits, rows['target']).mean()
+    else:
+        loss = cross_entropy(logits, rows['label']).mean()
+    if not teacher_logits:
+        return loss, None
+    student = logits if student is None else student
+    terms = [distillation_kl(student, t, obj.temperature) if obj.distill == 'soft'
+             else cross_entropy(student, t.argmax(-1)) for t in teacher_logits]
+    distill = sum(w * d.mean() for w, d in zip(obj.teacher_weights, terms))
+    return (1.0 - obj.distill_alpha) * loss + obj.distill_alpha * distill, distill
+
+
 MIXUP_STREAM = 0x6D697875  # mixup's random stream, apart from dropout's: fold_in(fold_in(rng, this), step)
 
 
@@ -311,21 +346,12 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
                              both_heads=cfg.has_dist_token)  # (B/A, C), or a pair with DeiT's distillation token
         # DeiT: the class head learns from the labels, the distillation head from the teachers.
         logits, student = logits if cfg.has_dist_token else (logits, logits)
-        if obj.loss == 'sigmoid':
-            losses = sigmoid_cross_entropy(logits, rows['target'])
-        elif obj.soft_targets:
-            losses = soft_cross_entropy(logits, rows['target'])
-        else:
-            losses = cross_entropy(logits, rows['label'])
-        loss = losses.mean()
+        teachers_say = teacher_logits(tree, rows['image']) if distilling else ()
+        loss, distill = objective_loss(obj, logits, rows, teachers_say, student)
         predicted = (logits + student) / 2 if cfg.has_dist_token else logits  # what evaluation predicts
         aux = {'accuracy': (predicted.argmax(-1) == rows['label']).mean()}
         if distilling:
-            terms = [distillation_kl(student, t, obj.temperature) if obj.distill == 'soft'
-                     else cross_entropy(student, t.argmax(-1)) for t in teacher_logits(tree, rows['image'])]
-            distill = sum(w * d.mean() for w, d in zip(obj.teacher_weights, terms))
             aux['distill_loss'] = distill
-            loss = (1.0 - obj.distill_alpha) * loss + obj.distill_alpha * distill
         return loss, aux
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -334,8 +360,7 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
         rows = {'image': batch['image'], 'label': batch['label']}
         key = jax.random.fold_in(state.rng, state.step)
         if obj.soft_targets:
-            rows['target'] = optax.smooth_labels(jax.nn.one_hot(rows['label'], C), obj.label_smoothing) \
-                if obj.label_smoothing else jax.nn.one_hot(rows['label'], C)
+            rows['target'] = targets(obj, rows['label'], C)
         if obj.mixup:
             mix_key = jax.random.fold_in(jax.random.fold_in(state.rng, MIXUP_STREAM), state.step)
             rows['image'], rows['target'], _ = mixup(mix_key, rows['image'], rows['target'], obj.mixup)

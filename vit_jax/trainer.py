@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--accum-steps', type=int, metavar='N', help='microbatches per update (gradient accumulation)')
     p.add_argument('--lr', type=cli.positive_float, metavar='F', help='peak learning rate')
     p.add_argument('--warmup-steps', type=int, metavar='N', help='linear warm-up steps')
-    p.add_argument('--schedule', choices=('cosine', 'linear'), default='cosine', help='decay after warm-up')
+    p.add_argument('--schedule', choices=train.SCHEDULES, default='cosine', help='decay after warm-up')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                    help='compute dtype (parameters and optimizer state stay float32)')
     r = p.add_argument_group('recipe (each default is the official fine-tuning recipe\'s)')

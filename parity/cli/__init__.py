@@ -225,6 +225,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number of 0 or more (a weight decay)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f'{text}: must be a finite number of 0 or more')
+    return value
+
+
+def unit_float(text: str) -> float:
+    """An argparse type: a number in [0, 1] (a smoothing, a weight between two losses)."""
+    value = nonnegative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f'{text}: must lie in [0, 1]')
+    return value
+
+
 def seed_int(text: str) -> int:
     """An argparse type: a random seed, a whole number in 0 .. 2**32 - 1 (what every generator takes)."""
     try:

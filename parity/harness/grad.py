@@ -7,7 +7,8 @@ updated parameter are compared under `parity.harness.tolerance`.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+import dataclasses
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -22,14 +23,72 @@ from parity.harness.comparison import (fmt_number, layer_of, print_diagnosis, pr
 MOMENTUM = 0.9
 
 HELP = f"""\
-One training step in both frameworks on the same batch and labels, dropout off:
-softmax cross-entropy, SGD with momentum {MOMENTUM} (optax.sgd in JAX, torch.optim.SGD in
-PyTorch). Compares the forward intermediates, the loss, the gradient of every parameter
-by canonical name, and every parameter after the update.
+N training steps (default 1) in both frameworks on the same batch and labels, dropout off,
+at a constant learning rate: softmax cross-entropy (with --label-smoothing), optionally
+distilled from --teacher, and SGD with momentum {MOMENTUM} or AdamW (--optimizer; decoupled
+--weight-decay on kernels only, as vit_jax train). JAX runs vit_jax.train's optimizer and
+objective (optax), PyTorch vit_torch.objective's (torch.optim). After every step it compares
+the loss, the gradient of every parameter by canonical name and every updated parameter;
+the forward intermediates are compared once. Each step starts both sides from the same
+parameters (PyTorch's), and the reference optimizer is fed PyTorch's gradients: rounding
+does not compound, and Adam, which divides by the gradient's size, cannot blow rounding up
+where the exact gradient is zero (the attention's key bias).
+
+When the steps part, the diagnosis reruns the JAX side with each known PyTorch habit and
+names the one that reproduces the candidate: torch's AdamW decaying every parameter (no
+parameter groups), Adam's epsilon inside the square root, label smoothing spread over the
+C - 1 other classes, a KL divergence averaged per element instead of per example.
 
 Tolerance (parity.harness.tolerance): activations, loss and updated parameters within
 1e-5 x max(1, max |reference|); gradients within 1e-4 x max(1, max |reference gradient|).
 Exit 0 when all is within tolerance, 1 when not, 2 for a user error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What both sides run: the optimizer, the objective and the teachers' weights in the loss."""
+
+    optimizer: str = 'sgd'
+    lr: float = 0.03
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    steps: int = 1
+    distill: str = 'soft'
+    distill_alpha: float = 0.5
+    temperature: float = 1.0
+
+    def objective(self, teachers: int):
+        from vit_jax import train
+
+        return train.Objective(label_smoothing=self.label_smoothing, distill=self.distill,
+                               distill_alpha=self.distill_alpha if teachers else 0.0, temperature=self.temperature,
+                               teacher_weights=(1.0 / teachers,) * teachers if teachers else ())
+
+
+# The known differences between a PyTorch habit and the JAX step, each a way to rerun the JAX side.
+DEVIATIONS = {
+    'decay_all': "torch's AdamW decays every parameter unless given parameter groups: biases, LayerNorms, the "
+                 'class token and the position embeddings shrink too (give it the kernels alone, as '
+                 'vit_torch.objective.param_groups does)',
+    'eps_inside': "Adam's epsilon sits inside the square root, sqrt(v + eps), where optax and torch put it outside, "
+                  'sqrt(v) + eps',
+    'smoothing_others': 'label smoothing spreads eps over the C - 1 other classes, (1 - eps) onehot + eps / (C - 1) '
+                        'elsewhere, where torch and optax give every class eps / C',
+    'kl_mean': "the KL divergence is averaged over every element (reduction='mean', sum / numel), which divides it "
+               "by the class count; DeiT's is per example (reduction='batchmean')",
+}
+
+
+def applicable(s: StepSettings, teachers: int) -> list[str]:
+    """The deviations that could change these steps."""
+    out = []
+    if s.optimizer == 'adamw':
+        out += ['decay_all'] * bool(s.weight_decay) + ['eps_inside']
+    if s.label_smoothing:
+        out.append('smoothing_others')
+    if teachers and s.distill == 'soft' and s.distill_alpha:
+        out.append('kl_mean')
+    return out
 
 
 def load_labels(path: Optional[str], n: int, num_classes: int, seed: int) -> np.ndarray:
@@ -44,80 +103,210 @@ def load_labels(path: Optional[str], n: int, num_classes: int, seed: int) -> np.
     return y.astype(np.int64)
 
 
-def jax_step(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarray, lr: float):
-    """(loss, gradients, updated params) of one optax SGD-momentum step, canonical names."""
-    import jax
-    import optax
+Step = tuple[float, dict, dict]  # (loss, gradients, updated params), canonical names
 
-    from vit_jax import runtime
+
+def jax_steps(cfg: ViTConfig, x: np.ndarray, labels: np.ndarray, s: StepSettings, teachers: Sequence,
+              candidate: Sequence['TorchStep'], deviation: Optional[str] = None) -> list[Step]:
+    """The reference for each of the candidate's steps: `vit_jax.train`'s objective and optimizer (optax), or
+    one `DEVIATIONS` variant.
+
+    Step k starts from the candidate's parameters before its step k, so rounding never
+    compounds across steps; the loss and gradients are JAX's own there, and the optimizer
+    is fed the candidate's gradients (its state carried from step to step), so its update
+    is checked on the same input: Adam divides by the gradient's own size and would
+    otherwise blow rounding up where the exact gradient is zero (the attention's key bias).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from vit_jax import runtime, train
     from vit_jax.checkpoint import params_from_variables, variables_from_params
     from vit_jax.model import VisionTransformer
 
     model = VisionTransformer(cfg)
+    obj = s.objective(len(teachers))
+    C = cfg.num_classes
+    tx, _ = train.make_optimizer(s.lr, s.steps, 0, 'constant', grad_norm_clip=0, optimizer=s.optimizer,
+                                 weight_decay=s.weight_decay,
+                                 weight_decay_on='all' if deviation == 'decay_all' else 'kernels',
+                                 eps_root=1e-8 if deviation == 'eps_inside' else 0.0)
+    rows = {'label': jnp.asarray(labels)}
+    if obj.soft_targets:
+        rows['target'] = train.targets(obj, rows['label'], C)
+        if deviation == 'smoothing_others':
+            onehot = jax.nn.one_hot(rows['label'], C)
+            eps = s.label_smoothing
+            rows['target'] = onehot * (1 - eps) + (1 - onehot) * eps / (C - 1)
 
-    def loss_fn(tree):
-        logits = model.apply({'params': tree}, x, train=True)  # dropout rates are 0: nothing random
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    tree = variables_from_params(params)['params']
     with runtime.matmul_precision('fp32'):
-        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(tree)
-        opt = optax.sgd(lr, momentum=MOMENTUM)
-        updates, _ = opt.update(grads, opt.init(tree), tree)
-        new = optax.apply_updates(tree, updates)
-    return float(loss), params_from_variables({'params': grads}), params_from_variables({'params': new})
+        said = [VisionTransformer(t.cfg).apply(variables_from_params(t.params), x) for t in teachers]
+
+        def loss_fn(tree):
+            logits = model.apply({'params': tree}, x, train=True)  # dropout rates are 0: nothing random
+            loss, distill = train.objective_loss(obj, logits, rows, said)
+            if deviation == 'kl_mean':
+                base, _ = train.objective_loss(obj, logits, rows)
+                loss = (1 - obj.distill_alpha) * base + obj.distill_alpha * distill / C
+            return loss
+
+        grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+
+        @jax.jit
+        def update(tree, grads, state):
+            updates, state = tx.update(grads, state, tree)
+            return train.optax.apply_updates(tree, updates), state
+
+        tree = lambda p: variables_from_params(p)['params']  # noqa: E731
+        state = tx.init(tree(candidate[0].before))
+        out = []
+        for step in candidate:
+            loss, grads = grad_fn(tree(step.before))
+            after, state = update(tree(step.before), tree(step.grads), state)
+            out.append((float(loss), params_from_variables({'params': grads}),
+                        params_from_variables({'params': after})))
+    return out
 
 
-def torch_step(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarray, lr: float):
-    """The same step in PyTorch: torch.optim.SGD with momentum, F.cross_entropy."""
+@dataclasses.dataclass
+class TorchStep:
+    """One candidate step: the parameters it started from, its loss, its gradients, the parameters after."""
+
+    before: dict
+    loss: float
+    grads: dict
+    after: dict
+
+    def as_step(self) -> Step:
+        return self.loss, self.grads, self.after
+
+
+def torch_steps(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarray,
+                s: StepSettings, teachers: Sequence = (), groups: Optional[Callable] = None) -> list[TorchStep]:
+    """`s.steps` steps in PyTorch through `vit_torch.objective` (`groups(model)`: other parameter groups)."""
     import torch
-    import torch.nn.functional as F
 
-    from vit_torch import runtime
+    from vit_torch import objective, runtime
     from vit_torch.checkpoint import build_model, params_from_state_dict
 
     model = build_model(cfg, params).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
-    with runtime.precision('fp32', 'cpu'), torch.enable_grad():
-        loss = F.cross_entropy(model(runtime.to_nchw(x, 'cpu')), torch.from_numpy(labels))
-        loss.backward()
-    grads = params_from_state_dict({n: p.grad if p.grad is not None else torch.zeros_like(p)
-                                    for n, p in model.named_parameters()}, cfg, 'torch gradients')
-    opt.step()
-    return loss.item(), grads, params_from_state_dict(dict(model.named_parameters()), cfg, 'torch parameters')
+    opt = objective.Optimizer(model, cfg, s.optimizer, s.lr, s.weight_decay,
+                              groups=groups(model) if groups else None)
+    obj = s.objective(len(teachers))
+    images, y = runtime.to_nchw(x, 'cpu'), torch.from_numpy(labels)
+    # Copies: the optimizer updates parameters and gradients in place.
+    snapshot = lambda tensors, what: params_from_state_dict(  # noqa: E731
+        {n: t.detach().clone() for n, t in tensors.items()}, cfg, what)
+    out = []
+    with runtime.precision('fp32', 'cpu'):
+        with torch.no_grad():
+            said = [build_model(t.cfg, t.params)(runtime.to_nchw(x, 'cpu')) for t in teachers]
+        for _ in range(s.steps):
+            before = snapshot(dict(model.named_parameters()), 'torch parameters')
+            opt.zero_grad()
+            with torch.enable_grad():
+                loss, _ = objective.objective_loss(
+                    model(images), y, label_smoothing=s.label_smoothing, teacher_logits=said,
+                    teacher_weights=obj.teacher_weights, distill=s.distill, alpha=obj.distill_alpha,
+                    temperature=s.temperature)
+                loss.backward()
+            grads = snapshot({n: p.grad for n, p in model.named_parameters()}, 'torch gradients')
+            opt.step()
+            out.append(TorchStep(before, loss.item(), grads,
+                                 snapshot(dict(model.named_parameters()), 'torch parameters')))
+    return out
+
+
+def compare_step(cfg: ViTConfig, ref: Step, got: Step) -> tuple[dict, list[dict], list[dict]]:
+    """(loss row, gradient rows, updated-parameter rows) of one step, in forward order."""
+    pol = tolerance.policy('fp32')
+    order = list(weights.param_shapes(cfg))
+    return (tolerance.measure('loss', np.float64(ref[0]), np.float64(got[0]), pol.rtol),
+            [tolerance.measure(k, ref[1][k], got[1][k], pol.grad_rtol) for k in order],
+            [tolerance.measure(k, ref[2][k], got[2][k], pol.rtol) for k in order])
+
+
+def steps_agree(cfg: ViTConfig, ref: Sequence[Step], got: Sequence['TorchStep']) -> bool:
+    return all(loss['ok'] and all(r['ok'] for r in g + u) for loss, g, u in
+               (compare_step(cfg, a, b.as_step()) for a, b in zip(ref, got)))
+
+
+def explain_divergence(cfg, x, labels, s: StepSettings, teachers, candidate: Sequence['TorchStep']) -> list[dict]:
+    """The known deviation whose JAX rerun reproduces the candidate's steps, as diagnosis findings."""
+    found = []
+    for name in applicable(s, len(teachers)):
+        if steps_agree(cfg, jax_steps(cfg, x, labels, s, teachers, candidate, deviation=name), candidate):
+            found.append(diagnosis.finding('cause', 'optimizer' if name in ('decay_all', 'eps_inside') else 'loss',
+                                           DEVIATIONS[name], cause=name))
+    return found
+
+
+def load_teachers(paths: Sequence[str], cfg: ViTConfig, config: Optional[str]) -> list:
+    """Each --teacher read for inference at the student's resolution, its classes checked."""
+    from vit_jax.train import Teacher
+
+    teachers = []
+    for path in paths:
+        t = cli.load_model(path, config, cfg.image_size)
+        if t.cfg.num_classes != cfg.num_classes:
+            raise UserError(f'--teacher {path}: it predicts {t.cfg.num_classes} classes and the student '
+                            f'{cfg.num_classes}; a teacher must share the student\'s classes')
+        teachers.append(Teacher(t.cfg, t.params))
+    return teachers
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """One training step in both frameworks: loss, every gradient, every updated parameter."""
+    """N training steps in both frameworks: loss, every gradient, every updated parameter after each."""
     from vit_jax import runtime
 
     parser = comparison.parser('grad', HELP)
     cli.add_checkpoint_argument(parser)
     comparison.add_common(parser, images=False)
     parser.add_argument('--labels', metavar='L.npy', help='integer class per image (default: seeded random)')
-    parser.add_argument('--lr', type=cli.positive_float, default=0.03, help='SGD learning rate (default 0.03)')
+    parser.add_argument('--lr', type=cli.positive_float, default=0.03, help='learning rate (default 0.03)')
+    parser.add_argument('--optimizer', choices=('sgd', 'adamw'), default='sgd',
+                        help=f'sgd (momentum {MOMENTUM}; default) or adamw (eps 1e-8)')
+    parser.add_argument('--weight-decay', type=cli.nonnegative_float, default=0.0, metavar='F',
+                        help='decoupled weight decay on kernels (default 0)')
+    parser.add_argument('--label-smoothing', type=cli.unit_float, default=0.0, metavar='F',
+                        help='label smoothing (default 0)')
+    parser.add_argument('--steps', type=cli.positive_int, default=1, metavar='N', help='training steps (default 1)')
+    parser.add_argument('--teacher', action='append', metavar='CKPT', help='distil from this checkpoint (repeatable)')
+    parser.add_argument('--teacher-config', metavar='NAME_OR_JSON', help='the config of every --teacher')
+    parser.add_argument('--distill', choices=('soft', 'hard'), default='soft', help='soft (default) or hard')
+    parser.add_argument('--distill-alpha', type=cli.unit_float, default=0.5, metavar='F',
+                        help='weight of the distillation term (default 0.5)')
+    parser.add_argument('--distill-temperature', type=cli.positive_float, default=1.0, metavar='T',
+                        help='soft distillation temperature (default 1)')
     args = parser.parse_args(argv)
     runtime.strict_float32()
+    if args.steps > 100:
+        raise UserError(f'--steps {args.steps}: grad compares every parameter after every step; at most 100')
 
     model = comparison.load_model(args, args.checkpoint)
     cfg, params = model.cfg, model.params
-    if not cfg.num_classes or cfg.classifier in ('unpooled', 'token_unpooled'):
-        raise UserError(f'{args.checkpoint}: grad trains a classifier; this config has {cfg.num_classes} classes '
-                        f'and the {cfg.classifier!r} classifier (need a pooled one: token, gap, map or first; '
-                        'classes > 0)')
-    cfg = cfg.replace(dropout_rate=0.0, attention_dropout_rate=0.0)
+    if not cfg.num_classes or cfg.classifier in ('unpooled', 'token_unpooled', 'token_distilled'):
+        raise UserError(f'{args.checkpoint}: grad trains a classifier with one head; this config has '
+                        f'{cfg.num_classes} classes and the {cfg.classifier!r} classifier (need token, gap, map or '
+                        'first; classes > 0)')
+    cfg = cfg.replace(dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth_rate=0.0)
+    teachers = load_teachers(args.teacher or [], cfg, args.teacher_config)
+    s = StepSettings(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                     label_smoothing=args.label_smoothing, steps=args.steps, distill=args.distill,
+                     distill_alpha=args.distill_alpha, temperature=args.distill_temperature)
     # Both frameworks' training steps, then a forward comparison.
     x, batch = comparison.load_batch(args, cfg, lambda n: 2 * limits.training_bytes(cfg, n)
                                      + limits.comparison_bytes(cfg, n))
     labels = load_labels(args.labels, len(x), cfg.num_classes, args.seed)
 
-    loss_ref, grads_ref, new_ref = jax_step(cfg, params, x, labels, args.lr)
-    loss_got, grads_got, new_got = torch_step(cfg, params, x, labels, args.lr)
-    pol = tolerance.policy('fp32')
-    order = list(weights.param_shapes(cfg))  # forward order
-    grads = [tolerance.measure(k, grads_ref[k], grads_got[k], pol.grad_rtol) for k in order]
-    updated = [tolerance.measure(k, new_ref[k], new_got[k], pol.rtol) for k in order]
-    loss_row = tolerance.measure('loss', np.float64(loss_ref), np.float64(loss_got), pol.rtol)
+    got_steps = torch_steps(cfg, params, x, labels, s, teachers)
+    ref_steps = jax_steps(cfg, x, labels, s, teachers, got_steps)
+    per_step = [compare_step(cfg, a, b.as_step()) for a, b in zip(ref_steps, got_steps)]
+    bad_step = next((i for i, (loss, g, u) in enumerate(per_step)
+                     if not (loss['ok'] and all(r['ok'] for r in g + u))), None)
+    shown = bad_step if bad_step is not None else len(per_step) - 1
+    loss_row, grads, updated = per_step[shown]
+    loss_ref, loss_got = ref_steps[shown][0], got_steps[shown].loss
 
     reference = comparison.run_reference(cfg, params, x)
     candidate = counterparts.run_vit_torch(cfg, params, x)
@@ -127,18 +316,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     origin = next((f'grad/{r["name"]}' for r in reversed(grads) if not r['ok']), None)
     first = (layer_of(forward_bad) if forward_bad else 'loss' if not loss_row['ok'] else origin
              or next((f'updated/{r["name"]}' for r in updated if not r['ok']), None))
+    if first and s.steps > 1 and not forward_bad:
+        first = f'step {shown + 1}: {first}'
     findings = []
     if forward_bad:
         findings = diagnosis.diagnose(cfg, params, x, reference, candidate, forward_bad)
-    elif origin:
-        findings = [diagnosis.finding('localisation', origin, f'the forward pass and loss agree; the backward pass '
-                                      f'parts first (nearest the loss) at {origin[5:]}')]
+    elif bad_step is not None:
+        findings = explain_divergence(cfg, x, labels, s, teachers, got_steps)
+        if not findings and origin:
+            findings = [diagnosis.finding('localisation', origin, f'the forward pass and loss agree; the backward '
+                                          f'pass parts first (nearest the loss) at {origin[5:]}')]
+        elif not findings:
+            findings = [diagnosis.finding('unexplained', first, 'the gradients agree and the updates part; no known '
+                                          'optimizer difference reproduces the candidate')]
 
-    print_header('vit_torch training step, float32, TF32 off', cfg, batch + f', lr {args.lr}, momentum {MOMENTUM}',
-                 [])
+    what = f'{s.optimizer}' + (f', weight decay {s.weight_decay:g}' if s.weight_decay else '') + \
+        (f', label smoothing {s.label_smoothing:g}' if s.label_smoothing else '') + \
+        (f', {len(teachers)} teacher(s), {s.distill} alpha {s.distill_alpha:g}' if teachers else '')
+    print_header('vit_torch training steps, float32, TF32 off', cfg,
+                 batch + f', lr {args.lr}, {what}, {s.steps} step(s)', [])
     print_table(rows, forward_bad)
-    print(f'\nloss: reference {loss_ref:.7f}  candidate {loss_got:.7f}  difference {loss_row["max_abs_diff"]:.2e}  '
-          f'{"ok" if loss_row["ok"] else "FAIL"}\n')
+    for i, (row, _, u) in enumerate(per_step):
+        if s.steps > 1:
+            print(f'step {i + 1}: loss {ref_steps[i][0]:.7f} vs {got_steps[i].loss:.7f}  '
+                  f'{"ok" if row["ok"] and all(r["ok"] for r in per_step[i][1] + u) else "FAIL"}')
+    print(f'\nloss{f" (step {shown + 1})" if s.steps > 1 else ""}: reference {loss_ref:.7f}  candidate '
+          f'{loss_got:.7f}  difference {loss_row["max_abs_diff"]:.2e}  {"ok" if loss_row["ok"] else "FAIL"}\n')
     _print_grad_table(grads, updated, origin)
     ok = first is None
     print(f'verdict: {"PASS" if ok else "FAIL: first divergence at " + first} '
@@ -155,9 +358,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  'ok': loss_row['ok']},
         'gradients': grads,
         'updated_params': updated,
+        'steps': [{'step': i + 1, 'loss': {'reference': ref_steps[i][0], 'candidate': got_steps[i].loss,
+                                           'ok': row['ok']},
+                   'gradients_ok': all(r['ok'] for r in g), 'updated_params_ok': all(r['ok'] for r in u)}
+                  for i, (row, g, u) in enumerate(per_step)],
         'ok': ok,
         'lr': args.lr,
-        'momentum': MOMENTUM,
+        'momentum': MOMENTUM if s.optimizer == 'sgd' else None,
+        'optimizer': s.optimizer,
+        'weight_decay': s.weight_decay,
+        'label_smoothing': s.label_smoothing,
+        'teachers': list(args.teacher or []),
         'labels': labels.tolist(),
         'config': cli.describe(cfg),
         'batch': batch,
