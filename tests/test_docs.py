@@ -70,9 +70,9 @@ def test_line_anchors_are_current(doc):
 def test_a_quote_that_is_gone_fails(tmp_path):
     doc = tmp_path / 'page.md'
     doc.write_text('[L1](../vit_jax/model.py#L1 "Attention.__call__") `q = q * 2  # no such line`\n'
-                   '[L1](../vit_jax/model.py#L1 "NoSuchClass") `x = x + y`\n'
-                   '[L1](../vit_jax/model.py#L1 "EncoderBlock.__call__") `x = x + y`\n'
-                   '[L1](../vit_jax/model.py#L1) `x = x + y`\n')
+                   '[L1](../vit_jax/model.py#L1 "NoSuchClass") `B, N, D = x.shape`\n'
+                   '[L1](../vit_jax/model.py#L1 "EncoderBlock.__call__") `x = x + DropPath(self.drop_path_rate`\n'
+                   '[L1](../vit_jax/model.py#L1) `B, N, D = x.shape`\n')
     found = citations.problems(doc)
     assert any('no longer exists anywhere in vit_jax/model.py' in p for p in found), found
     assert any('has no symbol NoSuchClass' in p for p in found), found
