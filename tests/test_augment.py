@@ -138,6 +138,7 @@ def cifar(monkeypatch):
         yield datasets.load('cifar10')
 
 
+@pytest.mark.slow
 def test_the_cifar_recipe_pipeline_is_deterministic_and_resumable(cifar):
     aug = augment.parse('flip,rotate=15,jitter=0.4', '2,15', digits=False)
     stream = lambda start=0: cifar.train_batches(8, 32, seed=3, start_step=start, augment=aug)  # noqa: E731
@@ -153,6 +154,7 @@ def test_the_cifar_recipe_pipeline_is_deterministic_and_resumable(cifar):
     assert not np.array_equal(plain['image'], batches[0]['image'])
 
 
+@pytest.mark.slow
 def test_the_official_pipeline_is_unchanged_by_an_explicit_default(cifar):
     a = next(cifar.train_batches(8, 16, seed=1))
     b = next(cifar.train_batches(8, 16, seed=1, augment=augment.parse('crop,flip', None, digits=False)))

@@ -49,9 +49,9 @@ def test_rollout_by_hand():
     # Layer 0: heads average to 0.1 + 0.5 I; with the identity and renormalised, 0.05 + 0.75 I.
     # Layer 1: the class-token row averages to e4, so (e0 + e4) / 2, and the rollout's class row
     # is half layer 0's class row plus half its p11 row: [.425, .05, .05, .05, .425].
-    got = figures.attention_rollout([LAYER_0, LAYER_1], GRID, has_cls_token=True)
+    got = figures.attention_rollout([LAYER_0, LAYER_1], GRID, prefix_tokens=1)
     np.testing.assert_allclose(got, [[[0.05, 0.05], [0.05, 0.425]]], atol=1e-12)
-    got = figures.attention_rollout([LAYER_0], GRID, has_cls_token=True)
+    got = figures.attention_rollout([LAYER_0], GRID, prefix_tokens=1)
     np.testing.assert_allclose(got, [[[0.05, 0.05], [0.05, 0.05]]], atol=1e-12)
 
 
@@ -59,7 +59,7 @@ def test_rollout_without_class_token_by_hand():
     # One head, every patch reads p11 only: (A + I) / 2 has rows (e_i + e3) / 2, and row p11 is e3.
     # Averaged over the four query rows: 1/8 for each of p00, p01, p10 and 5/8 for p11.
     a = np.tile(e(3, 4), (4, 1))[None, None]
-    got = figures.attention_rollout([a], GRID, has_cls_token=False)
+    got = figures.attention_rollout([a], GRID, prefix_tokens=0)
     np.testing.assert_allclose(got, [[[0.125, 0.125], [0.125, 0.625]]], atol=1e-12)
 
 
@@ -68,7 +68,7 @@ def test_mean_attention_distance_by_hand():
     # Layer 1 head 0: p00 -> p11 (16*sqrt(2)), p01 -> p00 (16), p10 -> itself (0), p11 -> p00 after
     # dropping the class token and renormalising (16*sqrt(2)): mean 4 + 8*sqrt(2).
     # Heads that attend to themselves reach 0 px.
-    got = figures.mean_attention_distance([LAYER_0, LAYER_1], GRID, PATCH, has_cls_token=True)
+    got = figures.mean_attention_distance([LAYER_0, LAYER_1], GRID, PATCH, prefix_tokens=1)
     np.testing.assert_allclose(got, [[8 + 4 * R2, 0], [4 + 8 * R2, 0]], atol=1e-12)
 
 
@@ -81,7 +81,7 @@ def test_patch_distances_use_each_side_of_the_patch():
 
 def test_position_similarity_by_hand():
     posemb = np.array([[[9, 9], [1, 0], [0, 1], [1, 1], [-1, 0]]], np.float32)  # the class token is left out
-    got = figures.position_similarity(posemb, GRID, has_cls_token=True)
+    got = figures.position_similarity(posemb, GRID, prefix_tokens=1)
     assert got.shape == (2, 2, 2, 2)
     np.testing.assert_allclose(got[0, 0], [[1, 0], [1 / R2, -1]], atol=1e-12)
     np.testing.assert_allclose(got[1, 0], [[1 / R2, 1 / R2], [1, -1 / R2]], atol=1e-12)
@@ -115,8 +115,9 @@ def selection(cfg: ViTConfig, query=None) -> explain.Selection:
 
 
 @pytest.mark.parametrize('cfg', [tiny3(), tiny3(classifier='gap', patch_size=(8, 4)),
-                                 tiny3(patch_size=(2, 2), resnet_num_layers=(), resnet_width_factor=0.5)],
-                         ids=['token', 'gap-non-square-patch', 'hybrid'])
+                                 tiny3(patch_size=(2, 2), resnet_num_layers=(), resnet_width_factor=0.5),
+                                 tiny3(classifier='token_distilled')],
+                         ids=['token', 'gap-non-square-patch', 'hybrid', 'deit-distilled'])
 def test_every_array_equal_between_frameworks(cfg):
     params = random_params(weights.param_shapes(cfg), seed=3)
     image = np.random.default_rng(4).uniform(-1, 1, (cfg.image_size, cfg.image_size, 3)).astype(np.float32)

@@ -60,7 +60,8 @@ def bit_identical(a: dict, b: dict) -> bool:
 
 # --------------------------------------------------------------------------- the optimizer
 
-@pytest.mark.parametrize('optimizer', ['adamw', 'adam', 'sgd'])
+@pytest.mark.parametrize('optimizer', ['adamw', pytest.param('adam', marks=pytest.mark.slow),
+                                       pytest.param('sgd', marks=pytest.mark.slow)])
 def test_decoupled_weight_decay_shrinks_kernels_only(optimizer):
     cfg = tiny_config()
     params = random_params(weights.param_shapes(cfg), seed=1)
@@ -68,7 +69,7 @@ def test_decoupled_weight_decay_shrinks_kernels_only(optimizer):
     lr, wd = 0.1, 0.05
     tx, _ = train.make_optimizer(lr, steps=10, warmup_steps=0, optimizer=optimizer, weight_decay=wd)
     zeros = jax.tree.map(jnp.zeros_like, tree)
-    updates, _ = tx.update(zeros, tx.init(tree), tree)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(tree), tree)
     got = train.params_from_variables({'params': updates})
     for k, p in params.items():
         if k.endswith('kernel'):
@@ -78,12 +79,13 @@ def test_decoupled_weight_decay_shrinks_kernels_only(optimizer):
     assert {k for k in params if not k.endswith('kernel')} >= {'cls', weights.POSEMB, 'head/bias'}
 
 
+@pytest.mark.slow
 def test_weight_decay_on_all_decays_everything():
     cfg = tiny_config()
     params = random_params(weights.param_shapes(cfg), seed=1)
     tree = train.variables_from_params(params)['params']
     tx, _ = train.make_optimizer(0.1, 10, 0, optimizer='adamw', weight_decay=0.05, weight_decay_on='all')
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, tree), tx.init(tree), tree)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, tree), tx.init(tree), tree)
     got = train.params_from_variables({'params': updates})
     for k, p in params.items():
         np.testing.assert_allclose(got[k], -0.1 * 0.05 * p, rtol=1e-6, atol=1e-9, err_msg=k)
@@ -97,13 +99,33 @@ def test_adamw_first_step_is_the_formula():
     tree, gtree = (train.variables_from_params(p)['params'] for p in (params, grads))
     lr, wd = 0.01, 0.1
     tx, _ = train.make_optimizer(lr, 10, 0, grad_norm_clip=0, optimizer='adamw', weight_decay=wd)
-    updates, _ = tx.update(gtree, tx.init(tree), tree)
+    updates, _ = jax.jit(tx.update)(gtree, tx.init(tree), tree)
     got = train.params_from_variables({'params': updates})
     for k in params:
         want = -lr * (grads[k] / (np.abs(grads[k]) + 1e-8) + (wd * params[k] if k.endswith('kernel') else 0))
         np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-7, err_msg=k)
 
 
+def test_adam_moment_decays_b1_b2_follow_the_formula():
+    """Two steps with b1 0.5, b2 0.9 (no decay, no clipping) against Adam written out in NumPy."""
+    cfg = tiny_config()
+    params = random_params(weights.param_shapes(cfg), seed=1)
+    g1, g2 = (random_params(weights.param_shapes(cfg), seed=s) for s in (2, 3))
+    tree = train.variables_from_params(params)['params']
+    lr, b1, b2, eps = 0.01, 0.5, 0.9, 1e-8
+    tx, _ = train.make_optimizer(lr, 10, 0, 'constant', grad_norm_clip=0, optimizer='adamw', b1=b1, b2=b2)
+    state = tx.init(tree)
+    _, state = jax.jit(tx.update)(train.variables_from_params(g1)['params'], state, tree)
+    updates, _ = jax.jit(tx.update)(train.variables_from_params(g2)['params'], state, tree)
+    got = train.params_from_variables({'params': updates})
+    for k in params:
+        m = (1 - b1) * (b1 * g1[k] + g2[k])
+        v = (1 - b2) * (b2 * g1[k] ** 2 + g2[k] ** 2)
+        want = -lr * (m / (1 - b1 ** 2)) / (np.sqrt(v / (1 - b2 ** 2)) + eps)
+        np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.slow
 def test_no_clipping_and_clipping_differ_only_for_large_gradients():
     cfg = tiny_config()
     params = random_params(weights.param_shapes(cfg), seed=1)
@@ -111,7 +133,7 @@ def test_no_clipping_and_clipping_differ_only_for_large_gradients():
     big = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), tree)
     for clip, expect_norm in ((1.0, 1.0), (0, None)):
         tx, _ = train.make_optimizer(1.0, 10, 0, grad_norm_clip=clip)
-        updates, _ = tx.update(big, tx.init(tree), tree)
+        updates, _ = jax.jit(tx.update)(big, tx.init(tree), tree)
         norm = float(jax.device_get(train.optax.tree.norm(updates)))
         if expect_norm:
             assert norm == pytest.approx(expect_norm, rel=1e-5)  # lr 1 and one momentum step: the clipped norm
@@ -204,6 +226,7 @@ def test_drop_path_drops_whole_examples_in_both_frameworks():
     np.testing.assert_array_equal(TorchDropPath(0.0).train()(torch.from_numpy(x)).numpy(), x)
 
 
+@pytest.mark.slow
 def test_stochastic_depth_is_a_no_op_in_evaluation_and_mirrored():
     cfg = tiny_config().replace(num_layers=2, stochastic_depth_rate=0.3, dropout_rate=0.1)
     params = random_params(weights.param_shapes(cfg), seed=3)
@@ -268,7 +291,10 @@ def test_distill_loss_is_the_weighted_sum_over_teachers_at_their_own_resolution(
     """Two teachers, one at 16 px (the batch resized on the device): the step's distill_loss is the formula."""
     cfg = tiny_config()
     params = random_params(weights.param_shapes(cfg), seed=2, scale=0.1)
-    t1, t2 = teacher(5), teacher(6, image_size=16)
+    t1 = teacher(5)
+    # An R+ViT hybrid teacher at twice the resolution: its stem (stride 4) and 2x2 patches see the resized batch.
+    hybrid = tiny_config(image_size=16, patch_size=(2, 2), resnet_num_layers=(), resnet_width_factor=0.5)
+    t2 = train.Teacher(hybrid, random_params(weights.param_shapes(hybrid), seed=6, scale=0.3))
     tx, _ = train.make_optimizer(0.1, 10, 0)
     _, metrics = run_steps(cfg, params, tx, steps=1, teachers=[t1, t2],
                            objective=train.Objective(distill='hard', distill_alpha=0.3, teacher_weights=(0.25, 0.75)))
@@ -375,6 +401,34 @@ def test_a_deit_student_with_a_distillation_token_trains_and_is_read_back(permut
         assert json.loads(out.stdout.strip().splitlines()[-1])['accuracy'] == pytest.approx(result['accuracy'])
 
 
+def test_fine_tuning_a_class_token_model_into_deit_grows_its_distillation_token():
+    token = tiny_config()
+    params = random_params(weights.param_shapes(token), seed=4)
+    distilled = token.replace(classifier='token_distilled', image_size=16)  # and at twice the resolution
+    out = weights.prepare_for_finetuning(params, distilled, 'test')
+    np.testing.assert_array_equal(out['dist_token'], params['cls'])
+    pe = out[weights.POSEMB]
+    assert pe.shape == (1, 2 + 16, 32)  # class and distillation tokens, then the 4x4 grid
+    np.testing.assert_array_equal(pe[:, 1], params[weights.POSEMB][:, 0])  # the class token's row, copied
+    assert not out['head_dist/kernel'].any() and not out['head_dist/bias'].any()
+
+
+@pytest.mark.slow
+def test_the_trainer_fine_tunes_a_plain_vit_into_a_distilled_student(permuted_teacher, tmp_path):
+    config = tmp_path / 'distilled.json'
+    config.write_text(json.dumps(dict(json.loads(write_tiny(tmp_path, 64, 2).read_text()), classifier='token_distilled')))
+    workdir = tmp_path / 'run'
+    run_cli('vit_jax', 'train', '--checkpoint', permuted_teacher, '--config', config, '--dataset', 'digits',
+            '--steps', '10', '--warmup-steps', '1', '--eval-every', '0', '--teacher', permuted_teacher,
+            '--workdir', workdir, check=True)
+    assert 'dist_token' in weights.load_npz(str(workdir / 'final.npz'))
+    small = tmp_path / 'distilled-small.json'
+    small.write_text(json.dumps(dict(TINY, classifier='token_distilled')))  # width 32: another trunk
+    other = run_cli('vit_jax', 'train', '--checkpoint', permuted_teacher, '--config', small, '--dataset', 'digits',
+                    '--teacher', permuted_teacher, '--workdir', tmp_path / 'other')
+    assert other.returncode == 2 and 'grows a distillation token from a class token' in other.stderr, other.stderr
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical_with_a_teacher_and_mixup(permuted_teacher, tmp_path):
     from test_train import popen
@@ -419,6 +473,9 @@ BAD = [
     (('--config', '{distilled}'), 'the token_distilled classifier learns its distillation head from a teacher'),
     (('--config', '{distilled}', '--teacher', '{teacher}', '--distill-alpha', '0'), 'a --distill-alpha above 0'),
     (('--recipe', 'deit'), 'set by --recipe deit'),
+    (('--recipe', 'sota'), "--recipe 'sota': expected one of official, adamw-cifar"),
+    (('--teacher', '{teacher}', '--teacher-weights', '1,x'), 'expected numbers separated by commas'),
+    (('--teacher', '{teacher}', '--distill-temperature', '0'), '--distill-temperature 0.0: must be a finite number'),
 ]
 
 
@@ -511,6 +568,7 @@ def test_the_cifar_adamw_recipe_runs_through_the_tfds_pipeline(tmp_path, monkeyp
     with tfds.testing.mock_data(num_examples=24):
         assert trainer.main(['--config', str(write_tiny(tmp_path)), '--dataset', 'cifar10', '--recipe', 'adamw-cifar',
                              '--image-size', '16', '--steps', '3', '--batch-size', '8', '--warmup-steps', '1',
+                             '--head-bias-init', '-5', '--dropout', '0.1', '--attention-dropout', '0.05',
                              '--workdir', str(workdir)]) == 0
     result = summary(capsys.readouterr().out)
     assert result['examples'] == 24 and np.isfinite(result['loss'])
@@ -519,6 +577,12 @@ def test_the_cifar_adamw_recipe_runs_through_the_tfds_pipeline(tmp_path, monkeyp
         ('adamw-cifar', 'adamw', 1e-4, 1e-4)
     assert (recorded['label_smoothing'], recorded['augment'], recorded['image_size']) == \
         (0.1, 'flip,rotate=15,jitter=0.4:0.4:0.4:0.1', 16)
+    transformer = recorded['config']['transformer']
+    assert (transformer['dropout_rate'], transformer['attention_dropout_rate']) == (0.1, 0.05)
+    # The head bias started at -5; three AdamW steps at lr 1e-4 move it by about 3e-4 at most.
+    bias = weights.load_npz(str(workdir / 'final.npz'))['head/bias']
+    np.testing.assert_allclose(bias, -5.0, atol=1e-3)
+    assert not np.array_equal(bias, np.full_like(bias, -5.0))
 
 
 # --------------------------------------------------------------------------- parity grad: the same steps in PyTorch
@@ -624,7 +688,7 @@ def eps_inside_the_root(monkeypatch, objective):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:reduction: 'mean' divides")
+@pytest.mark.filterwarnings('ignore::UserWarning')  # torch's note on reduction='mean', the habit planted
 @pytest.mark.parametrize('patch, flags, cause', [
     (torch_default_adamw_groups, ('--optimizer', 'adamw', '--weight-decay', '0.1', '--lr', '0.01'), 'decay_all'),
     (eps_inside_the_root, ('--optimizer', 'adamw', '--lr', '0.01'), 'eps_inside'),

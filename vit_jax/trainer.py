@@ -172,8 +172,16 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
     ckpt = weights.load(args.checkpoint)
     for note in ckpt.notes:
         cli.say(note)
+    # A plain ViT fine-tuned into DeiT's distilled model: read the file as what it is, the surgery adds the token.
+    grows = bool(args.config) and load_config(args.config).has_dist_token and 'dist_token' not in ckpt.shapes
     # The checkpoint's own config: the trunk as --config says, its head as the file has it.
-    own = configs.with_checkpoint_head(weights.configure(ckpt, args.config, fallback_size=image_size), ckpt.shapes)
+    own = configs.with_checkpoint_head(weights.configure(ckpt, None if grows else args.config,
+                                                         fallback_size=image_size), ckpt.shapes)
+    if grows and not (own.classifier == 'token' and own.same_architecture(load_config(args.config).replace(
+            classifier='token'))):
+        raise UserError(f'--checkpoint {args.checkpoint}: a token_distilled --config grows a distillation token '
+                        f'from a class token, and this checkpoint is {cli.describe(own)}, another architecture; '
+                        'pass a checkpoint of the same trunk with a class token')
     # Fine-tuning drops the representation layer unless the config asks for one, as the official code does.
     cfg = load_config(args.config) if args.config else own.replace(representation_size=None)
     cfg = cfg.replace(num_classes=dataset.num_classes, image_size=image_size)

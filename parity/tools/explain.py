@@ -42,7 +42,7 @@ class Outputs:
 
 def computed_posemb(cfg: ViTConfig) -> np.ndarray:
     """The position embeddings of a sincos2d model: computed, the same table in both frameworks."""
-    return posemb.sincos_2d(cfg.grid_size, cfg.hidden_size, int(cfg.has_cls_token))
+    return posemb.sincos_2d(cfg.grid_size, cfg.hidden_size, cfg.num_prefix_tokens)
 
 
 def run_jax(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
@@ -97,13 +97,13 @@ def arrays(cfg: ViTConfig, out: Outputs, sel: Selection) -> dict[str, np.ndarray
     """Every figure's array from one framework's outputs (float64), by output file name."""
     grid = cfg.grid_size
     patch_px = tuple(cfg.stem_stride * p for p in cfg.patch_size)
-    cls = cfg.has_cls_token
+    prefix = cfg.num_prefix_tokens
     result = {
         'probabilities': predict.softmax(out.logits),
-        'rollout': figures.attention_rollout(out.attentions, grid, cls)[0],
-        'attention': figures.query_attention(out.attentions, sel.layers, sel.heads, grid, cls, sel.query)[0],
-        'position_similarity': figures.position_similarity(out.posemb, grid, cls),
-        'attention_distance': figures.mean_attention_distance(out.attentions, grid, patch_px, cls),
+        'rollout': figures.attention_rollout(out.attentions, grid, prefix)[0],
+        'attention': figures.query_attention(out.attentions, sel.layers, sel.heads, grid, prefix, sel.query)[0],
+        'position_similarity': figures.position_similarity(out.posemb, grid, prefix),
+        'attention_distance': figures.mean_attention_distance(out.attentions, grid, patch_px, prefix),
     }
     if out.filters is not None:
         result['filter_pca'], result['filter_pca_variance'] = figures.filter_pca(out.filters, sel.components)

@@ -34,13 +34,17 @@ DPI = 100
 
 # --------------------------------------------------------------------------- arrays
 
-def _patch_rows(attention: np.ndarray, has_cls_token: bool) -> np.ndarray:
-    """(..., N, N) attention over all tokens -> its (..., n, n) patch-to-patch block."""
-    s = int(has_cls_token)
+def _patch_rows(attention: np.ndarray, prefix_tokens: int) -> np.ndarray:
+    """(..., N, N) attention over all tokens -> its (..., n, n) patch-to-patch block.
+
+    `prefix_tokens` (here and below): the tokens before the patches, the class token and
+    DeiT's distillation token (`ViTConfig.num_prefix_tokens`); 0 for a gap model.
+    """
+    s = prefix_tokens
     return attention[..., s:, s:]
 
 
-def attention_rollout(attentions: Sequence[np.ndarray], grid: tuple[int, int], has_cls_token: bool) -> np.ndarray:
+def attention_rollout(attentions: Sequence[np.ndarray], grid: tuple[int, int], prefix_tokens: int) -> np.ndarray:
     """(B, h, w): how much of each patch flows into the class token (or, without one, the mean token).
 
     `attentions` holds one (B, H, N, N) softmax array per layer, first layer first.
@@ -52,25 +56,25 @@ def attention_rollout(attentions: Sequence[np.ndarray], grid: tuple[int, int], h
         a = a / a.sum(axis=-1, keepdims=True)
         joint = a if joint is None else a @ joint  # (B, N, N): later layers mix the earlier mixtures
     B = joint.shape[0]
-    row = joint[:, 0, 1:] if has_cls_token else joint.mean(axis=1)  # (B, n)
+    row = joint[:, 0, prefix_tokens:] if prefix_tokens else joint.mean(axis=1)  # (B, n)
     return row.reshape(B, *grid)
 
 
 def query_attention(attentions: Sequence[np.ndarray], layers: Sequence[int], heads: Sequence[int],
-                    grid: tuple[int, int], has_cls_token: bool, query: Optional[tuple[int, int]] = None
+                    grid: tuple[int, int], prefix_tokens: int, query: Optional[tuple[int, int]] = None
                     ) -> np.ndarray:
     """(B, len(layers), len(heads), h, w): raw attention of one query over the patches.
 
     The query is the class token by default (the mean over patch queries without one), or
     the patch at (row, column) `query`.
     """
-    s = int(has_cls_token)
+    s = prefix_tokens
     out = []
     for i in layers:
         a = np.asarray(attentions[i], np.float64)[:, list(heads)]  # (B, heads, N, N)
         if query is not None:
             row = a[:, :, s + query[0] * grid[1] + query[1], s:]  # (B, heads, n)
-        elif has_cls_token:
+        elif prefix_tokens:
             row = a[:, :, 0, s:]
         else:
             row = a[:, :, s:, s:].mean(axis=2)
@@ -86,7 +90,7 @@ def patch_distances(grid: tuple[int, int], patch_px: tuple[int, int]) -> np.ndar
 
 
 def mean_attention_distance(attentions: Sequence[np.ndarray], grid: tuple[int, int], patch_px: tuple[int, int],
-                            has_cls_token: bool) -> np.ndarray:
+                            prefix_tokens: int) -> np.ndarray:
     """(L, H): mean distance in pixels each head reaches, over patch queries and images.
 
     Only patch-to-patch attention has a distance: the class token's column is left out
@@ -96,18 +100,18 @@ def mean_attention_distance(attentions: Sequence[np.ndarray], grid: tuple[int, i
     dist = patch_distances(grid, patch_px)
     out = []
     for a in attentions:
-        p = _patch_rows(np.asarray(a, np.float64), has_cls_token)  # (B, H, n, n)
+        p = _patch_rows(np.asarray(a, np.float64), prefix_tokens)  # (B, H, n, n)
         p = p / p.sum(axis=-1, keepdims=True)
         out.append((p * dist).sum(axis=-1).mean(axis=(0, 2)))  # (H,)
     return np.stack(out)
 
 
-def position_similarity(posemb: np.ndarray, grid: tuple[int, int], has_cls_token: bool) -> np.ndarray:
+def position_similarity(posemb: np.ndarray, grid: tuple[int, int], prefix_tokens: int) -> np.ndarray:
     """(h, w, h, w): cosine similarity between the position embeddings of every two patches.
 
     `posemb` is the (1, N, D) parameter; `[r, c]` is patch (r, c)'s similarity map.
     """
-    p = np.asarray(posemb, np.float64).reshape(-1, posemb.shape[-1])[int(has_cls_token):]  # (n, D)
+    p = np.asarray(posemb, np.float64).reshape(-1, posemb.shape[-1])[prefix_tokens:]  # (n, D)
     p = p / np.linalg.norm(p, axis=-1, keepdims=True)
     return (p @ p.T).reshape(*grid, *grid)
 

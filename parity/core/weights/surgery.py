@@ -57,9 +57,18 @@ def prepare_for_finetuning(params: Mapping[str, np.ndarray], cfg: ViTConfig, whe
     """Fine-tune surgery as the official code does it, then the strict check.
 
     Position embeddings resized to the new grid; `pre_logits` dropped when the new config
-    has no representation layer; a zero head when the class count changes.
+    has no representation layer; a zero head when the class count changes. A checkpoint with a
+    class token fine-tuned into DeiT's `token_distilled` model gets its distillation token,
+    and that token's position embedding, started as copies of the class token's, and a zero
+    distillation head.
     """
-    out = adapt_resolution(params, cfg)
+    out = dict(params)
+    if cfg.has_dist_token and 'dist_token' not in out and 'cls' in out:
+        out['dist_token'] = np.array(out['cls'])
+        if POSEMB in out:
+            pe = np.asarray(out[POSEMB])
+            out[POSEMB] = np.concatenate([pe[:, :1], pe[:, :1], pe[:, 1:]], axis=1)  # (1, N + 2, D)
+    out = adapt_resolution(out, cfg)
     if cfg.representation_size is None:
         out.pop('pre_logits/kernel', None)
         out.pop('pre_logits/bias', None)
