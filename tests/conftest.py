@@ -107,6 +107,25 @@ def python(code: str, *args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def popen(*args, out: Path) -> subprocess.Popen:
+    """`python -m ARGS...` in the background, stdout and stderr to files beside `out` (OUT.out, OUT.err)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with open(f'{out}.out', 'w') as stdout, open(f'{out}.err', 'w') as stderr:  # the child keeps its own copies
+        return subprocess.Popen([sys.executable, '-m', *map(str, args)], cwd=REPO, env=env, text=True,
+                                stdout=stdout, stderr=stderr)
+
+
+def kill_once_written(proc: subprocess.Popen, path: Path, out: Path, timeout: float = 300) -> None:
+    """SIGKILLs `proc` (started by `popen(..., out=out)`) as soon as `path` exists."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, Path(f'{out}.err').read_text()
+        assert time.time() < deadline, f'no {path.name} after {timeout:.0f} s'
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def killed_writer_leftover(directory: Path) -> str:
     """SIGKILLs a process in the middle of writing DIRECTORY/ckpt-0000005.npz; the temporary it left."""
     writer = python('''

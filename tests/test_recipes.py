@@ -10,8 +10,6 @@ stays bit-identical with a teacher and mixup, and every bad flag is one `error:`
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import jax
@@ -28,7 +26,7 @@ from vit_jax.model import DropPath as JaxDropPath, VisionTransformer
 from vit_torch.checkpoint import build_model
 from vit_torch.model import DropPath as TorchDropPath, VisionTransformer as TorchViT
 
-from conftest import random_params, run_cli
+from conftest import kill_once_written, popen, random_params, run_cli
 
 TINY = {'model_name': 'tiny', 'hidden_size': 32, 'patches': {'size': [4, 4]}, 'classifier': 'token',
         'transformer': {'mlp_dim': 64, 'num_heads': 2, 'num_layers': 1}, 'representation_size': None, 'num_classes': 10}
@@ -431,8 +429,6 @@ def test_the_trainer_fine_tunes_a_plain_vit_into_a_distilled_student(permuted_te
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical_with_a_teacher_and_mixup(permuted_teacher, tmp_path):
-    from test_train import popen
-
     args = ('--config', write_tiny(tmp_path), '--dataset', 'digits', '--steps', '60', '--warmup-steps', '5',
             '--batch-size', '32', '--eval-every', '0', '--checkpoint-every', '10', '--teacher', permuted_teacher,
             '--mixup', '0.4', '--optimizer', 'adamw', '--lr', '0.003', '--weight-decay', '0.05',
@@ -440,14 +436,7 @@ def test_resume_after_sigkill_is_bit_identical_with_a_teacher_and_mixup(permuted
     reference = run_cli('vit_jax', 'train', *args, '--workdir', tmp_path / 'reference', check=True)
     workdir = tmp_path / 'killed'
     proc = popen('vit_jax', 'train', *args, '--workdir', workdir, out=tmp_path / 'killed')
-    first = workdir / 'checkpoints' / 'ckpt-0000020.npz'
-    deadline = time.time() + 300
-    while not first.exists():
-        assert proc.poll() is None, (tmp_path / 'killed.err').read_text()
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written(proc, workdir / 'checkpoints' / 'ckpt-0000020.npz', tmp_path / 'killed')
     assert not (workdir / 'final.npz').exists(), 'the run ended before it was killed'
     resumed = run_cli('vit_jax', 'train', *args, '--workdir', workdir, check=True)
     assert 'resuming at step' in resumed.stderr

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from parity.core.errors import UserError
 from parity.data import datasets
 from vit_jax import settings, train, trainer
 
-from conftest import REFERENCE, REPO, killed_writer_leftover, random_params, run_cli, tolerance
+from conftest import REFERENCE, REPO, kill_once_written, killed_writer_leftover, popen, random_params, run_cli, tolerance
 
 pytestmark = pytest.mark.slow  # every test here trains, or runs the command line
 
@@ -56,14 +55,6 @@ def run_args(tiny_json) -> tuple:
 
 def tiny_config() -> ViTConfig:
     return ViTConfig.from_official_dict(TINY).replace(image_size=8)
-
-
-def popen(*args, out: Path) -> subprocess.Popen:
-    """`python -m ARGS...` in the background, stdout and stderr to files beside `out`."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    with open(f'{out}.out', 'w') as stdout, open(f'{out}.err', 'w') as stderr:  # the child keeps its own copies
-        return subprocess.Popen([sys.executable, '-m', *map(str, args)], cwd=REPO, env=env, text=True,
-                                stdout=stdout, stderr=stderr)
 
 
 def summary(stdout: str) -> dict:
@@ -114,14 +105,7 @@ def test_workdir_holds_metrics_checkpoints_and_the_released_files(reference):
 def test_kill_and_restart_ends_with_the_same_parameters(reference, run_args, tmp_path):
     workdir = tmp_path / 'run'
     proc = popen('vit_jax', 'train', *run_args, '--workdir', workdir, out=tmp_path / 'killed')
-    first = workdir / 'checkpoints' / 'ckpt-0000010.npz'
-    deadline = time.time() + 300
-    while not first.exists():
-        assert proc.poll() is None, (tmp_path / 'killed.err').read_text()
-        assert time.time() < deadline, 'no checkpoint after 300 s'
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written(proc, workdir / 'checkpoints' / 'ckpt-0000010.npz', tmp_path / 'killed')
     assert not (workdir / 'final.npz').exists(), 'the run ended before it was killed; make it longer'
     killed_at = train.list_checkpoints(str(workdir))[-1][0]
     assert 10 <= killed_at < STEPS

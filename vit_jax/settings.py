@@ -154,15 +154,19 @@ RECIPE_PRESETS: dict[str, dict] = {
 }
 
 
+def recipe_preset(name: Optional[str]) -> dict:
+    """The flag values of `--recipe NAME` (None: `official`); an unknown name is one error line."""
+    if (name or 'official') not in RECIPE_PRESETS:
+        raise UserError(f'--recipe {name!r}: expected one of {", ".join(RECIPE_PRESETS)}')
+    return RECIPE_PRESETS[name or 'official']
+
+
 def apply_recipe(args, num_classes: int):
     """A copy of the parsed flags with `--recipe`'s values filled in where no flag was given."""
-    name = getattr(args, 'recipe', None) or 'official'
-    if name not in RECIPE_PRESETS:
-        raise UserError(f'--recipe {name!r}: expected one of {", ".join(RECIPE_PRESETS)}')
+    preset = recipe_preset(args.recipe)
     out = argparse.Namespace(**vars(args))
-    out.recipe = name
-    out.from_recipe = set(getattr(args, 'from_recipe', ()))
-    preset = RECIPE_PRESETS[name]
+    out.recipe = args.recipe or 'official'
+    out.from_recipe = set()
     for flag, value in preset.items():
         if getattr(out, flag) is None and not callable(value):
             setattr(out, flag, value)
@@ -175,9 +179,8 @@ def apply_recipe(args, num_classes: int):
 
 
 def resolve(args, cfg: ViTConfig) -> TrainSettings:
-    """The settings of a `train` command line for model `cfg`: flags, else `--recipe`'s values, else the
-    dataset's defaults; checked. `cfg` is at its training resolution (after `apply_recipe`)."""
-    args = apply_recipe(args, cfg.num_classes)
+    """The settings of a `train` command line for model `cfg`: flags, else `--recipe`'s values (`args` is
+    `apply_recipe`'s), else the dataset's defaults; checked. `cfg` is at its training resolution."""
     recipe = RECIPES.get(args.dataset, DEFAULT_RECIPE)
     cfg, fields = recipe_settings(args, cfg)
     pick = {name: getattr(args, name) if getattr(args, name) is not None else getattr(recipe, name)
@@ -186,7 +189,7 @@ def resolve(args, cfg: ViTConfig) -> TrainSettings:
         config=cfg, dataset=args.dataset, checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
         image_size=cfg.image_size, schedule=args.schedule, dtype=args.dtype, seed=args.seed,
         checkpoint_every=args.checkpoint_every or pick['eval_every'] or pick['steps'],
-        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, data_dir=args.data_dir, recipe=args.recipe,
+        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, data_dir=args.data_dir, recipe=args.recipe or 'official',
         **pick, **fields)
     if s.warmup_steps < 0 or s.warmup_steps >= s.steps:
         raise UserError(f'--warmup-steps {s.warmup_steps} must be at least 0 and below --steps {s.steps}')

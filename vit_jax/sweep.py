@@ -153,7 +153,7 @@ def _load_manifest(directory: str) -> dict:
 
 def run_training(run: dict, log_dir: str) -> int:
     """One `python -m vit_jax train`, its output appended to DIR/logs/; returns its exit code."""
-    os.makedirs(log_dir, exist_ok=True)
+    files.make_dirs(log_dir)
     log = os.path.join(log_dir, os.path.relpath(run['workdir'], os.path.dirname(log_dir)).replace(os.sep, '__')
                        + '.log')
     with open(log, 'a') as out:
@@ -209,10 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for path in report(directory, record, cells, args.metric):
             cli.say(f'wrote {path}')
         return 0
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise files.write_error(directory, e, '--workdir') from None
+    files.make_dirs(directory, '--workdir')
     if not os.path.exists(os.path.join(directory, MANIFEST)):
         files.write_text(os.path.join(directory, MANIFEST), json.dumps(record, indent=2) + '\n')
     todo = list(enumerate(runs))

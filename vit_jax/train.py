@@ -303,6 +303,22 @@ def objective_loss(obj: Objective, logits, rows: dict, teacher_logits: Sequence 
     return (1.0 - obj.distill_alpha) * loss + obj.distill_alpha * distill, distill
 
 
+def teachers_forward(teachers: Sequence[Teacher], dtype: str = 'float32', fast: bool = False) -> Callable:
+    """`(trees, images) -> [(B, C) logits per teacher]`: each frozen teacher (its params tree in `trees`) on
+    `images` resized on the device to its own resolution (bilinear, as tf.image.resize), no gradient."""
+    models = [VisionTransformer(t.cfg, dtype=jnp.dtype(dtype), fast=fast) for t in teachers]
+
+    def forward(trees, images):
+        out = []
+        for t, m, p in zip(teachers, models, trees):
+            B, S = images.shape[0], t.cfg.image_size
+            x = images if images.shape[1] == S else jax.image.resize(images, (B, S, S, 3), 'bilinear',
+                                                                       antialias=False)
+            out.append(jax.lax.stop_gradient(m.apply({'params': p}, x, train=False)))  # (B, C)
+        return out
+    return forward
+
+
 MIXUP_STREAM = 0x6D697875  # mixup's random stream, apart from dropout's: fold_in(fold_in(rng, this), step)
 
 
@@ -328,18 +344,9 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
     model = VisionTransformer(cfg, dtype=jnp.dtype(dtype), fast=fast)
     A, obj, C = accum_steps, objective, cfg.num_classes
     distilling = bool(teachers) and obj.distill_alpha > 0
-    teacher_models = [VisionTransformer(t.cfg, dtype=jnp.dtype(dtype), fast=fast) for t in teachers]
+    teacher_logits = teachers_forward(teachers, dtype, fast)
     teacher_trees = _replicate([variables_from_params(t.params)['params'] for t in teachers], mesh) \
         if distilling else []
-
-    def teacher_logits(tree, images):
-        out = []
-        for t, m, p in zip(teachers, teacher_models, tree):
-            B, S = images.shape[0], t.cfg.image_size
-            x = images if images.shape[1] == S else jax.image.resize(images, (B, S, S, 3), 'bilinear',
-                                                                       antialias=False)
-            out.append(jax.lax.stop_gradient(m.apply({'params': p}, x, train=False)))  # (B, C)
-        return out
 
     def loss_fn(params, rows, key, tree):
         logits = model.apply({'params': params}, rows['image'], train=True, rngs={'dropout': key},
@@ -406,7 +413,7 @@ def make_eval_step(cfg: ViTConfig, *, mesh: Optional[Mesh] = None, dtype: str = 
     mesh = mesh if mesh is not None else make_mesh()
     replicated, sharded = _shardings(mesh)
     model = VisionTransformer(cfg, dtype=jnp.dtype(dtype), fast=fast)
-    teacher_models = [VisionTransformer(t.cfg, dtype=jnp.dtype(dtype), fast=fast) for t in teachers]
+    teacher_logits = teachers_forward(teachers, dtype, fast)
     teacher_trees = _replicate([variables_from_params(t.params)['params'] for t in teachers], mesh)
 
     def eval_step(params, batch, totals, tree):
@@ -416,13 +423,7 @@ def make_eval_step(cfg: ViTConfig, *, mesh: Optional[Mesh] = None, dtype: str = 
                'loss': totals['loss'] + jnp.sum(jnp.where(mask, cross_entropy(logits, batch['label']), 0.0)),
                'count': totals['count'] + jnp.sum(mask)}
         if teachers:
-            B = logits.shape[0]
-            agree = []
-            for t, m, p in zip(teachers, teacher_models, tree):
-                S = t.cfg.image_size
-                x = batch['image'] if batch['image'].shape[1] == S else jax.image.resize(
-                    batch['image'], (B, S, S, 3), 'bilinear', antialias=False)
-                agree.append(jnp.sum((m.apply({'params': p}, x, train=False).argmax(-1) == logits.argmax(-1)) & mask))
+            agree = [jnp.sum((t.argmax(-1) == logits.argmax(-1)) & mask) for t in teacher_logits(tree, batch['image'])]
             out['agree'] = totals['agree'] + jnp.stack(agree)
         return out
 
@@ -479,10 +480,7 @@ def save_checkpoint(workdir: str, state: TrainState, keep: int) -> str:
     A failed write (a full disk) is a `UserError` and leaves the older checkpoints as they were.
     """
     directory = os.path.join(workdir, CHECKPOINTS)
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise files.write_error(directory, e) from None
+    files.make_dirs(directory)
     arrays = state_arrays(to_host(state))
     path = os.path.join(directory, f'ckpt-{int(arrays["step"]):07d}.npz')
     containers.write_npz(path, arrays, durable=True)

@@ -440,11 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     writer = jax.process_index() == 0  # process 0 writes the workdir and holds its lock
     if not writer:
         return _train(args, writer)
-    created = not os.path.exists(args.workdir)
-    try:
-        os.makedirs(args.workdir, exist_ok=True)
-    except OSError as e:
-        raise files.write_error(args.workdir, e, '--workdir') from None
+    created = files.make_dirs(args.workdir, '--workdir')
     try:
         with WorkdirLock(args.workdir) as held:
             if held.took_over:
@@ -460,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _train(args: argparse.Namespace, writer: bool) -> int:
     """The run itself, the workdir held (by process 0)."""
-    settings.apply_recipe(args, 0)  # an unknown --recipe fails before anything is read
+    settings.recipe_preset(args.recipe)  # an unknown --recipe fails before anything is read
     dataset = datasets.load(args.dataset, args.data_dir)
     args = settings.apply_recipe(args, dataset.num_classes)  # its resolution decides the model's grid
     cfg, finetune = _model(args, dataset, args.image_size or dataset.preset.image_size)

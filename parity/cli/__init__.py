@@ -214,26 +214,25 @@ def check_inference(cfg: ViTConfig, batch: int) -> None:
                          f'{describe(cfg)} on {batch} image{"s" if batch != 1 else ""}')
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0 (a learning rate, a timeout)."""
+def _finite(text: str, ok: Callable[[float], bool], what: str) -> float:
+    """`text` as a finite number for which `ok` holds; else argparse's error, `what` saying the range."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f'{text}: must be a finite number above 0')
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f'{text}: must be a finite number {what}')
     return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (a learning rate, a timeout)."""
+    return _finite(text, lambda v: v > 0, 'above 0')
 
 
 def nonnegative_float(text: str) -> float:
     """An argparse type: a finite number of 0 or more (a weight decay)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f'{text}: must be a finite number of 0 or more')
-    return value
+    return _finite(text, lambda v: v >= 0, 'of 0 or more')
 
 
 def unit_float(text: str) -> float:

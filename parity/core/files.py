@@ -182,6 +182,19 @@ def check_directory(path: str, flag: Optional[str] = None) -> str:
     return directory
 
 
+def make_dirs(path: str, flag: Optional[str] = None) -> bool:
+    """Makes folder `path` (and its parents) if missing; an OS refusal is `write_error`'s one line.
+
+    Returns whether this call created it, so a command that fails early can remove what it made.
+    """
+    created = not os.path.exists(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e, flag) from None
+    return created
+
+
 def write_text(path: str, text: str, flag: Optional[str] = None) -> None:
     """Writes `text` to `path` atomically."""
     with atomic_path(path, flag) as tmp:

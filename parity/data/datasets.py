@@ -155,7 +155,21 @@ class Digits(Dataset):
         return len(self._split(split)[1])
 
     @staticmethod
-    def _render(images: np.ndarray, shifts: np.ndarray, image_size: int) -> np.ndarray:
+    def _sample(images: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Bilinear samples of (B, h, w) grey images at input positions `ys`, `xs` (broadcasting to (B, S, S),
+        +1 for the padding row, clipped), background (-1) outside: (B, S, S, 3)."""
+        B, h, w = images.shape
+        y0, x0 = np.minimum(ys.astype(np.int64), h), np.minimum(xs.astype(np.int64), w)
+        fy, fx = ys - y0, xs - x0
+        padded = np.pad(images, ((0, 0), (1, 1), (1, 1)), constant_values=-1.0)  # (B, h+2, w+2)
+        b = np.arange(B)[:, None, None]
+        at = lambda dy, dx: padded[b, y0 + dy, x0 + dx]  # noqa: E731 (B, S, S)
+        out = (at(0, 0) * (1 - fy) * (1 - fx) + at(0, 1) * (1 - fy) * fx
+               + at(1, 0) * fy * (1 - fx) + at(1, 1) * fy * fx)
+        return np.repeat(out.astype(np.float32)[..., None], 3, axis=-1)  # (B, S, S, 3)
+
+    @classmethod
+    def _render(cls, images: np.ndarray, shifts: np.ndarray, image_size: int) -> np.ndarray:
         """(B, 8, 8) grey images moved by `shifts` (B, 2) pixels and resized: (B, S, S, 3).
 
         Bilinear with half-pixel centres, like `tf.image.resize`; background (-1) fills in
@@ -165,17 +179,11 @@ class Digits(Dataset):
         centres = (np.arange(image_size) + 0.5) * h / image_size - 0.5  # output pixel centres in input pixels
         ys = np.clip(centres[None, :] - shifts[:, :1] + 1, 0, h + 1)  # (B, S), +1 for the padding row
         xs = np.clip(centres[None, :] - shifts[:, 1:] + 1, 0, w + 1)  # (B, S)
-        y0, x0 = np.minimum(ys.astype(np.int64), h), np.minimum(xs.astype(np.int64), w)
-        fy, fx = (ys - y0)[:, :, None], (xs - x0)[:, None, :]
-        padded = np.pad(images, ((0, 0), (1, 1), (1, 1)), constant_values=-1.0)  # (B, h+2, w+2)
-        b = np.arange(B)[:, None, None]
-        at = lambda dy, dx: padded[b, (y0 + dy)[:, :, None], (x0 + dx)[:, None, :]]  # noqa: E731 (B, S, S)
-        out = (at(0, 0) * (1 - fy) * (1 - fx) + at(0, 1) * (1 - fy) * fx
-               + at(1, 0) * fy * (1 - fx) + at(1, 1) * fy * fx)
-        return np.repeat(out.astype(np.float32)[..., None], 3, axis=-1)  # (B, S, S, 3)
+        return cls._sample(images, ys[:, :, None], xs[:, None, :])  # separable: rows and columns apart
 
-    @staticmethod
-    def _render_rotated(images: np.ndarray, shifts: np.ndarray, angles: np.ndarray, image_size: int) -> np.ndarray:
+    @classmethod
+    def _render_rotated(cls, images: np.ndarray, shifts: np.ndarray, angles: np.ndarray,
+                        image_size: int) -> np.ndarray:
         """`_render` with each image also rotated by `angles` (B,) radians about its centre: bilinear sampling
         of the rotated, shifted output grid, background (-1) outside."""
         B, h, w = images.shape
@@ -186,14 +194,7 @@ class Digits(Dataset):
         # Inverse map: where in the input each output pixel comes from, then 1 for the padding row.
         ys = np.clip(c * oy + s * ox + mid - shifts[:, :1, None] + 1, 0, h + 1)  # (B, S, S)
         xs = np.clip(-s * oy + c * ox + mid - shifts[:, 1:, None] + 1, 0, w + 1)  # (B, S, S)
-        y0, x0 = np.minimum(ys.astype(np.int64), h), np.minimum(xs.astype(np.int64), w)
-        fy, fx = ys - y0, xs - x0
-        padded = np.pad(images, ((0, 0), (1, 1), (1, 1)), constant_values=-1.0)  # (B, h+2, w+2)
-        b = np.arange(B)[:, None, None]
-        at = lambda dy, dx: padded[b, y0 + dy, x0 + dx]  # noqa: E731 (B, S, S)
-        out = (at(0, 0) * (1 - fy) * (1 - fx) + at(0, 1) * (1 - fy) * fx
-               + at(1, 0) * fy * (1 - fx) + at(1, 1) * fy * fx)
-        return np.repeat(out.astype(np.float32)[..., None], 3, axis=-1)  # (B, S, S, 3)
+        return cls._sample(images, ys, xs)
 
     def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1,
                       augment=None):

@@ -140,7 +140,7 @@ def jax_steps(cfg: ViTConfig, x: np.ndarray, labels: np.ndarray, s: StepSettings
             rows['target'] = onehot * (1 - eps) + (1 - onehot) * eps / (C - 1)
 
     with runtime.matmul_precision('fp32'):
-        said = [VisionTransformer(t.cfg).apply(variables_from_params(t.params), x) for t in teachers]
+        said = train.teachers_forward(teachers)([variables_from_params(t.params)['params'] for t in teachers], x)
 
         def loss_fn(tree):
             logits = model.apply({'params': tree}, x, train=True)  # dropout rates are 0: nothing random

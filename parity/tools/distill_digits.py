@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--distill', choices=('soft', 'hard'), default='soft')
     p.add_argument('--temperature', default='1', metavar='T')
     args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    files.make_dirs(args.out, '--out')
     configs = {name: write_config(args.out, name) for name in MODELS}
     results: dict[str, list[dict]] = {}
 

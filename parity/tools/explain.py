@@ -220,11 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         'Inf; attention maps and filter components of numbers that are not numbers mean nothing')
     sel = select(args, cfg)
     image = load_image(args.image, cfg.image_size)
-    created = not os.path.exists(args.out)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise files.write_error(args.out, e, '--out') from None
+    created = files.make_dirs(args.out, '--out')
     try:
         return _explain(args, cfg, params, labels, sel, image)
     except BaseException:
