@@ -1,14 +1,19 @@
 """`python -m vit_jax sweep` and its results (`parity.tools.experiments`).
 
-The report is checked on hand-made runs against the experiment log of the issue (ddof 0);
-the sweep itself runs a 2 x 2 grid of tiny digits trainings: every run its own workdir,
-finished runs skipped, `--list` and `--run-one` over stable indices, one error line for a
-sweep that does not fit its workdir.
+The report is checked on hand-made runs against the experiment log of the issue (ddof 0),
+and so are the plots; the sweep itself runs a 2 x 2 grid x 2 trials of tiny digits
+trainings two ways (`--list` and `--run-one` over every index; two at a time, killed
+mid-grid and restarted) and every run's final parameters must agree bit for bit. Bad input is
+one error line before anything starts.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,7 @@ from parity.core.errors import UserError
 from parity.tools import experiments
 from vit_jax import sweep
 
-from conftest import run_cli
+from conftest import REPO, kill_once_written, popen, run_cli
 
 TINY = {'model_name': 'tiny', 'hidden_size': 32, 'patches': {'size': [4, 4]}, 'classifier': 'token',
         'transformer': {'mlp_dim': 64, 'num_heads': 2, 'num_layers': 1}, 'representation_size': None, 'num_classes': 10}
@@ -28,6 +33,7 @@ def fake_run(workdir: Path, accuracies: list[float]) -> None:
     workdir.mkdir(parents=True)
     lines = [{'step': 10 * (i + 1), 'split': 'test', 'accuracy': a, 'loss': 1 - a, 'examples': 360}
              for i, a in enumerate(accuracies)]
+    lines += [{'step': 5 * (i + 1), 'split': 'train', 'loss': 2.3 / (i + 1)} for i in range(2 * len(accuracies))]
     (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in lines) + '{"step": 9')
     (workdir / 'final.npz').write_bytes(b'')
 
@@ -41,7 +47,8 @@ def test_the_report_is_the_experiment_log_with_ddof_0(tmp_path):
         for k, a in enumerate(trials):
             fake_run(tmp_path / name / f'trial-{k + 1}', [0.1, a])
             runs.append({'seed': str(k), 'workdir': str(tmp_path / name / f'trial-{k + 1}')})
-        cells.append({'settings': {'teachers': name, 'distill-alpha': '0.3'}, 'runs': runs})
+        cells.append({'settings': {'teachers': str(len(cells) + 1), 'distill-alpha': '0.3'},
+                      'labels': {'teachers': name, 'distill-alpha': '0.3'}, 'runs': runs})
     results = experiments.summarise(cells, 3, 'final-accuracy')
     assert results[1]['std'] == pytest.approx(0.003643, abs=1e-6)  # the log's 0.3643, in percent
     assert results[0]['mean'] == pytest.approx(0.678937, abs=1e-6)
@@ -79,39 +86,179 @@ def test_grids_parse_values_with_commas_and_refuse_what_they_cannot_hold():
             sweep.parse_grid(bad)
     with pytest.raises(UserError, match='two cells the folder'):
         sweep.plan('/d', grid, 1, [], 'a{distill-alpha}')
+    # Labels name the values in the folders, tables and plots; the flags keep the values.
+    labels = sweep.parse_labels(['teacher-weights=more A;equal'], grid)
+    cells = sweep.plan('/d', grid, 1, [], None, labels=labels)
+    assert cells[2]['labels'] == {'teacher-weights': 'equal', 'distill-alpha': '0.1'}
+    assert cells[2]['settings'] == {'teacher-weights': '0.5,0.5', 'distill-alpha': '0.1'}
+    assert cells[2]['runs'][0]['workdir'] == '/d/runs/teacher-weights-equal_distill-alpha-0.1/trial-1'
+    assert '--teacher-weights 0.5,0.5' in sweep.command(cells[2]['runs'][0])
+    for bad in (['lr=a,b'], ['teacher-weights=one'], ['teacher-weights=x,x']):
+        with pytest.raises(UserError, match='--labels'):
+            sweep.parse_labels(bad, grid)
+
+
+def test_the_plots_are_drawn_from_the_runs(tmp_path):
+    cells = []
+    for alpha in ('0.1', '0.5', '0.9'):
+        for teachers in ('one', 'two'):
+            runs = []
+            for k in range(2):
+                workdir = tmp_path / f'{teachers}-{alpha}' / f'trial-{k + 1}'
+                fake_run(workdir, [0.5, 0.6 + float(alpha) / 10 + k / 100])
+                runs.append({'seed': str(k), 'workdir': str(workdir)})
+            cells.append({'settings': {'teacher': teachers, 'distill-alpha': alpha}, 'runs': runs})
+    assert experiments.run_curves(cells[0]['runs'][0]['workdir'])['train loss'][0].tolist() == [5, 10, 15, 20]
+    results = experiments.summarise(cells, 2, 'final-accuracy')
+    workdirs = [[r['workdir'] for r in c['runs']] for c in cells]
+    paths = experiments.write_plots(str(tmp_path), results, ['teacher', 'distill-alpha'], 'final-accuracy', workdirs)
+    # The numeric dimension gets its plot, the teachers (not numbers) do not; the curves always.
+    assert [Path(p).name for p in paths] == ['plot-distill-alpha.png', 'curves.png']
+    for path in paths:
+        data = Path(path).read_bytes()
+        assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 20_000
+    assert not list(tmp_path.glob('.tmp-*'))
+
+
+def test_parallel_runs_get_disjoint_devices(monkeypatch):
+    gpus = sweep.device_slots(2, ['0', '1', '2', '3'], range(16))
+    assert [s.env for s in gpus] == [{'CUDA_VISIBLE_DEVICES': '0,1'}, {'CUDA_VISIBLE_DEVICES': '2,3'}]
+    assert [s.env['CUDA_VISIBLE_DEVICES'] for s in sweep.device_slots(3, ['0', '1', '2', '3'], [0])] == ['0', '1', '2']
+    cpus = sweep.device_slots(2, [], [0, 1, 2, 3])
+    assert [s.cpus for s in cpus] == [{0, 1}, {2, 3}] and all(s.env == {} for s in cpus)
+    assert sweep.device_slots(1, ['0', '1'], [0, 1]) == [sweep.Slot({}, None, '')]  # one run sees everything
+    with pytest.raises(UserError, match='--parallel 3: this machine has 2 CPU core'):
+        sweep.device_slots(3, [], [0, 1])
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '4,6')
+    assert sweep.visible_gpus() == ['4', '6']
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+    assert sweep.visible_gpus() == []
+
+
+def test_a_flag_that_repeats_takes_several_words():
+    cells = sweep.plan('/d', sweep.parse_grid(['teacher=a.npz;a.npz "b c.npz"']), 1, [], None,
+                       sweep.train_flags().repeated)
+    assert [c['runs'][0]['args'][1:-2] for c in cells] == [
+        ['--teacher', 'a.npz', '--seed', '0'], ['--teacher', 'a.npz', '--teacher', 'b c.npz', '--seed', '0']]
+
+
+@pytest.mark.parametrize('ours, theirs, needle', [
+    (['--grid', 'learning-rate=0.1,0.2'], [], '--grid learning-rate: train has no flag --learning-rate'),
+    (['--grid', 'lr=0.1,-1'], [], 'the cell lr=-1 would fail: argument --lr: -1: must be a finite number above 0'),
+    (['--grid', 'label-smoothing=0.1,1.5'], [], 'label-smoothing=1.5 would fail: --label-smoothing 1.5: must lie'),
+    (['--grid', 'batch-size=32,x'], [], "the cell batch-size=x would fail: argument --batch-size: invalid int"),
+    (['--grid', 'teacher=missing.npz'], ['--distill-alpha', '0.5'], 'teacher missing.npz: no such file'),
+])
+def test_a_grid_train_would_refuse_stops_before_anything_starts(tmp_path, ours, theirs, needle):
+    workdir = tmp_path / 'sweep'
+    with pytest.raises(UserError) as e:
+        sweep.main(['--workdir', str(workdir), *ours, '--', '--dataset', 'digits', *theirs])
+    assert needle in str(e.value)
+    assert not workdir.exists()
+
+
+def test_bad_sweeps_are_one_error_line(tmp_path):
+    for args, needle in ((['--trials', '0', '--', '--dataset', 'digits'], '--trials: 0: must be at least 1'),
+                         (['--grid', 'lrr=1', '--', '--dataset', 'digits'], 'train has no flag --lrr')):
+        proc = run_cli('vit_jax', 'sweep', '--workdir', tmp_path / 'w', *args)
+        assert proc.returncode == 2, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]  # argparse's own errors come after its usage line
+        assert 'error: ' in last and needle in last
+        assert not (tmp_path / 'w').exists()
+
+
+def _finals(workdir: Path) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for path in sorted((workdir / 'runs').glob('*/trial-*/final.npz')):
+        with np.load(path) as f:
+            out[str(path.relative_to(workdir))] = {k: f[k] for k in f.files}
+    return out
+
+
+def _same_finals(a: Path, b: Path) -> None:
+    fa, fb = _finals(a), _finals(b)
+    assert len(fa) == 8 and fa.keys() == fb.keys()
+    for run, params in fa.items():
+        assert params.keys() == fb[run].keys()
+        assert all(np.array_equal(params[k], fb[run][k]) for k in params), run
+
+
+def _values(workdir: Path) -> list:
+    return [[t['value'] for t in c['trials']] for c in json.loads((workdir / 'results.json').read_text())['cells']]
 
 
 @pytest.mark.slow
-def test_a_sweep_runs_skips_lists_and_reports(tmp_path):
+def test_a_sweep_killed_and_restarted_ends_with_the_runs_of_list_and_run_one(tmp_path):
+    """Two ways to the same eight runs: `--list` piped to `xargs -P 2 ... --run-one` (each run alone, on
+    the whole machine), and the sweep two at a time (each on its own core), SIGKILLed mid-grid and
+    started again. Every run's final parameters must agree bit for bit."""
     config = tmp_path / 'tiny.json'
     config.write_text(json.dumps(TINY))
-    workdir = tmp_path / 'sweep'
-    train = ['--dataset', 'digits', '--config', str(config), '--steps', '12', '--warmup-steps', '2',
-             '--batch-size', '32', '--eval-every', '6']
-    proc = run_cli('vit_jax', 'sweep', '--workdir', workdir, '--trials', '2', '--grid', 'lr=0.05,0.1', '--', *train,
-                   check=True)
-    assert '0 of 4 run(s) finished' in proc.stderr
-    results = json.loads((workdir / 'results.json').read_text())
-    assert [c['settings'] for c in results['cells']] == [{'lr': '0.05'}, {'lr': '0.1'}]
+    train = ['--dataset', 'digits', '--config', str(config), '--steps', '8', '--warmup-steps', '2',
+             '--batch-size', '32', '--eval-every', '4', '--log-every', '2']
+    grid = ['--trials', '2', '--grid', 'lr=0.05,0.1', '--grid', 'augment=shift=1;none']
+
+    # 1. Fanned out by xargs over --list, one --run-one per index.
+    fanned = tmp_path / 'fanned'
+    listed = run_cli('vit_jax', 'sweep', '--workdir', fanned, *grid, '--list', '--', *train, check=True).stdout
+    assert [line.split('\t')[0] for line in listed.splitlines()] == [str(i) for i in range(8)]
+    assert '--lr 0.1 --augment none --seed 1 --workdir ' in listed.splitlines()[7]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run(f'cut -f1 | xargs -P 2 -I{{}} {sys.executable} -m vit_jax sweep --workdir {fanned} --run-one {{}}',
+                   shell=True, input=listed, text=True, env=env, cwd=REPO, check=True, capture_output=True)
+    assert run_cli('vit_jax', 'sweep', '--workdir', fanned, '--list', check=True).stdout == ''
+
+    # 2. The sweep, two at a time, SIGKILLed once the sixth run has its first checkpoint, then started again.
+    killed = tmp_path / 'killed'
+    out = tmp_path / 'killed-sweep'
+    first = popen('vit_jax', 'sweep', '--workdir', killed, '--parallel', '2', *grid, '--', *train, out=out)
+    kill_once_written(first, killed / 'runs' / 'lr-0.1_augment-shift=1' / 'trial-2' / 'checkpoints' /
+                      'ckpt-0000004.npz', out)
+    again = run_cli('vit_jax', 'sweep', '--workdir', killed, '--parallel', '2', *grid, '--', *train, check=True)
+    assert re.search(r'\b[45] of 8 run\(s\) finished; 2 at a time', again.stderr), again.stderr
+    assert 'run 7 on CPU ' in again.stderr
+    assert 'resuming at step 4' in (killed / 'logs' / 'runs__lr-0.1_augment-shift=1__trial-2.log').read_text()
+    _same_finals(fanned, killed)
+
+    # The tables: each value is the run's own last evaluation, mean and std numpy's over them.
+    results = json.loads((killed / 'results.json').read_text())
+    assert [c['settings'] for c in results['cells']] == [
+        {'lr': lr, 'augment': a} for lr in ('0.05', '0.1') for a in ('shift=1', 'none')]
+    md = (killed / 'results.md').read_text()
     for cell in results['cells']:
-        values = [t['value'] for t in cell['trials']]
-        assert len(values) == 2 and cell['std'] == pytest.approx(np.std(values))
-        assert [t['seed'] for t in cell['trials']] == ['0', '1'] and all(t['step'] == 12 for t in cell['trials'])
-    recorded = json.loads((workdir / 'runs' / 'lr-0.1' / 'trial-2' / 'run.json').read_text())
-    assert (recorded['lr'], recorded['seed']) == (0.1, 1)
-    # Again: nothing to do. A removed final.npz makes its run pending; --list names it, --run-one runs it.
-    again = run_cli('vit_jax', 'sweep', '--workdir', workdir, '--trials', '2', '--grid', 'lr=0.05,0.1', '--', *train,
-                    check=True)
-    assert '4 of 4 run(s) finished' in again.stderr and 'sweep: run ' not in again.stderr
-    (workdir / 'runs' / 'lr-0.1' / 'trial-1' / 'final.npz').unlink()
-    listed = run_cli('vit_jax', 'sweep', '--workdir', workdir, '--list', check=True).stdout.strip().splitlines()
-    assert len(listed) == 1 and listed[0].startswith('2\tpython -m vit_jax train ') and '--lr 0.1 --seed 0' in listed[0]
-    run_cli('vit_jax', 'sweep', '--workdir', workdir, '--run-one', '2', check=True)
-    assert (workdir / 'runs' / 'lr-0.1' / 'trial-1' / 'final.npz').exists()
-    assert run_cli('vit_jax', 'sweep', '--workdir', workdir, '--list', check=True).stdout == ''
-    run_cli('vit_jax', 'sweep', '--workdir', workdir, '--report', '--metric', 'final-loss', check=True)
-    assert 'test loss of the last evaluation' in (workdir / 'results.md').read_text()
+        own = []
+        for trial in cell['trials']:
+            lines = [json.loads(x) for x in Path(trial['workdir'], 'metrics.jsonl').read_text().splitlines()]
+            last = [r for r in lines if r['split'] == 'test'][-1]
+            assert (trial['value'], trial['step']) == (last['accuracy'], 8)
+            own.append(last['accuracy'])
+        assert [t['seed'] for t in cell['trials']] == ['0', '1']
+        assert cell['mean'] == np.mean(own) and cell['std'] == np.std(own)
+        assert f'| {" | ".join(f"{100 * v:.4f}" for v in own)} |' in md
+    for png in ('plot-lr.png', 'curves.png'):
+        assert (killed / png).stat().st_size > 20_000
+    recorded = json.loads((killed / 'runs' / 'lr-0.1_augment-none' / 'trial-2' / 'run.json').read_text())
+    assert (recorded['lr'], recorded['seed'], recorded['augment']) == (0.1, 1, 'none')
+    run_cli('vit_jax', 'sweep', '--workdir', fanned, '--report', '--metric', 'final-loss', check=True)
+    assert 'test loss of the last evaluation' in (fanned / 'results.md').read_text()
     # Another grid on the same workdir is refused.
-    other = run_cli('vit_jax', 'sweep', '--workdir', workdir, '--grid', 'lr=0.2', '--', *train)
+    other = run_cli('vit_jax', 'sweep', '--workdir', fanned, '--grid', 'lr=0.2', '--', *train)
     assert other.returncode == 2 and other.stderr.strip().splitlines()[-1].startswith('error: --workdir')
     assert 'holds another sweep (grid, trials differ)' in other.stderr
+
+
+def test_a_report_says_what_is_missing(tmp_path):
+    workdir = tmp_path / 'sweep'
+    workdir.mkdir()
+    record = {'grid': {'lr': ['0.1', '0.2']}, 'trials': 2, 'train_args': ['--dataset', 'digits'], 'name': None}
+    (workdir / 'sweep.json').write_text(json.dumps(record))
+    fake_run(workdir / 'runs' / 'lr-0.1' / 'trial-1', [0.4, 0.5])
+    fake_run(workdir / 'runs' / 'lr-0.1' / 'trial-2', [0.4, 0.7])
+    fake_run(workdir / 'runs' / 'lr-0.2' / 'trial-1', [0.4, 0.8])
+    (workdir / 'runs' / 'lr-0.2' / 'trial-2').mkdir()  # started, not evaluated yet
+    assert sweep.main(['--workdir', str(workdir), '--report']) == 0
+    md = (workdir / 'results.md').read_text()
+    assert '| lr = 0.1 | 50.0000 | 70.0000 | 60.0000 | 10.0000 |' in md
+    assert '| lr = 0.2 (1 of 2 trials) | 80.0000 |  | **80.0000** | 0.0000 |' in md
+    cells = json.loads((workdir / 'results.json').read_text())['cells']
+    assert [len(c['trials']) for c in cells] == [2, 1] and cells[1]['expected_trials'] == 2

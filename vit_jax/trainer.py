@@ -133,6 +133,36 @@ def _positive(args, *names):
             raise UserError(f'--{name.replace("_", "-")} {value}: must be positive')
 
 
+def flag_names() -> tuple[frozenset, frozenset]:
+    """The long flags `train` takes, without their dashes, and those of them that repeat."""
+    actions = [a for a in _parser()._actions if a.option_strings]
+    return (frozenset(o[2:] for a in actions for o in a.option_strings if o.startswith('--')),
+            frozenset(a.option_strings[0][2:] for a in actions if isinstance(a, argparse._AppendAction)))
+
+
+def _refuse(message: str):
+    raise UserError(message)
+
+
+def check_flags(argv: Sequence[str]) -> None:
+    """What `train` refuses in these flags before it reads any data: the flags themselves, their values
+    and combinations (`settings.resolve`'s checks), and the files they name. One `UserError` for the
+    first problem; `sweep` checks every cell of a grid with it before the first run starts."""
+    p = _parser()
+    p.error = _refuse  # one error line, not argparse's usage and exit
+    args = p.parse_args(list(argv))
+    _positive(args, 'steps', 'batch_size', 'accum_steps', 'checkpoint_every', 'keep_checkpoints', 'log_every',
+              'image_size')
+    if args.eval_every is not None and args.eval_every < 0:
+        raise UserError(f'--eval-every {args.eval_every}: must be 0 (only at the end) or more')
+    for flag, path in [('--checkpoint', args.checkpoint), *(('--teacher', t) for t in args.teacher or ())]:
+        if path is not None and not os.path.exists(path):
+            raise UserError(f'{flag} {path}: no such file')
+    cfg = load_config(args.config or settings.DIGITS_CONFIG)
+    # The model and the dataset are not read here: a stand-in class count, the config at its own size.
+    settings.resolve(settings.apply_recipe(args, num_classes=cfg.num_classes or 10), cfg)
+
+
 def init_distributed(coordinator: Optional[str], num_processes: Optional[int], process_id: Optional[int]) -> None:
     """`jax.distributed.initialize` from the flags or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
 

@@ -1,12 +1,13 @@
 """The results of a sweep: per-run values from each run's own `metrics.jsonl`, and the tables.
 
 A sweep (`vit_jax.sweep`) is a grid of settings times K trials; every run keeps its own
-workdir. `collect` reads a value per run (`METRICS`), `summarise` makes one cell per grid
+workdir. `run_value` reads a value per run (`METRICS`), `summarise` makes one cell per grid
 point (its trials, their mean and population standard deviation, ddof 0, as experiment
 logs keep it), and `write_reports` writes DIR/results.md (one table per value of the
 other dimensions, a row per value of the first, the best mean in bold), results.csv and
 results.json. Runs still going or not started count as missing trials; a cell says how
-many it has.
+many it has. `write_plots` draws the metric against each numeric dimension (mean and std
+error bars, a line per value of the others) and every cell's training curves.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from parity.core import files
+from parity.tools import figures
 
 DDOF = 0  # numpy's default, the population standard deviation: what experiment logs print as Std
 METRICS = {
@@ -63,7 +65,8 @@ def summarise(cells: Sequence[dict], trials: int, metric: str) -> list[dict]:
             if value is not None and os.path.exists(os.path.join(run['workdir'], 'final.npz')):
                 found.append({'seed': run['seed'], 'workdir': run['workdir'], 'value': value[0], 'step': value[1]})
         values = np.array([t['value'] for t in found], np.float64)
-        out.append({'settings': cell['settings'], 'trials': found, 'expected_trials': trials,
+        out.append({'settings': cell['settings'], 'labels': dict(cell.get('labels') or cell['settings']),
+                    'trials': found, 'expected_trials': trials,
                     'mean': float(values.mean()) if len(values) else None,
                     'std': float(values.std(ddof=DDOF)) if len(values) else None})
     return out
@@ -80,7 +83,7 @@ def markdown(results: list[dict], dims: Sequence[str], metric: str, trials: int)
     first, rest = dims[0], list(dims[1:])
     groups: dict[tuple, list[dict]] = {}
     for cell in results:
-        groups.setdefault(tuple(cell['settings'][d] for d in rest), []).append(cell)
+        groups.setdefault(tuple(cell['labels'][d] for d in rest), []).append(cell)
     higher_is_better = metric.endswith('accuracy')
     lines = [f'# Results: {METRICS[metric]}' + (' (%)' if higher_is_better else ''), '']
     for key, cells in groups.items():
@@ -95,13 +98,13 @@ def markdown(results: list[dict], dims: Sequence[str], metric: str, trials: int)
             mean = _number(cell['mean'], metric)
             if cell['mean'] is not None and cell['mean'] == best:
                 mean = f'**{mean}**'
-            label = f'{first} = {cell["settings"][first]}'
+            label = f'{first} = {cell["labels"][first]}'
             if len(cell['trials']) < trials:
                 label += f' ({len(cell["trials"])} of {trials} trials)'
             lines.append(f'| {label} | ' + ' | '.join(_number(v, metric) for v in values)
                          + f' | {mean} | {_number(cell["std"], metric)} |')
         lines += ['', f'Std: the population standard deviation (numpy, ddof {DDOF}) over the trials.', '']
-    return '\n'.join(lines)
+    return '\n'.join(lines).rstrip('\n') + '\n'
 
 
 def write_reports(directory: str, results: list[dict], dims: Sequence[str], metric: str, trials: int) -> list[str]:
@@ -118,4 +121,131 @@ def write_reports(directory: str, results: list[dict], dims: Sequence[str], metr
                          len(cell['trials'])])
     files.write_text(paths[1], buffer.getvalue())
     files.write_text(paths[2], json.dumps({'metric': metric, 'ddof': DDOF, 'cells': results}, indent=1) + '\n')
+    return paths
+
+
+# --------------------------------------------------------------------------- plots
+
+def run_curves(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{'test accuracy': (steps, values), 'train loss': (steps, values)} of one run's metrics.jsonl."""
+    found: dict[str, dict[int, float]] = {'test accuracy': {}, 'train loss': {}}
+    try:
+        with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    if r.get('split') == 'train':
+                        found['train loss'][int(r['step'])] = float(r['loss'])
+                    elif 'accuracy' in r:
+                        found['test accuracy'][int(r['step'])] = float(r['accuracy'])
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue  # a line cut short by a kill
+    except FileNotFoundError:
+        pass
+    return {k: (np.array(sorted(v), np.int64), np.array([v[t] for t in sorted(v)], np.float64))
+            for k, v in found.items()}
+
+
+def _numeric(values: Sequence[str]) -> Optional[list[float]]:
+    try:
+        out = [float(v) for v in values]
+    except ValueError:
+        return None
+    return out if all(np.isfinite(out)) else None
+
+
+def _save(fig, path: str) -> str:
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
+    figures.pyplot().close(fig)
+    return path
+
+
+def _label(settings: dict, dims: Sequence[str]) -> str:
+    return ', '.join(f'{d} = {settings[d]}' for d in dims) or 'all'
+
+
+def write_plots(directory: str, results: list[dict], dims: Sequence[str], metric: str,
+                workdirs: Sequence[Sequence[str]]) -> list[str]:
+    """DIR/plot-<dim>.png for each numeric dimension of two values or more, and DIR/curves.png.
+
+    `workdirs[i]` are the runs of `results[i]`, finished or not: the curves show runs still going.
+    """
+    plt = figures.pyplot()
+    percent = 100 if metric.endswith('accuracy') else 1
+    ylabel = METRICS[metric] + (' (%)' if percent == 100 else '')
+    paths = []
+    for dim in dims:
+        order = list(dict.fromkeys(c['settings'][dim] for c in results))
+        xs = _numeric(order)
+        if xs is None or len(order) < 2:
+            continue
+        rest = [d for d in dims if d != dim]
+        lines: dict[tuple, list[dict]] = {}
+        for cell in results:
+            lines.setdefault(tuple(cell['labels'][d] for d in rest), []).append(cell)
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        log = min(xs) > 0 and max(xs) / min(xs) >= 10  # learning rates and the like: factors apart
+        for j, (key, cells) in enumerate(lines.items()):
+            shown = sorted((float(c['settings'][dim]), c) for c in cells if c['mean'] is not None)
+            # Each line nudged sideways a little, so that error bars at one x do not hide each other.
+            nudge = (j - (len(lines) - 1) / 2) * 0.012
+            span = np.log(max(xs) / min(xs)) if log else max(xs) - min(xs)
+            if shown:
+                ax.errorbar([x * np.exp(nudge * span) if log else x + nudge * span for x, _ in shown],
+                            [percent * c['mean'] for _, c in shown],
+                            yerr=[percent * c['std'] for _, c in shown], marker='o', capsize=4,
+                            label=_label(dict(zip(rest, key)), rest) if rest else None)
+        if log:
+            ax.set_xscale('log')
+        ax.set_xlabel(dim)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f'mean ± std over the trials (ddof {DDOF})', fontsize=10)
+        ax.grid(alpha=0.3)
+        if rest:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(_save(fig, os.path.join(directory, f'plot-{dim}.png')))
+
+    # The curves, laid out as the tables are: a row per value of the other dimensions, a colour per
+    # value of the first; each finished trial thin, a run still going dashed, and the mean of the
+    # finished trials (the runs so far while none has finished) thick.
+    first, rest = dims[0], list(dims[1:])
+    rows: dict[tuple, list[int]] = {}
+    for i, cell in enumerate(results):
+        rows.setdefault(tuple(cell['labels'][d] for d in rest), []).append(i)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.9 * len(rows) + 0.6), squeeze=False)
+    colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    for row, (key, members) in zip(axes, rows.items()):
+        for n, i in enumerate(members):
+            done = [os.path.exists(os.path.join(w, 'final.npz')) for w in workdirs[i]]
+            curves = [(run_curves(w), d) for w, d in zip(workdirs[i], done)]
+            colour = colours[n % len(colours)]
+            for ax, name, scale in ((row[0], 'test accuracy', 100), (row[1], 'train loss', 1)):
+                runs = [(c[name], d) for c, d in curves if len(c[name][0])]
+                marker = '.' if name == 'test accuracy' else None  # evaluations are few: show each
+                for (steps, values), d in runs:
+                    ax.plot(steps, scale * values, color=colour, lw=0.8, alpha=0.45, ls='-' if d else '--',
+                            marker=marker, ms=3)
+                averaged = [r for r, d in runs if d] or [r for r, _ in runs]
+                if averaged:
+                    by_step = [dict(zip(s.tolist(), v.tolist())) for s, v in averaged]
+                    common = sorted(set.intersection(*(set(d) for d in by_step)))
+                    mean = [np.mean([d[t] for d in by_step]) for t in common]
+                    ax.plot(common, scale * np.array(mean), color=colour, lw=2.4, marker=marker, ms=6,
+                            label=f'{first} = {results[i]["labels"][first]} ({sum(done)} of {len(done)} '
+                                  'finished)')
+        title = _label(dict(zip(rest, key)), rest)
+        row[0].set_ylabel('test accuracy (%)')
+        row[1].set_ylabel('training loss')
+        if row[1].lines and all(line.get_ydata().min() > 0 for line in row[1].lines):
+            row[1].set_yscale('log')  # the loss falls by orders of magnitude: the late steps would be flat
+        for ax in row:
+            ax.set_title(title if rest else '', fontsize=10)
+            ax.set_xlabel('step')
+            ax.grid(alpha=0.3)
+        if row[0].lines:
+            row[0].legend(fontsize=8, loc='lower right')
+    fig.tight_layout()
+    paths.append(_save(fig, os.path.join(directory, 'curves.png')))
     return paths

@@ -136,10 +136,11 @@ def filter_pca(filters: np.ndarray, components: int = 28) -> tuple[np.ndarray, n
 
 # --------------------------------------------------------------------------- pictures
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: files only, no display needed."""
     import matplotlib
 
-    matplotlib.use('Agg')  # files only, no display needed
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     return plt
@@ -169,7 +170,7 @@ def _upsample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _save(fig, path: str) -> str:
     fig.savefig(path, dpi=DPI)  # never bbox_inches='tight': the size stays what FIGURE_SIZES says
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -205,7 +206,7 @@ def render_rollout(path: str, image: np.ndarray, rollout: np.ndarray, title: str
     The last panel is the paper's rendering (Figure 6): pixels scaled by the rollout
     divided by its maximum, so what the output token does not read fades to black.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=rollout_size())
     fig.subplots_adjust(left=0.02, right=0.98, top=0.8, bottom=0.1, wspace=0.3)
     source = 'class token' if has_cls_token else 'mean over all tokens (gap model: no class token)'
@@ -236,7 +237,7 @@ def render_attention(path: str, image: np.ndarray, maps: np.ndarray, layers: Seq
     of magnitude in how peaked they are, and one shared scale would blank most of them.
     A query patch (row, column) is outlined in every panel.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     rows, cols = len(layers), len(heads)
@@ -263,7 +264,7 @@ def render_attention(path: str, image: np.ndarray, maps: np.ndarray, layers: Seq
 
 def render_position_similarity(path: str, similarity: np.ndarray, title: str) -> str:
     """The paper's Figure 7 (centre): one small map per patch, tiled in patch order."""
-    plt = _pyplot()
+    plt = pyplot()
     h, w = similarity.shape[:2]
     # One image with a one-pixel gap between tiles: one imshow, however large the grid.
     mosaic = np.full((h * (h + 1) - 1, w * (w + 1) - 1), np.nan)
@@ -287,7 +288,7 @@ def render_position_similarity(path: str, similarity: np.ndarray, title: str) ->
 
 def render_filter_pca(path: str, components: np.ndarray, variance: np.ndarray, title: str) -> str:
     """The paper's Figure 7 (left): each principal component drawn as an RGB patch."""
-    plt = _pyplot()
+    plt = pyplot()
     K = len(components)
     cols = min(K, 7)
     rows = -(-K // 7)
@@ -307,7 +308,7 @@ def render_filter_pca(path: str, components: np.ndarray, variance: np.ndarray, t
 
 def render_attention_distance(path: str, distance: np.ndarray, image_size: int, title: str) -> str:
     """The paper's Figure 7 (right): each head's mean attention distance against depth."""
-    plt = _pyplot()
+    plt = pyplot()
     L, H = distance.shape
     fig, ax = plt.subplots(figsize=attention_distance_size())
     fig.subplots_adjust(left=0.1, right=0.8, top=0.86, bottom=0.11)
