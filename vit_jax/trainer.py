@@ -133,6 +133,14 @@ def _positive(args, *names):
             raise UserError(f'--{name.replace("_", "-")} {value}: must be positive')
 
 
+def _check_counts(args) -> None:
+    """The step, batch and interval flags: positive, `--eval-every` 0 or more."""
+    _positive(args, 'steps', 'batch_size', 'accum_steps', 'checkpoint_every', 'keep_checkpoints', 'log_every',
+              'image_size')
+    if args.eval_every is not None and args.eval_every < 0:
+        raise UserError(f'--eval-every {args.eval_every}: must be 0 (only at the end) or more')
+
+
 def flag_names() -> tuple[frozenset, frozenset]:
     """The long flags `train` takes, without their dashes, and those of them that repeat."""
     actions = [a for a in _parser()._actions if a.option_strings]
@@ -151,10 +159,7 @@ def check_flags(argv: Sequence[str]) -> None:
     p = _parser()
     p.error = _refuse  # one error line, not argparse's usage and exit
     args = p.parse_args(list(argv))
-    _positive(args, 'steps', 'batch_size', 'accum_steps', 'checkpoint_every', 'keep_checkpoints', 'log_every',
-              'image_size')
-    if args.eval_every is not None and args.eval_every < 0:
-        raise UserError(f'--eval-every {args.eval_every}: must be 0 (only at the end) or more')
+    _check_counts(args)
     for flag, path in [('--checkpoint', args.checkpoint), *(('--teacher', t) for t in args.teacher or ())]:
         if path is not None and not os.path.exists(path):
             raise UserError(f'{flag} {path}: no such file')
@@ -461,10 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     checkpoint, data order and random state included.
     """
     args = _parser().parse_args(argv)
-    _positive(args, 'steps', 'batch_size', 'accum_steps', 'checkpoint_every', 'keep_checkpoints', 'log_every',
-              'image_size')
-    if args.eval_every is not None and args.eval_every < 0:
-        raise UserError(f'--eval-every {args.eval_every}: must be 0 (only at the end) or more')
+    _check_counts(args)
     _check_workdir(args.workdir)
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     writer = jax.process_index() == 0  # process 0 writes the workdir and holds its lock
