@@ -29,8 +29,8 @@ jax_runtime.strict_float32()
 torch_runtime.strict_float32()
 
 REPO = Path(__file__).resolve().parents[1]
-# CI clones the repo with shared/ beside it; tests read the vectors in place, never copy them.
-REFERENCE = REPO.parent / 'shared' / 'reference'
+# The official reference vectors, committed with their provenance (tests/reference/README.md).
+REFERENCE = REPO / 'tests' / 'reference'
 BATCH = 2  # images per batch in the tiny-config tests
 
 

@@ -1,10 +1,13 @@
-"""Tier 3: both frameworks reproduce the official model's logits (../shared/reference)."""
+"""Tier 3: both frameworks reproduce the official model's logits (tests/reference, made by the official code)."""
+
+import hashlib
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from parity.core import weights
 from vit_jax.checkpoint import variables_from_params
 from vit_jax.model import VisionTransformer as FlaxViT
@@ -66,3 +69,26 @@ def test_logits_command_infers_config(reference, tmp_path):
                    '--input', reference / 'hybrid_stem' / 'x.npy', '--output', out, check=True)
     assert 'inferred config' in proc.stderr
     assert np.abs(np.load(out) - np.load(reference / 'hybrid_stem' / 'logits.npy')).max() < BOUND
+
+
+def _recorded_sums(reference):
+    """The SHA-256 of each reference file as its README records them."""
+    text = (reference / 'README.md').read_text()
+    return dict((name, digest) for digest, name in re.findall(r'^([0-9a-f]{64})  (\S+)$', text, re.M))
+
+
+def test_the_committed_vectors_are_the_recorded_ones(reference):
+    sums = _recorded_sums(reference)
+    on_disk = sorted(str(p.relative_to(reference)) for p in reference.glob('*/*'))
+    assert sorted(sums) == on_disk
+    for name, digest in sums.items():
+        assert hashlib.sha256((reference / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_a_shared_copy_beside_the_repository_holds_the_same_bytes(reference):
+    """Where the vectors' origin sits beside the clone, the committed copy must not have drifted from it."""
+    shared = REPO.parent / 'shared' / 'reference'
+    if not shared.is_dir():
+        pytest.skip('no shared/reference beside this clone: the committed copy is checked by its recorded sums')
+    for name in _recorded_sums(reference):
+        assert (shared / name).read_bytes() == (reference / name).read_bytes(), name
