@@ -21,7 +21,7 @@ import torch
 from conftest import REFERENCE, REPO, random_params, run_cli, tolerance
 from parity.core import weights
 from parity.data import images
-from parity.harness import comparison, compare, counterparts, diagnosis, grad, verify
+from parity.harness import compare, counterparts, diagnosis, grad, verdict, verify
 from parity.harness import tolerance as policy
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
@@ -382,7 +382,7 @@ def test_numpy_stem_with_stages_is_the_reference_stem():
                     resnet_num_layers=(2, 1), resnet_width_factor=0.5, num_classes=5, image_size=32)
     params = random_params(weights.param_shapes(cfg), seed=2, scale=0.1)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-    ref = comparison.run_reference(cfg, params, x)['stem']
+    ref = verdict.run_reference(cfg, params, x)['stem']
     assert np.abs(diagnosis.stem(cfg, params, x) - ref).max() <= tolerance(ref)
     symmetric = diagnosis.stem(cfg, params, x, diagnosis.StemNumerics('symmetric', 'symmetric'))
     assert not policy.within(ref, symmetric)
@@ -420,7 +420,7 @@ def test_faithful_numpy_block_is_the_reference_block():
     raw = weights.load_npz(str(TINY / 'ckpt.npz'))
     cfg = weights.resolve_config(str(TINY / 'model.json'), raw)
     params = weights.prepare_for_inference(raw, cfg, 'tiny')
-    ref = comparison.run_reference(cfg, params, np.load(TINY / 'x.npy'), attention=True)
+    ref = verdict.run_reference(cfg, params, np.load(TINY / 'x.npy'), attention=True)
     got = diagnosis.block(ref['encoderblock_0'], diagnosis.block_params(params, 1))
     assert np.abs(got['output'] - ref['encoderblock_1']).max() <= tolerance(ref['encoderblock_1'])
     assert np.abs(got['weights'] - ref['attention_1']).max() <= tolerance(ref['attention_1'])

@@ -12,8 +12,8 @@ import numpy as np
 
 from parity import cli
 from parity.core.errors import UserError
-from parity.harness import comparison, counterparts, tolerance
-from parity.harness.comparison import REFERENCE
+from parity.harness import counterparts, tolerance, verdict
+from parity.harness.verdict import REFERENCE
 
 HELP = f"""\
 Runs one checkpoint through the reference ({REFERENCE})
@@ -42,9 +42,9 @@ def _against(spec: Optional[str]) -> Optional[tuple[str, Optional[str]]]:
     raise UserError(f'--against {spec}: expected timm:MODEL_NAME (e.g. timm:vit_base_patch16_224) or hf')
 
 
-def yardstick(run: comparison.Comparison, reference: dict) -> dict:
+def yardstick(run: verdict.Comparison, reference: dict) -> dict:
     """vit_jax itself at the candidate's reduced precision, against the reference."""
-    got = comparison.jax_at(run.cfg, run.params, run.x, run.precision)
+    got = verdict.jax_at(run.cfg, run.params, run.x, run.precision)
     return {'what': f'vit_jax at {run.precision} vs the reference',
             'max_abs_logit_diff': float(np.abs(got - reference['logits']).max()),
             'top1_agreement': tolerance.topk_agreement(reference['logits'], got, 1)}
@@ -55,10 +55,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vit_jax import runtime as jax_runtime
     from vit_torch import runtime as torch_runtime
 
-    parser = comparison.parser('compare', HELP)
+    parser = verdict.parser('compare', HELP)
     cli.add_checkpoint_argument(parser)
-    comparison.add_common(parser)
-    comparison.add_precision(parser, 'the candidate\'s precision (the reference is always fp32): fp32, tf32 or bf16')
+    verdict.add_common(parser)
+    verdict.add_precision(parser, 'the candidate\'s precision (the reference is always fp32): fp32, tf32 or bf16')
     parser.add_argument('--against', metavar='timm:MODEL|hf',
                         help='compare against timm (its own npz loader) or transformers instead of vit_torch')
     parser.add_argument('--attention', action='store_true', help='also compare the softmax weights of every block')
@@ -66,10 +66,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     against = _against(args.against)
     jax_runtime.strict_float32()
 
-    model = comparison.load_model(args, args.checkpoint)
+    model = verdict.load_model(args, args.checkpoint)
     cfg, params = model.cfg, model.params
-    x, batch = comparison.load_batch(args, cfg)
-    run = comparison.Comparison(cfg, params, x, batch, '', args.precision, raw_posemb=comparison.raw_posemb(model))
+    x, batch = verdict.load_batch(args, cfg)
+    run = verdict.Comparison(cfg, params, x, batch, '', args.precision, raw_posemb=verdict.raw_posemb(model))
     device = torch_runtime.device()
     if args.precision == 'tf32' and device == 'cpu':
         run.notes.append('no TF32 on CPU: --precision tf32 computes exactly as fp32 here')
@@ -86,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         counterparts.check_hf_expressible(cfg)
         run.notes += counterparts.hf_notes(cfg)
         candidate = counterparts.run_hf(cfg, params, x, args.precision, args.attention)
-    reference = comparison.run_reference(cfg, params, x, args.attention)
+    reference = verdict.run_reference(cfg, params, x, args.attention)
     if args.precision != 'fp32':
         run.yardstick = yardstick(run, reference)
-    return comparison.conclude(run, reference, candidate, args.json)
+    return verdict.conclude(run, reference, candidate, args.json)

@@ -16,9 +16,9 @@ from parity import cli
 from parity.core import limits, weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
-from parity.harness import comparison, counterparts, diagnosis, tolerance
-from parity.harness.comparison import (fmt_number, layer_of, print_diagnosis, print_header, print_table, summarise,
-                                       write_json)
+from parity.harness import counterparts, diagnosis, tolerance, verdict
+from parity.harness.verdict import (fmt_number, layer_of, print_diagnosis, print_header, print_table, summarise,
+                                    write_json_report)
 
 MOMENTUM = 0.9
 
@@ -259,9 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """N training steps in both frameworks: loss, every gradient, every updated parameter after each."""
     from vit_jax import runtime
 
-    parser = comparison.parser('grad', HELP)
+    parser = verdict.parser('grad', HELP)
     cli.add_checkpoint_argument(parser)
-    comparison.add_common(parser, images=False)
+    verdict.add_common(parser, images=False)
     parser.add_argument('--labels', metavar='L.npy', help='integer class per image (default: seeded random)')
     parser.add_argument('--lr', type=cli.positive_float, default=0.03, help='learning rate (default 0.03)')
     parser.add_argument('--optimizer', choices=('sgd', 'adamw'), default='sgd',
@@ -283,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.steps > 100:
         raise UserError(f'--steps {args.steps}: grad compares every parameter after every step; at most 100')
 
-    model = comparison.load_model(args, args.checkpoint)
+    model = verdict.load_model(args, args.checkpoint)
     cfg, params = model.cfg, model.params
     if not cfg.num_classes or cfg.classifier in ('unpooled', 'token_unpooled', 'token_distilled'):
         raise UserError(f'{args.checkpoint}: grad trains a classifier with one head; this config has '
@@ -295,8 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      label_smoothing=args.label_smoothing, steps=args.steps, distill=args.distill,
                      distill_alpha=args.distill_alpha, temperature=args.distill_temperature)
     # Both frameworks' training steps, then a forward comparison.
-    x, batch = comparison.load_batch(args, cfg, lambda n: 2 * limits.training_bytes(cfg, n)
-                                     + limits.comparison_bytes(cfg, n))
+    x, batch = verdict.load_batch(args, cfg, lambda n: 2 * limits.training_bytes(cfg, n)
+                                  + limits.comparison_bytes(cfg, n))
     labels = load_labels(args.labels, len(x), cfg.num_classes, args.seed)
 
     got_steps = torch_steps(cfg, params, x, labels, s, teachers)
@@ -308,9 +308,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loss_row, grads, updated = per_step[shown]
     loss_ref, loss_got = ref_steps[shown][0], got_steps[shown].loss
 
-    reference = comparison.run_reference(cfg, params, x)
+    reference = verdict.run_reference(cfg, params, x)
     candidate = counterparts.run_vit_torch(cfg, params, x)
-    rows, _, _, _ = comparison.compare_intermediates(reference, candidate, 'fp32')
+    rows, _, _, _ = verdict.compare_intermediates(reference, candidate, 'fp32')
     forward_bad = next((r['name'] for r in rows if not r['ok']), None)
     # Errors flow back from the loss: the divergent gradient nearest the loss is where the backward pass parts.
     origin = next((f'grad/{r["name"]}' for r in reversed(grads) if not r['ok']), None)
@@ -348,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f'(activations, loss and updates within 1e-5, gradients within 1e-4, x max(1, max |reference|))')
     print_diagnosis(findings)
     summary = summarise(rows, reference, candidate, 'fp32')
-    write_json(args.json, {
+    write_json_report(args.json, {
         'first_divergence': first,
         'activations': rows,
         'max_abs_logit_diff': summary['max_abs_logit_diff'],

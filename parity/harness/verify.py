@@ -12,8 +12,8 @@ import difflib
 from typing import Optional, Sequence
 
 from parity import cli
-from parity.harness import child, comparison, counterparts
-from parity.harness.comparison import REFERENCE
+from parity.harness import child, counterparts, verdict
+from parity.harness.verdict import REFERENCE
 
 HELP = f"""\
 Verifies your own ViT implementation, in any framework, against the reference
@@ -40,11 +40,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Your own implementation against vit_jax, layer by layer."""
     from vit_jax import runtime
 
-    parser = comparison.parser('verify', HELP)
+    parser = verdict.parser('verify', HELP)
     parser.add_argument('function', metavar='FILE.py:FUNCTION', help='your forward pass: FUNCTION(params, x) -> dict')
     cli.add_checkpoint_argument(parser, '--checkpoint')
-    comparison.add_common(parser)
-    comparison.add_precision(parser, 'the precision your implementation computes in, which picks the tolerance '
+    verdict.add_common(parser)
+    verdict.add_precision(parser, 'the precision your implementation computes in, which picks the tolerance '
                              '(default fp32)')
     parser.add_argument('--timeout', type=cli.positive_float, default=child.DEFAULT_TIMEOUT, metavar='SECONDS',
                         help=f'how long your function may take, import included (default {child.DEFAULT_TIMEOUT:g})')
@@ -52,9 +52,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runtime.strict_float32()
 
     child.check_spec(args.function)  # fail fast, before the checkpoint is read; nothing of it runs here
-    model = comparison.load_model(args, args.checkpoint)
+    model = verdict.load_model(args, args.checkpoint)
     cfg, params = model.cfg, model.params
-    x, batch = comparison.load_batch(args, cfg)
+    x, batch = verdict.load_batch(args, cfg)
     candidate, notes = child.run_isolated(args.function, params, x, args.timeout)
     known = set(counterparts.known_names(cfg))
     for name in [k for k in candidate if k not in known]:
@@ -62,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         notes.append(f'{name!r} is not an intermediate of this model; ignored'
                      + (f' (did you mean {close[0]!r}?)' if close else ''))
         del candidate[name]
-    reference = comparison.run_reference(cfg, params, x, attention=any(k.startswith('attention_') for k in candidate))
-    run = comparison.Comparison(cfg, params, x, batch, args.function, args.precision, notes,
-                                raw_posemb=comparison.raw_posemb(model))
-    return comparison.conclude(run, reference, candidate, args.json)
+    reference = verdict.run_reference(cfg, params, x, attention=any(k.startswith('attention_') for k in candidate))
+    run = verdict.Comparison(cfg, params, x, batch, args.function, args.precision, notes,
+                             raw_posemb=verdict.raw_posemb(model))
+    return verdict.conclude(run, reference, candidate, args.json)

@@ -235,7 +235,7 @@ def print_diagnosis(findings: list[dict]) -> None:
             print(f'  [{f["kind"]}{": " + f["cause"] if f["cause"] else ""}] {f["message"]}')
 
 
-def write_json(path: Optional[str], payload: dict) -> None:
+def write_json_report(path: Optional[str], payload: dict) -> None:
     """Atomically, with NaN/inf written as null (JSON has neither)."""
     if path is None:
         return
@@ -332,5 +332,5 @@ def conclude(run: Comparison, reference: dict, candidate: dict, json_path: Optio
     }
     if run.yardstick:
         payload['yardstick'] = run.yardstick
-    write_json(json_path, payload)
+    write_json_report(json_path, payload)
     return 0 if summary['ok'] else 1
