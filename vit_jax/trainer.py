@@ -215,14 +215,14 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
     if grows and not (own.classifier == 'token' and own.same_architecture(load_config(args.config).replace(
             classifier='token'))):
         raise UserError(f'--checkpoint {args.checkpoint}: a token_distilled --config grows a distillation token '
-                        f'from a class token, and this checkpoint is {cli.describe(own)}, another architecture; '
+                        f'from a class token, and this checkpoint is {cli.describe_config(own)}, another architecture; '
                         'pass a checkpoint of the same trunk with a class token')
     # Fine-tuning drops the representation layer unless the config asks for one, as the official code does.
     cfg = load_config(args.config) if args.config else own.replace(representation_size=None)
     cfg = cfg.replace(num_classes=dataset.num_classes, image_size=image_size)
     cfg.grid_for(image_size)
     # Before the surgery allocates position embeddings for the new grid: one image must fit at all.
-    limits.check_compute(limits.training_bytes(cfg, 1), f'training {cli.describe(cfg)}')
+    limits.check_compute(limits.training_bytes(cfg, 1), f'training {cli.describe_config(cfg)}')
     return cfg, weights.prepare_for_finetuning(ckpt.params(own), cfg, args.checkpoint)
 
 
@@ -253,7 +253,7 @@ def check_memory(s: TrainSettings, devices: int, procs: int, teachers: Sequence[
     state += sum(4 * weights.count_params(t) + limits.inference_bytes(t, max(B // devices // A, 1)) for t in teachers)
     local = B // procs
     host = 2 * 4 * local * S * S * 3
-    what = f'training {cli.describe(cfg)} with --batch-size {B}' + (f' in {A} microbatches' if A > 1 else '')
+    what = f'training {cli.describe_config(cfg)} with --batch-size {B}' + (f' in {A} microbatches' if A > 1 else '')
     device_bytes, where = runtime.device_memory()
     if device_bytes is None:  # CPU: every local device's share lives in host memory
         limits.check_compute(host + limits.training_bytes(cfg, local // A) + state * (devices // procs), what)
@@ -539,7 +539,7 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
               train.make_eval_step(cfg, mesh=mesh, dtype=s.dtype, fast=True, teachers=teachers),
               MetricsLog(os.path.join(args.workdir, METRICS), start, writer), writer)
     if writer:
-        cli.say(f'vit_jax train: {cli.describe(cfg)}, {weights.count_params(cfg):,} params, on {args.dataset} '
+        cli.say(f'vit_jax train: {cli.describe_config(cfg)}, {weights.count_params(cfg):,} params, on {args.dataset} '
                 f'({dataset.num_examples(dataset.preset.train):,} train images); {devices} device(s) in {procs} '
                 f'process(es); batch {B}' + (f' in {A} microbatches' if A > 1 else '')
                 + (f'; {len(teachers)} teacher(s), {s.distill} distillation, alpha {s.distill_alpha:g}'

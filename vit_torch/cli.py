@@ -59,11 +59,11 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
         cli.say(note)
     cfg = weights.configure(ckpt, args.config)
     if args.config is None and ckpt.config is None:
-        cli.say(f'inferred config: {cli.describe(cfg)}')
+        cli.say(f'inferred config: {cli.describe_config(cfg)}')
     params = ckpt.params(cfg)
     weights.check_params(params, cfg, src)
     weights.save(dst, params, cfg, to, labels=ckpt.labels)
-    cli.say(f'vit_torch: {src} ({ckpt.format}) -> {dst} ({to}; {cli.describe(cfg)})')
+    cli.say(f'vit_torch: {src} ({ckpt.format}) -> {dst} ({to}; {cli.describe_config(cfg)})')
     return 0
 
 

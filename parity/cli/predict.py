@@ -127,7 +127,7 @@ def main(framework: str, make_forward: Callable[[ViTConfig, dict], cli.Forward],
                          f'{len(args.images)} images at {cfg.image_size}x{cfg.image_size}')
     images = load_images(args.images, cfg.image_size)
     probs = predict(make_forward(cfg, params), images)
-    cli.say(f'{framework}: {cli.describe(cfg)}, labels: {source}')
+    cli.say(f'{framework}: {cli.describe_config(cfg)}, labels: {source}')
     for path, p in zip(args.images, probs):
         if not np.isfinite(p).all():
             cli.say(f'warning: {path}: the logits are not numbers (NaN or Inf), so neither are its probabilities')

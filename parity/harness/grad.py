@@ -370,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         'label_smoothing': s.label_smoothing,
         'teachers': list(args.teacher or []),
         'labels': labels.tolist(),
-        'config': cli.describe(cfg),
+        'config': cli.describe_config(cfg),
         'batch': batch,
     })
     return 0 if ok else 1

@@ -55,7 +55,7 @@ def add_precision(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument('--precision', choices=tolerance.PRECISIONS, default='fp32', help=what)
 
 
-def load_model(args: argparse.Namespace, path: str) -> cli.Model:
+def load_model(args: argparse.Namespace, path: str) -> cli.LoadedCheckpoint:
     """The checkpoint a command compares, at `--image-size`; a model with no stored grid at `--input`'s size (or 224).
 
     Checks first that `--json` can be written and is none of the inputs.
@@ -67,7 +67,7 @@ def load_model(args: argparse.Namespace, path: str) -> cli.Model:
                           cli.npy_image_size(args.input) if args.input is not None else 224)
 
 
-def raw_posemb(model: cli.Model) -> Callable[[], Optional[np.ndarray]]:
+def raw_posemb(model: cli.LoadedCheckpoint) -> Callable[[], Optional[np.ndarray]]:
     """The checkpoint's own position embeddings, before resizing (for the diagnosis), read when asked for."""
     return lambda: model.checkpoint.params(model.cfg).get(POSEMB)
 
@@ -83,7 +83,7 @@ def load_batch(args: argparse.Namespace, cfg: ViTConfig, need: Optional[Callable
     need = need or (lambda n: limits.comparison_bytes(cfg, n, attention))
 
     def check(n: int) -> None:
-        limits.check_compute(need(n), f'{cli.describe(cfg)} on {n} image{"s" if n != 1 else ""}')
+        limits.check_compute(need(n), f'{cli.describe_config(cfg)} on {n} image{"s" if n != 1 else ""}')
 
     if args.input is not None:
         x = cli.load_input(args.input, cfg)
@@ -257,7 +257,7 @@ def write_json_report(path: Optional[str], payload: dict) -> None:
 def print_header(candidate: str, cfg: ViTConfig, batch: str, notes: Sequence[str]) -> None:
     print(f'reference  {REFERENCE}')
     print(f'candidate  {candidate}')
-    print(f'model      {cli.describe(cfg)}; {batch}')
+    print(f'model      {cli.describe_config(cfg)}; {batch}')
     for note in notes:
         print(f'note       {note}')
     print()
@@ -325,7 +325,7 @@ def conclude(run: Comparison, reference: dict, candidate: dict, json_path: Optio
         'tolerance': tolerance.policy(precision).what,
         'reference': REFERENCE,
         'candidate': run.candidate,
-        'config': cli.describe(cfg),
+        'config': cli.describe_config(cfg),
         'batch': run.batch,
         'not_compared': skipped,
         'notes': notes,

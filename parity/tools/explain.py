@@ -238,7 +238,7 @@ def _explain(args: argparse.Namespace, cfg: ViTConfig, params: dict, labels: Seq
     probs = first['probabilities']
     best = int(probs.argmax())
     title = f'{cfg.name or "ViT"} on {os.path.basename(args.image)}: top-1 {labels[best]} ({probs[best]:.1%})'
-    print(f'explain: {cli.describe(cfg)} on {args.image}, with {" and ".join("vit_" + n for n in names)}')
+    print(f'explain: {cli.describe_config(cfg)} on {args.image}, with {" and ".join("vit_" + n for n in names)}')
     print(f'top-1: {best} {labels[best]} ({probs[best]:.6f})')
     if cfg.is_hybrid:
         print('filter_pca: skipped, the patch embedding of a hybrid reads ResNet features, not RGB pixels')
