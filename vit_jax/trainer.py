@@ -28,7 +28,7 @@ from parity import cli
 from parity.core import files, limits, weights
 from parity.core.config import ViTConfig, load_config
 from parity.core.errors import UserError, cause
-from parity.core.lock import WorkdirLock, describe
+from parity.core.lock import WorkdirLock, describe_holder
 from parity.core.weights import configs
 from parity.data import datasets
 from vit_jax import runtime, settings, train
@@ -476,7 +476,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with WorkdirLock(args.workdir) as held:
             if held.took_over:
-                cli.say(f'note: --workdir {args.workdir} was locked by {describe(held.took_over)}, which is '
+                cli.say(f'note: --workdir {args.workdir} was locked by {describe_holder(held.took_over)}, which is '
                         'no longer running; taken over')
             return _train(args, writer)
     except BaseException:

@@ -216,12 +216,13 @@ class ViTConfig:
                                      else n(d['representation_size'], 'representation_size')),
                 resnet_num_layers=None if resnet is None else tuple(n(k, 'resnet.num_layers')
                                                                     for k in resnet['num_layers']),
-                resnet_width_factor=1.0 if resnet is None else _number(resnet.get('width_factor', 1),
-                                                                       f'{where}: resnet.width_factor'),
-                dropout_rate=_number(t.get('dropout_rate', 0.0), f'{where}: dropout_rate'),
-                attention_dropout_rate=_number(t.get('attention_dropout_rate', 0.0),
-                                               f'{where}: attention_dropout_rate'),
-                stochastic_depth_rate=_number(t.get('stochastic_depth_rate', 0.0), f'{where}: stochastic_depth_rate'),
+                resnet_width_factor=1.0 if resnet is None else _finite_float(resnet.get('width_factor', 1),
+                                                                             f'{where}: resnet.width_factor'),
+                dropout_rate=_finite_float(t.get('dropout_rate', 0.0), f'{where}: dropout_rate'),
+                attention_dropout_rate=_finite_float(t.get('attention_dropout_rate', 0.0),
+                                                     f'{where}: attention_dropout_rate'),
+                stochastic_depth_rate=_finite_float(t.get('stochastic_depth_rate', 0.0),
+                                                    f'{where}: stochastic_depth_rate'),
                 num_classes=n(d.get('num_classes') or 0, 'num_classes'),
                 image_size=n(d.get('image_size', 224), 'image_size'),
                 posemb=str(d.get('posemb', 'learn')),
@@ -332,7 +333,7 @@ def from_big_vision_dict(d: dict, where: str = 'config') -> ViTConfig:
         raise UserError(f'{where}: not a big_vision ViT config ({cause(e)})') from None
 
 
-def _number(value, where: str) -> float:
+def _finite_float(value, where: str) -> float:
     """`value` as a finite float, refusing what is not a number (a string, a bool, NaN)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserError(f'{where} {value!r}: expected a number')

@@ -60,7 +60,7 @@ class WorkdirLock:
             if not locked:
                 holder = _read(fd)
                 os.close(fd)
-                raise UserError(f'{self.flag} {self.directory} is in use by {describe(holder)}; wait for it to '
+                raise UserError(f'{self.flag} {self.directory} is in use by {describe_holder(holder)}; wait for it to '
                                 f'finish or stop it, or use another {self.flag}')
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -139,7 +139,7 @@ def _alive(holder: dict) -> bool:
     return True
 
 
-def describe(holder: Optional[dict]) -> str:
+def describe_holder(holder: Optional[dict]) -> str:
     """A lock record in words: `PID 123 on HOST since ... (command)`."""
     if not holder:
         return 'another process (it has not recorded itself yet)'

@@ -74,7 +74,8 @@ class Augment:
         return self == Augment(crop=True, flip=True)
 
 
-def _number(item: str, text: str, low: float, high: float) -> float:
+def _parse_item_number(item: str, text: str, low: float, high: float) -> float:
+    """The number `text` of the --augment item `item`, in [low, high], or a one-line error naming the item."""
     try:
         value = float(text)
     except ValueError:
@@ -109,16 +110,17 @@ def parse(spec: Optional[str], randaug: Optional[str], digits: bool) -> Augment:
         if name in ('crop', 'flip'):
             fields[name] = True
         elif name == 'rotate':
-            fields[name] = _number(item, value, 0, 180)
+            fields[name] = _parse_item_number(item, value, 0, 180)
         elif name == 'shift':
-            fields[name] = _number(item, value, 0, 4)
+            fields[name] = _parse_item_number(item, value, 0, 4)
         elif name == 'jitter':
             parts = value.split(':')
             if len(parts) == 1:
-                f = _number(item, parts[0], 0, 1)
+                f = _parse_item_number(item, parts[0], 0, 1)
                 fields[name] = (f, f, f, min(f / 4, 0.5))
             elif len(parts) == 4:
-                fields[name] = tuple(_number(item, p, 0, 0.5 if i == 3 else 1) for i, p in enumerate(parts))
+                fields[name] = tuple(_parse_item_number(item, p, 0, 0.5 if i == 3 else 1)
+                                     for i, p in enumerate(parts))
             else:
                 raise UserError(f'--augment {item}: expected jitter=F or jitter=B:C:S:H')
         else:

@@ -72,7 +72,8 @@ def summarise(cells: Sequence[dict], trials: int, metric: str) -> list[dict]:
     return out
 
 
-def _number(value: Optional[float], metric: str) -> str:
+def _format_cell(value: Optional[float], metric: str) -> str:
+    """A table cell: accuracies in percent, losses as they are, a missing value empty."""
     if value is None:
         return ''
     return f'{100 * value:.4f}' if metric.endswith('accuracy') else f'{value:.4f}'
@@ -95,14 +96,14 @@ def markdown(results: list[dict], dims: Sequence[str], metric: str, trials: int)
         best = (max(means) if higher_is_better else min(means)) if means else None
         for cell in cells:
             values = [t['value'] for t in cell['trials']] + [None] * (trials - len(cell['trials']))
-            mean = _number(cell['mean'], metric)
+            mean = _format_cell(cell['mean'], metric)
             if cell['mean'] is not None and cell['mean'] == best:
                 mean = f'**{mean}**'
             label = f'{first} = {cell["labels"][first]}'
             if len(cell['trials']) < trials:
                 label += f' ({len(cell["trials"])} of {trials} trials)'
-            lines.append(f'| {label} | ' + ' | '.join(_number(v, metric) for v in values)
-                         + f' | {mean} | {_number(cell["std"], metric)} |')
+            lines.append(f'| {label} | ' + ' | '.join(_format_cell(v, metric) for v in values)
+                         + f' | {mean} | {_format_cell(cell["std"], metric)} |')
         lines += ['', f'Std: the population standard deviation (numpy, ddof {DDOF}) over the trials.', '']
     return '\n'.join(lines).rstrip('\n') + '\n'
 
