@@ -210,20 +210,29 @@ def remove_temporaries(folder: str) -> list[str]:
     removed = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
         m = TEMPORARY.match(name)
-        if m and os.path.isfile(os.path.join(folder, name)) and not _running(int(m.group(1))):
+        if not (m and os.path.isfile(os.path.join(folder, name))):
+            continue
+        pid = int(m.group(1))
+        # This process is not writing it (it has only just started): a reused PID, a writer of the past.
+        if pid == os.getpid() or not process_alive(pid):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(folder, name))
                 removed.append(name)
     return removed
 
 
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process is not writing it: it has only just started
+def process_alive(pid) -> bool:
+    """Whether process `pid` on this machine may still run: one that exists, or that we may not signal, may.
+
+    A PID that is not a positive whole number (a record's garbage), or too large for any
+    process, runs nothing.
+    """
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
-    except (PermissionError, OverflowError):
-        return pid > 0
+    except PermissionError:
+        return True  # another user's process
     return True

@@ -25,7 +25,7 @@ import time
 from typing import Optional
 
 from parity.core.errors import UserError
-from parity.core.files import write_error
+from parity.core.files import process_alive, write_error
 
 LOCK_NAME = '.lock'
 
@@ -127,16 +127,7 @@ def _alive(holder: dict) -> bool:
     """Whether the recorded holder may still run: another host's cannot be checked, so it may."""
     if holder.get('host') != socket.gethostname():
         return True
-    pid = holder.get('pid')
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(holder.get('pid'))
 
 
 def describe_holder(holder: Optional[dict]) -> str:
