@@ -39,7 +39,6 @@ FORMATS = {
     'hf': "a Hugging Face transformers ViT folder (config.json + model.safetensors)",
 }
 ROOT = 'embedding/kernel'  # every ViT image tower in an npz has its patch embedding here
-TRAINING_PREFIXES = ('opt/target/', 'params/')
 
 
 @dataclasses.dataclass
@@ -126,10 +125,7 @@ def _strip_module(state: dict) -> dict:
 # --------------------------------------------------------------------------- npz trees
 
 def _from_tree(spec: str, flat: dict, subtree: Optional[str]) -> Checkpoint:
-    for prefix in TRAINING_PREFIXES:
-        if any(k.startswith(prefix) for k in flat):
-            flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-            break
+    flat = released.params_subtree(flat)
     notes = []
     if subtree:
         sub = subtree.removeprefix('params/') + '/'

@@ -32,12 +32,15 @@ _BLOCK_CHILD = re.compile(r'^(Transformer/encoderblock_\d+/)([^/]+)(/.*)$')
 _GROUPNORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')  # stored (1, 1, 1, C), canonical (C,)
 
 
-def _params_subtree(flat: Mapping[str, np.ndarray]) -> tuple[str, Mapping[str, np.ndarray]]:
-    """(the prefix, the params under it): training checkpoints nest them beside optimizer state."""
+def params_subtree(flat: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """The params of a training checkpoint, which nests them beside optimizer state; any other file as it is.
+
+    The one place the prefixes are taken off, for `load` (every npz tree) and `load_npz`.
+    """
     for prefix in PREFIXES:
         if any(k.startswith(prefix) for k in flat):
-            return prefix, {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-    return '', flat
+            return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    return flat
 
 
 def _is_pre_linen(flat: Mapping[str, np.ndarray]) -> bool:
@@ -45,25 +48,21 @@ def _is_pre_linen(flat: Mapping[str, np.ndarray]) -> bool:
 
 
 def spelling(flat: Mapping[str, np.ndarray]) -> Callable[[str], str]:
-    """How the file `flat` spells a canonical name (its prefix, its block numbering): for error messages."""
-    prefix, flat = _params_subtree(flat)
+    """How the params `flat` (`params_subtree`'s) spell a canonical name (their block numbering): for messages."""
     pre_linen = _is_pre_linen(flat)
 
     def spell(k: str) -> str:
         if pre_linen and (m := _BLOCK_CHILD.match(k)):
             k = m.group(1) + LINEN_BLOCK.get(m.group(2), m.group(2)) + m.group(3)
-        return prefix + k
+        return k
     return spell
 
 
 def canonicalize(flat: Mapping[str, np.ndarray]) -> Params:
-    """Any released or linen-numbered flat dict to the canonical form.
+    """Released or linen-numbered params (`params_subtree`'s) to the canonical form.
 
-    Keeps only the subtree under `opt/target/` or `params/` when present (training
-    checkpoints also hold optimizer state), renames pre-linen block numbering and
-    squeezes GroupNorm parameters to (C,).
+    Renames pre-linen block numbering and squeezes GroupNorm parameters to (C,).
     """
-    _, flat = _params_subtree(flat)
     pre_linen = _is_pre_linen(flat)
     out = {}
     for k, v in flat.items():
@@ -89,7 +88,7 @@ def to_released(params: Mapping[str, np.ndarray]) -> Params:
 
 def load_npz(path: str) -> Params:
     """A checkpoint file (released, linen, or training layout) in canonical form."""
-    return canonicalize(containers.read_npz(path))
+    return canonicalize(params_subtree(containers.read_npz(path)))
 
 
 def save_npz(path: str, params: Mapping[str, np.ndarray]) -> None:
