@@ -63,10 +63,9 @@ def run_eval(args: argparse.Namespace, framework: str, forward: cli.Forward, cfg
                 'arbitrary and the accuracy does not mean what it says')
     if args.logits:
         cli.save_output(args.logits, np.concatenate(logits))
-    text = json.dumps(result)
     if args.json:
-        files.write_text(args.json, text + '\n', '--json')
-    print(text)
+        files.write_json(args.json, result, '--json')
+    print(json.dumps(result))
     return result
 
 

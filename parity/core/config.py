@@ -14,13 +14,12 @@ official `learn`), so a config of an official model drops into the official code
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Optional
 
 from parity.core.errors import UserError, cause
-from parity.core.limits import check_text
+from parity.core.files import read_json_object
 
 # The official classifiers, then big_vision's multihead attention pooling and its first-token pooling, then
 # DeiT's class and distillation tokens.
@@ -355,20 +354,7 @@ def load_config(name_or_path: str) -> ViTConfig:
     if not (name_or_path.endswith('.json') or os.path.exists(name_or_path)):
         raise UserError(f'--config {name_or_path!r}: not an official config name nor a JSON file; '
                         f'names are: {", ".join(OFFICIAL_CONFIGS)}')
-    try:
-        check_text(name_or_path, f'--config {name_or_path}')
-        with open(name_or_path, encoding='utf-8') as f:
-            d = json.load(f)
-    except OSError as e:
-        raise UserError(f'--config {name_or_path}: cannot read it ({e.strerror})') from None
-    except UnicodeDecodeError:
-        raise UserError(f'--config {name_or_path}: not UTF-8 text, so not a JSON config') from None
-    except json.JSONDecodeError as e:
-        raise UserError(f'--config {name_or_path}: not valid JSON ({e})') from None
-    except RecursionError:
-        raise UserError(f'--config {name_or_path}: nested too deeply to be a config') from None
-    if not isinstance(d, dict):
-        raise UserError(f'--config {name_or_path}: expected a JSON object in the official config layout')
+    d = read_json_object(name_or_path, f'--config {name_or_path}', 'a JSON object in the official config layout')
     if 'hidden_size' not in d and set(d) & {'variant', 'width', 'pool_type', 'depth'}:
         return from_big_vision_dict(d, where=f'--config {name_or_path}')
     return ViTConfig.from_official_dict(d, where=f'--config {name_or_path}')

@@ -6,18 +6,24 @@ refusals (a directory where a file should go, a read-only folder, a full disk, a
 size limit) become one `UserError` naming the path and what to do, and the temporary
 is removed. `refuse_overwrite` keeps an output from replacing one of the inputs.
 Temporaries are named `.tmp-PID-NAME`, beside the file they become (`TEMPORARY`).
+
+JSON files go through `read_json` / `read_json_object` (size-checked, one line for any
+file that is not what it should be) and `write_json`; `record_differences` compares a
+record read back (a run's run.json, a sweep's sweep.json) with what this command would write.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import resource
 from typing import Iterator, Mapping, Optional, Sequence
 
 from parity.core.errors import UserError
+from parity.core.limits import check_text
 
 TEMPORARY = re.compile(r'^\.tmp-(\d+)-')  # what a temporary's name starts with: `.tmp-PID-`
 
@@ -200,6 +206,59 @@ def write_text(path: str, text: str, flag: Optional[str] = None) -> None:
     with atomic_path(path, flag) as tmp:
         with open(tmp, 'w') as f:
             f.write(text)
+
+
+def read_json(path: str, what: str, advice: Optional[str] = None) -> object:
+    """The JSON value in file `path`, its size checked first (`limits.check_text`).
+
+    A file that cannot be read, is not UTF-8, is not JSON or is nested too deeply to parse
+    is one `UserError` naming `what` (how the command's user knows the file: `--config X`)
+    and the cause, followed by `advice` (what to do) when given.
+    """
+    tail = f'; {advice}' if advice else ''
+    try:
+        check_text(path, what)
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except UserError:  # check_text's, already one line (a UserError is a ValueError too)
+        raise
+    except OSError as e:
+        raise UserError(f'{what}: cannot read it ({e.strerror or type(e).__name__}){tail}') from None
+    except UnicodeDecodeError:
+        raise UserError(f'{what}: not UTF-8 text, so not JSON{tail}') from None
+    except ValueError as e:  # JSONDecodeError, or a number too long to convert
+        raise UserError(f'{what}: not valid JSON ({e}){tail}') from None
+    except RecursionError:
+        raise UserError(f'{what}: nested too deeply to read{tail}') from None
+
+
+_JSON_TYPES = {list: 'list', str: 'string', int: 'number', float: 'number', bool: 'boolean', type(None): 'null'}
+
+
+def read_json_object(path: str, what: str, kind: str = 'a JSON object', advice: Optional[str] = None) -> dict:
+    """`read_json` of a file that must hold an object; anything else is one line: `WHAT holds a JSON list, not KIND`."""
+    value = read_json(path, what, advice)
+    if not isinstance(value, dict):
+        raise UserError(f'{what} holds a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}, not {kind}'
+                        + (f'; {advice}' if advice else ''))
+    return value
+
+
+def write_json(path: str, obj, flag: Optional[str] = None) -> None:
+    """`obj` as indented JSON with a final newline, written atomically (`write_text`)."""
+    write_text(path, json.dumps(obj, indent=2) + '\n', flag)
+
+
+def record_differences(recorded: Mapping, expected: Mapping, fields: Sequence[str],
+                       defaults: Optional[Mapping] = None) -> list[str]:
+    """The `fields` in which a record read back differs from the one this command would write (`expected`).
+
+    What a folder's record (a run's run.json, a sweep's sweep.json) must repeat for the
+    folder to be this command's. A field the record lacks counts as its value in
+    `defaults` (None where that has none either): records written before the field existed.
+    """
+    defaults = defaults or {}
+    return [k for k in fields if recorded.get(k, defaults.get(k)) != expected[k]]
 
 
 def remove_temporaries(folder: str) -> list[str]:

@@ -15,7 +15,6 @@ The user's prints go to our stderr, so stdout stays the report.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -66,8 +65,7 @@ def run_isolated(spec: str, params: Mapping[str, np.ndarray], x: np.ndarray, tim
         if not os.path.isfile(report):
             raise UserError(f'{spec}: {_ending(code)} before your function returned a result; '
                             'return a dict of intermediates instead')
-        with open(report) as f:
-            result = json.load(f)
+        result = files.read_json_object(report, f'{spec}: the result.json its process wrote')
         if result.get('error'):
             raise UserError(result['error'])
         out = containers.read_npz(os.path.join(folder, 'result.npz')) if result['keys'] else {}
@@ -102,7 +100,7 @@ def _child(folder: str, spec: str) -> int:
     from parity.harness import counterparts
 
     def report(**fields) -> None:
-        files.write_text(os.path.join(folder, 'result.json'), json.dumps(fields))
+        files.write_json(os.path.join(folder, 'result.json'), fields)
 
     try:
         params = containers.read_npz(os.path.join(folder, 'params.npz'))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -251,7 +250,7 @@ def write_json_report(path: Optional[str], payload: dict) -> None:
             return [clean(x) for x in v]
         return v
 
-    files.write_text(path, json.dumps(clean(payload), indent=1), '--json')
+    files.write_json(path, clean(payload), '--json')
 
 
 def print_header(candidate: str, cfg: ViTConfig, batch: str, notes: Sequence[str]) -> None:

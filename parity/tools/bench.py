@@ -40,7 +40,6 @@ import ctypes
 import dataclasses
 import functools
 import gc
-import json
 import os
 import platform
 import statistics
@@ -485,5 +484,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(described, rows))
     if args.json:
         report = {'device': described, 'results': [r.to_json() for r in rows]}
-        files.write_text(args.json, json.dumps(report, indent=1), '--json')
+        files.write_json(args.json, report, '--json')
     return 0

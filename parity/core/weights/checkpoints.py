@@ -14,6 +14,7 @@ own names. `save` refuses, by name, a model a format cannot express.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,8 +26,7 @@ import numpy as np
 
 from parity.core.config import ViTConfig, heads_for_width
 from parity.core import files
-from parity.core.errors import UserError, cause
-from parity.core.limits import check_text
+from parity.core.errors import UserError
 from parity.core.weights import configs, containers
 from parity.core.weights.formats import big_vision, hf, released, timm, vit_torch
 from parity.core.weights.spec import Params, check_params
@@ -90,7 +90,8 @@ def load(spec: str) -> Checkpoint:
 
 
 def _from_arrays(spec: str, path: str, arrays: dict, subtree: Optional[str], meta: dict,
-                 folder_config: Optional[dict] = None) -> Checkpoint:
+                 hub_config: Optional[object] = None) -> Checkpoint:
+    """`hub_config`: the folder's config.json as `_load_folder` read it; None for a file given alone."""
     if any('/' in k for k in arrays):
         return _from_tree(spec, arrays, subtree)
     if subtree:
@@ -106,8 +107,8 @@ def _from_arrays(spec: str, path: str, arrays: dict, subtree: Optional[str], met
     if found == ['vit_torch']:
         return _vit_torch(spec, state, meta)
     if found == ['timm']:
-        return _timm(spec, path, state)
-    return _hf(spec, path, state, folder_config)
+        return _timm(spec, path, state, hub_config)
+    return _hf(spec, path, state, hub_config)
 
 
 def _unknown(spec: str, sample) -> UserError:
@@ -176,14 +177,17 @@ def _vit_torch(spec: str, state: dict, meta: dict) -> Checkpoint:
                       spell=vit_torch.torch_name)
 
 
-def _timm(spec: str, path: str, state: dict) -> Checkpoint:
+def _timm(spec: str, path: str, state: dict, d: Optional[object]) -> Checkpoint:
     timm.refuse_unsupported(state, spec)
     state = timm.zero_class_row(state)
     ours, unknown = timm.TIMM.ours_shapes({k: v.shape for k, v in state.items()})
     if unknown:
         raise UserError(f'{spec}: a timm ViT state dict with keys no plain ViT has ({", ".join(unknown[:6])}'
                         f'{", ..." if len(unknown) > 6 else ""}); only plain timm ViTs are read')
-    hint = timm.heads_from_folder(path)
+    if d is None:  # a file given alone: the config.json timm writes beside it may name the variant
+        with contextlib.suppress(UserError):  # a file that is not one says nothing; --config still can
+            d = _hub_config(os.path.dirname(os.path.abspath(path)))
+    hint = timm.heads_from_config(d)
     ckpt = Checkpoint(spec, 'timm', vit_torch.torch_shapes_as_canonical(_stand_ins(ours)),
                       lambda cfg: vit_torch.from_torch(timm.TIMM.import_(state, cfg, spec, _TIMM_ADVICE), cfg, spec),
                       num_heads=hint[0] if hint else None, pool_without_token=None)
@@ -199,10 +203,12 @@ def _stand_ins(shapes: Mapping[str, tuple]) -> dict:
     return {k: np.broadcast_to(np.zeros((), np.uint8), s) for k, s in shapes.items()}
 
 
-def _hf(spec: str, path: str, state: dict, d: Optional[dict]) -> Checkpoint:
+def _hf(spec: str, path: str, state: dict, d: Optional[object]) -> Checkpoint:
     beside = os.path.dirname(os.path.abspath(path))
-    if d is None and os.path.isfile(os.path.join(beside, 'config.json')):
-        d = hf.read_config(beside, spec)  # model.safetensors given alone: its folder's config.json
+    if d is None:
+        d = _hub_config(beside)  # model.safetensors given alone: its folder's config.json, if there is one
+    if d is not None:
+        d = hf.check_config(d, beside, spec)
     state = hf.strip_prefix(state)
     table = hf.table_for(state)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -225,32 +231,30 @@ def _hf(spec: str, path: str, state: dict, d: Optional[dict]) -> Checkpoint:
 
 # --------------------------------------------------------------------------- folders
 
+def _hub_config(folder: str) -> Optional[object]:
+    """FOLDER/config.json as read (the one read of it in a load), or None when there is none."""
+    path = os.path.join(folder, 'config.json')
+    return files.read_json(path, path) if os.path.isfile(path) else None
+
+
 def _load_folder(spec: str, folder: str) -> Checkpoint:
     """A Hugging Face folder (transformers' config.json) or a timm hub folder (timm's config.json)."""
-    try:
-        if os.path.isfile(os.path.join(folder, 'config.json')):
-            check_text(os.path.join(folder, 'config.json'), f'{folder}/config.json')
-        with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        d = None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UserError(f'{folder}/config.json: not readable JSON ({cause(e)})') from None
-    if isinstance(d, dict) and 'architecture' in d and 'model_type' not in d:
-        return _from_arrays(spec, os.path.join(folder, 'config.json'), _folder_weights(spec, folder), None, {})
-    d = hf.read_config(folder, spec)  # a Hugging Face folder: its config.json must be there and a ViT's
-    return _from_arrays(spec, folder, _folder_weights(spec, folder), None, {}, folder_config=d)
+    d = _hub_config(folder)
+    if not (isinstance(d, dict) and 'architecture' in d and 'model_type' not in d):
+        d = hf.check_config(d, folder, spec)  # a Hugging Face folder: its config.json must be there and a ViT's
+    # Named as a file of the folder, so that the layouts find their config.json beside it.
+    return _from_arrays(spec, os.path.join(folder, 'config.json'), _folder_weights(spec, folder), None, {},
+                        hub_config=d)
 
 
 def _folder_weights(spec: str, folder: str) -> dict:
     """The state dict in a hub folder: model.safetensors (sharded or not), else pytorch_model.bin."""
     index = os.path.join(folder, 'model.safetensors.index.json')
     if os.path.isfile(index):
-        check_text(index, index)
+        d = files.read_json_object(index, index, 'a safetensors index')
         try:
-            with open(index, encoding='utf-8') as f:
-                shards = sorted(set(json.load(f)['weight_map'].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            shards = sorted(set(d['weight_map'].values()))
+        except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f'{index}: not a safetensors index ({type(e).__name__})') from None
         state = {}
         for shard in shards:
@@ -375,9 +379,8 @@ def _save_hf(folder: str, params: dict, cfg: ViTConfig, labels: Optional[list[st
         if cfg.num_classes:  # ViTForImageClassification: the trunk under vit., the head outside it
             state = {k if k.startswith('classifier.') else hf.PREFIX + k: v for k, v in state.items()}
         containers.write_safetensors(os.path.join(tmp, 'model.safetensors'), state, {'format': 'pt'}, consume=True)
-        files.write_text(os.path.join(tmp, 'config.json'), json.dumps(hf.config_json(cfg, labels), indent=2) + '\n')
-        files.write_text(os.path.join(tmp, 'preprocessor_config.json'),
-                         json.dumps(hf.preprocessor_json(cfg), indent=2) + '\n')
+        files.write_json(os.path.join(tmp, 'config.json'), hf.config_json(cfg, labels))
+        files.write_json(os.path.join(tmp, 'preprocessor_config.json'), hf.preprocessor_json(cfg))
         if os.path.isdir(folder):
             os.rmdir(folder)  # empty, checked above
         os.replace(tmp, folder)

@@ -15,13 +15,11 @@ input scaling.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 from parity.core.config import ViTConfig, official_name_for, whole_number
-from parity.core.errors import UserError, cause
-from parity.core.limits import check_text
+from parity.core.errors import UserError
 from parity.core.weights.formats.tables import Table
 
 _B, _A = 'Transformer.encoderblock_{i}.', 'Transformer.encoderblock_{i}.MultiHeadDotProductAttention_0.'
@@ -77,18 +75,12 @@ def table_for(keys) -> Table:
     return V5 if any(k.startswith(('layers.', 'vit.layers.')) for k in keys) else HUB
 
 
-def read_config(folder: str, where: str) -> dict:
-    """config.json of a transformers ViT folder, checked to be one."""
+def check_config(d: Optional[object], folder: str, where: str) -> dict:
+    """The config.json of transformers ViT folder `folder`, as read (None: the folder has none), checked to be one."""
     path = os.path.join(folder, 'config.json')
-    if not os.path.isfile(path):
+    if d is None:
         raise UserError(f'{where}: a Hugging Face folder needs its config.json (not found in {folder}); '
                         'pass the folder transformers wrote with save_pretrained')
-    check_text(path, path)
-    try:
-        with open(path, encoding='utf-8') as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UserError(f'{path}: not readable JSON ({cause(e)})') from None
     if not isinstance(d, dict):
         raise UserError(f'{path}: expected a JSON object (a transformers config)')
     if d.get('model_type') != 'vit':

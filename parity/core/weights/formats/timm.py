@@ -16,8 +16,6 @@ deit3 and big_vision) get a zero row in the canonical form.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Optional
 
@@ -93,14 +91,8 @@ def refuse_unsupported(keys, where: str) -> None:
                         'only plain timm ViTs are read (token, avg with fc_norm=False, map or no pooling)')
 
 
-def heads_from_folder(path: str) -> Optional[tuple[int, Optional[str]]]:
-    """(heads, global_pool) from the `config.json` timm writes beside a hub checkpoint, if there is one."""
-    config = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), 'config.json')
-    try:
-        with open(config, encoding='utf-8') as f:
-            d = json.load(f)
-    except (OSError, ValueError):
-        return None
+def heads_from_config(d: Optional[object]) -> Optional[tuple[int, Optional[str]]]:
+    """(heads, global_pool) from the `config.json` timm writes beside a hub checkpoint (`d`, as read), if it says."""
     if not isinstance(d, dict) or not isinstance(d.get('architecture'), str):
         return None
     m = re.match(r'^(?:vit|deit3?)_([a-z0-9]+)_', d['architecture'])
