@@ -3,8 +3,9 @@
 Each framework's `__main__` parses with these, runs its own model, and lets `run`
 turn a `UserError` into one line on stderr and exit code 2. A command that both
 frameworks have is written here once (`logits_main`, `predict.main`, `evaluate.main`),
-and each framework only hands in its forward pass, a `Forward`. Everything is
-used as `from parity import cli; cli.NAME`:
+and each framework only hands in its forward pass, a `Forward`. The names of the
+first five modules are used as `from parity import cli; cli.NAME`; the last three are
+imported as modules:
 
     contract  the error contract: `run`, `dispatch`, `say`, DEBUG_ENV
     types     the argparse types (positive_float, unit_float, seed_int, ...)

@@ -20,9 +20,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from parity.cli.plotting import pyplot, save_figure
 from parity.core import files
-from parity.tools import figures
 
+PLOT_DPI = 110
 DDOF = 0  # numpy's default, the population standard deviation: what experiment logs print as Std
 METRICS = {
     'final-accuracy': 'the test accuracy of the last evaluation',
@@ -121,7 +122,7 @@ def write_reports(directory: str, results: list[dict], dims: Sequence[str], metr
                          '' if cell['mean'] is None else cell['mean'], '' if cell['std'] is None else cell['std'],
                          len(cell['trials'])])
     files.write_text(paths[1], buffer.getvalue())
-    files.write_text(paths[2], json.dumps({'metric': metric, 'ddof': DDOF, 'cells': results}, indent=1) + '\n')
+    files.write_json(paths[2], {'metric': metric, 'ddof': DDOF, 'cells': results})
     return paths
 
 
@@ -155,13 +156,6 @@ def _numeric(values: Sequence[str]) -> Optional[list[float]]:
     return out if all(np.isfinite(out)) else None
 
 
-def _save(fig, path: str) -> str:
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format='png')
-    figures.pyplot().close(fig)
-    return path
-
-
 def _label(settings: dict, dims: Sequence[str]) -> str:
     return ', '.join(f'{d} = {settings[d]}' for d in dims) or 'all'
 
@@ -172,7 +166,7 @@ def write_plots(directory: str, results: list[dict], dims: Sequence[str], metric
 
     `workdirs[i]` are the runs of `results[i]`, finished or not: the curves show runs still going.
     """
-    plt = figures.pyplot()
+    plt = pyplot()
     percent = 100 if metric.endswith('accuracy') else 1
     ylabel = METRICS[metric] + (' (%)' if percent == 100 else '')
     paths = []
@@ -206,7 +200,7 @@ def write_plots(directory: str, results: list[dict], dims: Sequence[str], metric
         if rest:
             ax.legend(fontsize=8)
         fig.tight_layout()
-        paths.append(_save(fig, os.path.join(directory, f'plot-{dim}.png')))
+        paths.append(save_figure(fig, os.path.join(directory, f'plot-{dim}.png'), PLOT_DPI))
 
     # The curves, laid out as the tables are: a row per value of the other dimensions, a colour per
     # value of the first; each finished trial thin, a run still going dashed, and the mean of the
@@ -248,5 +242,5 @@ def write_plots(directory: str, results: list[dict], dims: Sequence[str], metric
         if row[0].lines:
             row[0].legend(fontsize=8, loc='lower right')
     fig.tight_layout()
-    paths.append(_save(fig, os.path.join(directory, 'curves.png')))
+    paths.append(save_figure(fig, os.path.join(directory, 'curves.png'), PLOT_DPI))
     return paths

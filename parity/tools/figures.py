@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from parity.cli.plotting import pyplot, save_figure
+
 DPI = 100
 
 
@@ -136,16 +138,6 @@ def filter_pca(filters: np.ndarray, components: int = 28) -> tuple[np.ndarray, n
 
 # --------------------------------------------------------------------------- pictures
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend: files only, no display needed."""
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _show_image(ax, image: np.ndarray) -> None:
     """An NHWC-style (h, w, 3) image in [-1, 1], as it entered the model."""
     ax.imshow(np.clip((image + 1) / 2, 0, 1))
@@ -166,12 +158,6 @@ def _upsample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(values.astype(np.float32), mode='F').resize(size[::-1], Image.BILINEAR))
-
-
-def _save(fig, path: str) -> str:
-    fig.savefig(path, dpi=DPI)  # never bbox_inches='tight': the size stays what FIGURE_SIZES says
-    pyplot().close(fig)
-    return path
 
 
 def rollout_size() -> tuple[float, float]:
@@ -226,7 +212,7 @@ def render_rollout(path: str, image: np.ndarray, rollout: np.ndarray, title: str
     mask = _upsample(rollout / hi if hi > 0 else rollout, image.shape[:2])
     _show_image(axes[3], (np.clip((image + 1) / 2, 0, 1) * mask[..., None]) * 2 - 1)
     axes[3].set_title('input x rollout / max (as in the paper)', fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def render_attention(path: str, image: np.ndarray, maps: np.ndarray, layers: Sequence[int], heads: Sequence[int],
@@ -259,7 +245,7 @@ def render_attention(path: str, image: np.ndarray, maps: np.ndarray, layers: Seq
         axes[r, 0].set_ylabel(f'block {layer}')
     cbar = fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02)
     cbar.set_label("attention / panel's maximum")
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def render_position_similarity(path: str, similarity: np.ndarray, title: str) -> str:
@@ -283,7 +269,7 @@ def render_position_similarity(path: str, similarity: np.ndarray, title: str) ->
     ax.set_ylabel('input patch row')
     ax.set_title(f'Position embedding similarity\n{title}', fontsize=11)
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.03).set_label('cosine similarity')
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def render_filter_pca(path: str, components: np.ndarray, variance: np.ndarray, title: str) -> str:
@@ -303,7 +289,7 @@ def render_filter_pca(path: str, components: np.ndarray, variance: np.ndarray, t
         ax = axes[k // cols, k % cols]
         ax.imshow((v - lo) / (hi - lo) if hi > lo else np.zeros_like(v), interpolation='nearest')
         ax.set_title(f'PC{k + 1}  {share:.1%}', fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def render_attention_distance(path: str, distance: np.ndarray, image_size: int, title: str) -> str:
@@ -322,4 +308,4 @@ def render_attention_distance(path: str, distance: np.ndarray, image_size: int, 
     ax.grid(alpha=0.3)
     ax.set_title(f'Mean attention distance per head\n{title}', fontsize=11)
     ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=1 if H <= 16 else 2, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
