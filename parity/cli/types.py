@@ -36,12 +36,17 @@ def unit_float(text: str) -> float:
     return value
 
 
-def seed_int(text: str) -> int:
-    """An argparse type: a random seed, a whole number in 0 .. 2**32 - 1 (what every generator takes)."""
+def _whole(text: str) -> int:
+    """`text` as a whole number; else argparse's error."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a random seed, a whole number in 0 .. 2**32 - 1 (what every generator takes)."""
+    value = _whole(text)
     if not 0 <= value < 2 ** 32:
         raise argparse.ArgumentTypeError(f'{value}: a seed is a whole number from 0 to {2 ** 32 - 1}')
     return value
@@ -49,10 +54,7 @@ def seed_int(text: str) -> int:
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f'{value}: must be at least 1')
     return value
