@@ -2,7 +2,7 @@
 
     config         ViTConfig (frozen, framework-neutral) and the official variant table
     errors         UserError, the one exception for mistakes a user can fix
-    files          atomic writes
+    files          atomic writes, JSON read and written, whether a process still runs
     intermediates  the names and order of the intermediates both models hand out
     posemb         the fixed sincos2d position-embedding table both models add
     weights/       the shared weight layer: the canonical form, file containers and formats
