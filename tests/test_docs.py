@@ -1,4 +1,5 @@
-"""The docs run as written: every ```bash block of docs/*.md, and every code line they cite is where they say.
+"""The docs run as written: every ```bash block of docs/*.md, every code line they cite is where they say,
+and every relative link of README.md and docs/*.md points at a file that exists.
 
 The blocks run in file order and, within a file, top to bottom, in one temporary working
 directory (a later block may use what an earlier one made), each in its own
@@ -45,7 +46,8 @@ def test_docs_exist_and_hold_commands():
 
 # Pages that work in a folder of their own and read nothing the other pages write: each block starts by
 # going there. They run beside the others (the suite's longest test otherwise), the rest in order.
-ON_THEIR_OWN = {'05-trained-digits.md': 'digits32'}
+ON_THEIR_OWN = {'05-trained-digits.md': 'digits32', 'errors-and-limits.md': 'errors', 'harness.md': 'harness',
+                'training.md': 'training'}
 
 
 def _run_blocks(page_blocks: list[tuple[str, int, str]], cwd: Path, env: dict) -> list[str]:
@@ -72,6 +74,33 @@ def test_every_bash_block_runs(tmp_path):
         failures = _run_blocks([b for b in blocks() if b[0] not in ON_THEIR_OWN], tmp_path, env)
         failures += beside.result()
     assert not failures, '\n\n'.join(failures)
+
+
+LINK = re.compile(r'\]\(([^)\s]+)(?:\s+"[^"]*")?\)')
+FENCE = re.compile(r'^```[^`\n]*\n.*?^```[ \t]*$', re.M | re.S)
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r'^#+\s+(.*)$', FENCE.sub('', page.read_text()), re.M)
+    return {re.sub(r'[^\w\- ]', '', h.strip().lower()).replace(' ', '-') for h in headings}
+
+
+@pytest.mark.parametrize('doc', [REPO / 'README.md', *DOCS], ids=lambda p: str(p.relative_to(REPO)))
+def test_every_link_resolves(doc):
+    """Every relative link of README.md and docs/*.md names a file that exists, and a heading anchor
+    (`page.md#section`) one of that page's headings; line anchors (#L42) are the citations' test's."""
+    bad = []
+    for target in LINK.findall(FENCE.sub('', doc.read_text())):
+        if re.match(r'[a-z][a-z0-9+.-]*:', target):  # https:, mailto:: not ours to check offline
+            continue
+        path, _, anchor = target.partition('#')
+        page = (doc.parent / path).resolve() if path else doc
+        if not page.exists():
+            bad.append(f'{target}: no such file')
+        elif anchor and not re.fullmatch(r'L\d+', anchor) and page.suffix == '.md' and anchor not in _anchors(page):
+            bad.append(f'{target}: {page.name} has no heading #{anchor}')
+    assert not bad, f'{doc.name}: ' + '; '.join(bad)
 
 
 @pytest.mark.parametrize('doc', DOCS, ids=lambda p: p.name)
