@@ -10,6 +10,7 @@ stays bit-identical with a teacher and mixup, and every bad flag is one `error:`
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -581,6 +582,85 @@ def test_the_cifar_adamw_recipe_runs_through_the_tfds_pipeline(tmp_path, monkeyp
     bias = weights.load_npz(str(workdir / 'final.npz'))['head/bias']
     np.testing.assert_allclose(bias, -5.0, atol=1e-3)
     assert not np.array_equal(bias, np.full_like(bias, -5.0))
+
+
+# --------------------------------------------------------------------------- the declarations
+
+def test_the_train_parser_takes_exactly_the_declared_flags():
+    from vit_jax import settings, train_cli
+
+    declared = {settings.Flag.option(name) for name in settings.FLAGS}
+    assert set(re.findall(r'--[a-z][a-z0-9-]*', train_cli._parser().format_usage())) - {'--help'} == declared
+    names, repeated = settings.flag_names()
+    assert {'--' + n for n in names} == declared and repeated == {'teacher', 'teacher-config'}
+    args = parsed('--teacher', 'a', '--teacher', 'b', '--teacher-config', 'x', '--teacher-config', 'y')
+    assert (args.teacher, args.teacher_config) == (['a', 'b'], ['x', 'y'])
+    # Nothing given, nothing set: the declared defaults are filled in once the run's settings are resolved.
+    assert all(getattr(parsed(), name) is None for name in settings.FLAGS if name not in ('dataset', 'workdir'))
+
+
+def test_every_declared_default_and_recipe_value_is_one_its_flag_accepts():
+    from vit_jax import settings
+
+    for name, flag in settings.FLAGS.items():
+        if flag.default is not None:
+            assert flag.choices is None or flag.default in flag.choices, name
+            assert flag.range is None or flag.range.holds(flag.default), name
+    for recipe, preset in settings.RECIPE_PRESETS.items():
+        for name, value in preset.items():
+            flag = settings.FLAGS[name]  # every key a declared flag
+            values = [value(n) for n in (10, 1000)] if callable(value) else [value]
+            for v in values:
+                assert flag.choices is None or v in flag.choices, (recipe, name)
+                assert flag.range is None or flag.range.holds(v), (recipe, name)
+    # The settings' defaults are the declared ones (distill_alpha: 0 without a teacher, the flag's with one).
+    defaults = settings.TrainSettings()
+    for name, flag in settings.FLAGS.items():
+        if hasattr(defaults, name) and flag.default is not None and name != 'distill_alpha':
+            assert getattr(defaults, name) == flag.default, name
+
+
+def refusal(parse, argv, capsys):
+    """The one error line a command line's parsing gives `argv` (without argparse's prefix), or None."""
+    from parity.core.errors import UserError
+
+    try:
+        parse(argv)
+    except UserError as e:
+        return str(e)
+    except SystemExit:
+        return capsys.readouterr().err.strip().splitlines()[-1].split('error: ', 1)[1]
+    return None
+
+
+SHARED_VALUES = {
+    'lr': ['0.1', '1e-4', '0', '-1', 'nan', 'x'],
+    'optimizer': ['sgd', 'adamw', 'adam', 'lamb'],
+    'weight-decay': ['0', '0.05', '-1', 'nan', 'inf'],
+    'label-smoothing': ['0', '0.1', '0.999', '1', '1.5', '-0.1'],
+    'distill': ['soft', 'hard', 'x'],
+    'distill-alpha': ['0', '0.5', '1', '1.5', '-0.1', 'nan'],
+    'distill-temperature': ['1', '2.5', '0', '-1', 'inf'],
+}
+
+
+def test_train_and_grad_accept_and_refuse_the_same_values_of_the_flags_they_share(tmp_path, bad_flag_files, capsys):
+    from parity.harness import grad
+    from vit_jax import settings, train_cli
+
+    teacher = str(bad_flag_files['teacher'])
+    train = lambda argv: train_cli.check_flags(  # noqa: E731
+        ['--dataset', 'digits', '--workdir', str(tmp_path / 'run'), '--teacher', teacher, *argv])
+    grad_cli = lambda argv: grad.parse_args([teacher, '--teacher', teacher, *argv])  # noqa: E731
+    assert {f.replace('-', '_') for f in SHARED_VALUES} | {'teacher', 'teacher_config'} == set(grad.SHARED_FLAGS)
+    assert set(grad.SHARED_FLAGS) <= set(settings.FLAGS)
+    for flag, values in SHARED_VALUES.items():
+        for value in values:
+            argv = [f'--{flag}', value]
+            assert refusal(train, argv, capsys) == refusal(grad_cli, argv, capsys), (flag, value)
+    assert refusal(train, ['--label-smoothing', '1'], capsys) == '--label-smoothing 1.0: must lie in [0, 1)'
+    assert refusal(grad_cli, ['--label-smoothing', '1'], capsys) == '--label-smoothing 1.0: must lie in [0, 1)'
+    assert refusal(grad_cli, ['--distill-alpha', '1'], capsys) is None  # [0, 1], closed in both
 
 
 # --------------------------------------------------------------------------- parity grad: the same steps in PyTorch

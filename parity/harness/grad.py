@@ -7,6 +7,7 @@ updated parameter are compared under `parity.harness.tolerance`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -232,9 +233,9 @@ def explain_divergence(cfg, x, labels, s, teachers, candidate: Sequence['TorchSt
     return found
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """N training steps in both frameworks: loss, every gradient, every updated parameter after each."""
-    from vit_jax import runtime, settings, train
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """grad's command line, parsed, the values of the flags it shares with `train` checked as `train` checks them."""
+    from vit_jax import settings
 
     parser = comparison.parser('grad', HELP)
     cli.add_checkpoint_argument(parser)
@@ -244,6 +245,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--steps', type=cli.positive_int, default=1, metavar='N', help='training steps (default 1)')
     args = parser.parse_args(argv)
     settings.check_ranges(args, SHARED_FLAGS)
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """N training steps in both frameworks: loss, every gradient, every updated parameter after each."""
+    from vit_jax import runtime, settings, train
+
+    args = parse_args(argv)
     runtime.strict_float32()
     if args.steps > 100:
         raise UserError(f'--steps {args.steps}: grad compares every parameter after every step; at most 100')
