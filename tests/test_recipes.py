@@ -9,6 +9,7 @@ stays bit-identical with a teacher and mixup, and every bad flag is one `error:`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -205,6 +206,55 @@ def test_mixup_and_smoothing_change_the_step():
         changed, metrics = run_steps(cfg, params, tx, lr_fn, objective=obj)
         assert not bit_identical(plain, changed), obj
         assert all(np.isfinite(m['loss']) for m in metrics)
+
+
+@pytest.mark.parametrize('obj', [dict(), dict(label_smoothing=0.1), dict(loss='sigmoid'), dict(mixup=0.4),
+                                 dict(distill='soft', distill_alpha=0.3, temperature=2.0, teacher_weights=(0.25, 0.75)),
+                                 dict(distill='hard', distill_alpha=0.6, teacher_weights=(0.5, 0.5))],
+                         ids=['plain', 'smoothing', 'sigmoid', 'mixup', 'soft', 'hard'])
+def test_the_torch_objective_is_the_jax_one(obj):
+    """vit_torch/objective.py against vit_jax/objective.py, function for function, on the same numbers."""
+    from vit_torch import objective as torch_objective
+
+    rng = np.random.default_rng(0)
+    B, C = 6, 5
+    logits, student = (rng.normal(size=(B, C)).astype(np.float32) for _ in range(2))
+    teachers = [rng.normal(size=(B, C)).astype(np.float32) for _ in range(2)]
+    labels = rng.integers(0, C, B)
+    j, t = objective.Objective(**obj), torch_objective.Objective(**obj)
+    target = np.array(objective.targets(j, jnp.asarray(labels), C))
+    np.testing.assert_allclose(torch_objective.targets(t, torch.from_numpy(labels), C).numpy(), target, rtol=1e-6)
+    if j.mixup:  # a mixed batch's targets are no longer one-hot
+        target = 0.7 * target + 0.3 * np.roll(target, 1, axis=0)
+    said = teachers if j.teacher_weights else []
+    want = objective.objective_loss(j, jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(target),
+                                    [jnp.asarray(x) for x in said], jnp.asarray(student))
+    got = torch_objective.objective_loss(t, torch.from_numpy(logits), torch.from_numpy(labels),
+                                         torch.from_numpy(target), [torch.from_numpy(x) for x in said],
+                                         torch.from_numpy(student))
+    for w, g in zip(want, got):
+        assert (w is None) == (g is None)
+        if w is not None:
+            assert float(g) == pytest.approx(float(w), rel=1e-5)
+    np.testing.assert_allclose(torch_objective.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)),
+                               objective.cross_entropy(logits, labels), rtol=1e-5)
+    for name in ('soft_cross_entropy', 'sigmoid_cross_entropy'):
+        np.testing.assert_allclose(getattr(torch_objective, name)(torch.from_numpy(logits), torch.from_numpy(target)),
+                                   getattr(objective, name)(logits, target), rtol=1e-5)
+
+
+def test_the_torch_schedule_and_mixup_are_the_jax_ones():
+    from vit_torch import objective as torch_objective
+
+    for schedule in ('cosine', 'linear', 'constant'):
+        want = objective.learning_rate_schedule(0.1, 20, 5, schedule)
+        got = torch_objective.learning_rate_schedule(0.1, 20, 5, schedule)
+        np.testing.assert_allclose([got(s) for s in range(25)], [float(want(s)) for s in range(25)], rtol=1e-5)  # float32
+    images, targets = torch.arange(12.).reshape(3, 4), torch.eye(3)
+    mixed, mixed_targets, lam = torch_objective.mixup(np.random.default_rng(0), images, targets, 0.4)
+    assert 0.5 <= lam <= 1
+    np.testing.assert_allclose(mixed, lam * images + (1 - lam) * torch.roll(images, 1, dims=0), rtol=1e-6)
+    np.testing.assert_allclose(mixed_targets.sum(-1), np.ones(3), rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- regularisation in the models
@@ -618,6 +668,24 @@ def test_every_declared_default_and_recipe_value_is_one_its_flag_accepts():
     for name, flag in settings.FLAGS.items():
         if hasattr(defaults, name) and flag.default is not None and name != 'distill_alpha':
             assert getattr(defaults, name) == flag.default, name
+
+
+def test_a_run_json_without_the_newer_fields_is_the_same_run():
+    """run.json is `TrainSettings.record()`; a field an older run.json lacks counts as its declared default."""
+    from parity.core.config import load_config
+    from vit_jax import settings
+
+    cfg = load_config(settings.DIGITS_CONFIG).replace(num_classes=10, image_size=8)
+    s = settings.resolve(settings.apply_recipe(parsed(), 10), cfg)
+    recorded = s.record()
+    assert list(recorded) == [f.name for f in dataclasses.fields(settings.TrainSettings)]
+    newer = ('optimizer', 'weight_decay', 'weight_decay_on', 'b1', 'b2', 'grad_clip', 'loss', 'label_smoothing',
+             'head_bias_init', 'mixup', 'augment', 'randaug', 'teachers', 'distill', 'distill_alpha',
+             'distill_temperature', 'teacher_weights')
+    older = {k: v for k, v in recorded.items() if k not in newer}
+    assert s.differences(recorded) == [] and s.differences(older) == []
+    smoothed = settings.resolve(settings.apply_recipe(parsed('--label-smoothing', '0.1'), 10), cfg)
+    assert smoothed.differences(older) == ['label_smoothing']
 
 
 def refusal(parse, argv, capsys):
