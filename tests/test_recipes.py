@@ -249,7 +249,8 @@ def test_the_torch_schedule_and_mixup_are_the_jax_ones():
     for schedule in ('cosine', 'linear', 'constant'):
         want = objective.learning_rate_schedule(0.1, 20, 5, schedule)
         got = torch_objective.learning_rate_schedule(0.1, 20, 5, schedule)
-        np.testing.assert_allclose([got(s) for s in range(25)], [float(want(s)) for s in range(25)], rtol=1e-5)  # float32
+        steps = range(25)
+        np.testing.assert_allclose([got(s) for s in steps], [float(want(s)) for s in steps], rtol=1e-5)  # JAX: float32
     images, targets = torch.arange(12.).reshape(3, 4), torch.eye(3)
     mixed, mixed_targets, lam = torch_objective.mixup(np.random.default_rng(0), images, targets, 0.4)
     assert 0.5 <= lam <= 1

@@ -26,8 +26,9 @@ MOMENTUM = 0.9
 HELP = f"""\
 N training steps (default 1) in both frameworks on the same batch and labels, dropout off,
 at a constant learning rate: softmax cross-entropy (with --label-smoothing), optionally
-distilled from --teacher, and SGD with momentum {MOMENTUM} or AdamW (--optimizer; decoupled
---weight-decay on kernels only, as vit_jax train). JAX runs vit_jax.objective's optimizer and
+distilled from --teacher, and SGD with momentum {MOMENTUM}, AdamW or Adam (--optimizer; decoupled
+--weight-decay on kernels only). The flags grad shares with vit_jax train are train's own
+declarations: they take the same values, with the same defaults. JAX runs vit_jax.objective's optimizer and
 objective (optax), PyTorch vit_torch.objective's (torch.optim). After every step it compares
 the loss, the gradient of every parameter by canonical name and every updated parameter;
 the forward intermediates are compared once. Each step starts both sides from the same
