@@ -17,7 +17,7 @@ from parity.core import weights
 from parity.tools import bench
 from parity.core.config import OFFICIAL_CONFIGS
 from parity.core.errors import UserError
-from vit_torch.checkpoint import build_model
+from vit_torch.params import build_model
 
 FIELDS = {'model', 'impl', 'mode', 'precision', 'batch_size', 'img_per_s', 'peak_mem_bytes', 'ratio_to_reference'}
 

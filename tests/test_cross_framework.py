@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from conftest import BATCH, CONFIGS, images, random_params, tiny, tolerance, torch_forward
 from parity.core import weights
 from parity.core.config import ViTConfig
-from vit_jax.checkpoint import params_from_variables, variables_from_params
 from vit_jax.model import VisionTransformer as FlaxViT
-from vit_torch.checkpoint import build_model, params_from_state_dict
+from vit_jax.params import params_from_variables, variables_from_params
 from vit_torch.model import VisionTransformer as TorchViT
+from vit_torch.params import build_model, params_from_state_dict
 
 B = BATCH
 

@@ -21,11 +21,11 @@ from parity.core.weights import containers
 from parity.core.weights.formats import vit_torch as torch_format
 from parity.harness import tolerance as policy
 from vit_jax import fast as jax_fast
-from vit_jax.checkpoint import variables_from_params
 from vit_jax.inspect import forward_with_intermediates as flax_intermediates
 from vit_jax.model import VisionTransformer as FlaxViT
-from vit_torch.checkpoint import build_model, params_from_state_dict
+from vit_jax.params import variables_from_params
 from vit_torch.inspect import forward_with_intermediates as torch_intermediates
+from vit_torch.params import build_model, params_from_state_dict
 from vit_torch.runtime import to_nchw
 
 FAST_CASES = ['token', 'gap', 'unpooled', 'non-square-patch', 'hybrid-stages', 'map']
@@ -241,11 +241,12 @@ def test_torch_autocast_bf16_within_its_bound_and_top1(fast):
 # --------------------------------------------------------------------------- the jitted training step
 
 def test_jitted_train_step_donates_its_state_and_stays_on_device():
-    from vit_jax import train
+    from vit_jax import objective, train
+    from vit_jax.settings import TrainSettings
 
     cfg = CONFIGS['token']
     mesh = train.make_mesh()
-    tx, _ = train.make_optimizer(0.01, steps=10, warmup_steps=0)
+    tx, _ = objective.make_optimizer(TrainSettings(lr=0.01, steps=10, warmup_steps=0))
     state = train.create_train_state(cfg, params_for('token', scale=0.1), tx, mesh=mesh)
     x = images(cfg)
     batch = train.shard_batch({'image': x, 'label': (np.arange(len(x)) % cfg.num_classes).astype(np.int32)}, mesh)

@@ -245,16 +245,16 @@ def test_compare_passes_on_the_reference_vectors(case, x, size, tmp_path):
 
 def test_compare_fails_on_a_mismatched_candidate(tmp_path, monkeypatch):
     """vit_torch with one LayerNorm's eps changed: caught at that block, in that sub-step, for that reason."""
-    from vit_torch import checkpoint
+    from vit_torch import params as torch_params
 
-    build = checkpoint.build_model
+    build = torch_params.build_model
 
     def mismatched(cfg, params, **kw):
         model = build(cfg, params, **kw)
         model.Transformer.encoderblock_1.LayerNorm_1.eps = 1e-2
         return model
 
-    monkeypatch.setattr(checkpoint, 'build_model', mismatched)
+    monkeypatch.setattr(torch_params, 'build_model', mismatched)
     code, report = run(compare.main, case_args(TINY), tmp_path)
     assert code == 1 and report['first_divergence'] == 'encoderblock_1'
     where = {f['where'] for f in report['diagnosis'] if f['kind'] == 'localisation'}

@@ -1,8 +1,10 @@
-"""The layout the README describes: parity/'s tiers import only from the tiers above them.
+"""The layout the README describes: each tier imports only from the tiers above it.
 
 Tier 1 (`parity.core`) and the data tier know no framework; the command-line tier reaches the
-frameworks only by name, at run time; the harness and the tools stand on both models. The model
-files do no I/O and know nothing of checkpoints.
+frameworks only by name, at run time; each framework's package stands on those three alone (not
+on the other framework, the harness or the tools); the harness and the tools stand on both
+models. The model files do no I/O and know nothing of checkpoints, and each `vit_jax/X.py` with a
+`vit_torch/X.py` twin lists the same functions and classes in the same order.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ ALLOWED = {
     'parity.core': {'parity.core'},
     'parity.data': {'parity.core', 'parity.data'},
     'parity.cli': {'parity.core', 'parity.data', 'parity.cli'},
+    'vit_jax': {'parity.core', 'parity.data', 'parity.cli', 'vit_jax'},
+    'vit_torch': {'parity.core', 'parity.data', 'parity.cli', 'vit_torch'},
     'parity.harness': {'parity.core', 'parity.data', 'parity.cli', 'parity.harness', 'vit_jax', 'vit_torch'},
     'parity.tools': {'parity.core', 'parity.data', 'parity.cli', 'parity.harness', 'parity.tools', 'vit_jax',
                      'vit_torch'},
@@ -81,3 +85,30 @@ def test_the_model_files_are_mirrors_class_for_class():
         return [n.name for n in ast.parse((REPO / path).read_text()).body if isinstance(n, ast.ClassDef)]
 
     assert classes('vit_jax/model.py') == classes('vit_torch/model.py')
+
+
+# Where the frameworks part, each twin keeps its own word for the one concept: a Flax model's
+# parameters live outside it (variables), a torch model's inside (a state dict); optax masks a
+# transformation where torch.optim takes parameter groups, and optax's chain is torch's optimizer.
+TWIN_NAMES = {'variables_from_params': 'state_dict_from_params', 'params_from_variables': 'params_from_state_dict',
+              'kernels_mask': 'param_groups', 'make_optimizer': 'Optimizer'}
+
+
+def definitions(path: str) -> dict[str, ast.AST]:
+    """The top-level functions and classes of `path`, in order."""
+    return {n.name: n for n in ast.parse((REPO / path).read_text()).body
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+def arguments(node: ast.AST) -> list[str]:
+    args = node.args
+    return [a.arg for a in args.posonlyargs + args.args] + ['*'] + [a.arg for a in args.kwonlyargs]
+
+
+@pytest.mark.parametrize('twin', ['objective.py', 'params.py'])
+def test_the_twin_files_define_the_same_functions_in_the_same_order(twin):
+    jax, torch = definitions(f'vit_jax/{twin}'), definitions(f'vit_torch/{twin}')
+    assert [TWIN_NAMES.get(name, name) for name in jax] == list(torch)
+    for name in jax.keys() & torch.keys():
+        if isinstance(jax[name], ast.FunctionDef):
+            assert arguments(jax[name]) == arguments(torch[name]), f'{twin}: {name} takes other arguments'

@@ -8,8 +8,8 @@ import torch
 from parity.core import weights
 from parity.core.weights.formats import vit_torch as torch_format
 from parity.core.config import OFFICIAL_CONFIGS
-from vit_jax.checkpoint import params_from_variables
 from vit_jax.model import VisionTransformer as FlaxViT
+from vit_jax.params import params_from_variables
 from vit_torch.model import VisionTransformer as TorchViT
 
 # From the official models_test.py (224x224, 1000 classes).

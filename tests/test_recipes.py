@@ -9,22 +9,26 @@ stays bit-identical with a teacher and mixup, and every bad flag is one `error:`
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
 from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.data import datasets
-from vit_jax import train
+from vit_jax import objective, train
 from vit_jax.model import DropPath as JaxDropPath, VisionTransformer
-from vit_torch.checkpoint import build_model
+from vit_jax.settings import TrainSettings
 from vit_torch.model import DropPath as TorchDropPath, VisionTransformer as TorchViT
+from vit_torch.params import build_model
 
 from conftest import kill_once_written, popen, random_params, run_cli
 
@@ -65,7 +69,8 @@ def test_decoupled_weight_decay_shrinks_kernels_only(optimizer):
     params = random_params(weights.param_shapes(cfg), seed=1)
     tree = train.variables_from_params(params)['params']
     lr, wd = 0.1, 0.05
-    tx, _ = train.make_optimizer(lr, steps=10, warmup_steps=0, optimizer=optimizer, weight_decay=wd)
+    tx, _ = objective.make_optimizer(TrainSettings(lr=lr, steps=10, warmup_steps=0, optimizer=optimizer,
+                                                   weight_decay=wd))
     zeros = jax.tree.map(jnp.zeros_like, tree)
     updates, _ = jax.jit(tx.update)(zeros, tx.init(tree), tree)
     got = train.params_from_variables({'params': updates})
@@ -82,7 +87,8 @@ def test_weight_decay_on_all_decays_everything():
     cfg = tiny_config()
     params = random_params(weights.param_shapes(cfg), seed=1)
     tree = train.variables_from_params(params)['params']
-    tx, _ = train.make_optimizer(0.1, 10, 0, optimizer='adamw', weight_decay=0.05, weight_decay_on='all')
+    tx, _ = objective.make_optimizer(TrainSettings(lr=0.1, steps=10, warmup_steps=0, optimizer='adamw',
+                                                   weight_decay=0.05, weight_decay_on='all'))
     updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, tree), tx.init(tree), tree)
     got = train.params_from_variables({'params': updates})
     for k, p in params.items():
@@ -96,7 +102,8 @@ def test_adamw_first_step_is_the_formula():
     grads = random_params(weights.param_shapes(cfg), seed=2)
     tree, gtree = (train.variables_from_params(p)['params'] for p in (params, grads))
     lr, wd = 0.01, 0.1
-    tx, _ = train.make_optimizer(lr, 10, 0, grad_norm_clip=0, optimizer='adamw', weight_decay=wd)
+    tx, _ = objective.make_optimizer(TrainSettings(lr=lr, steps=10, warmup_steps=0, grad_clip=0, optimizer='adamw',
+                                                   weight_decay=wd))
     updates, _ = jax.jit(tx.update)(gtree, tx.init(tree), tree)
     got = train.params_from_variables({'params': updates})
     for k in params:
@@ -111,7 +118,8 @@ def test_adam_moment_decays_b1_b2_follow_the_formula():
     g1, g2 = (random_params(weights.param_shapes(cfg), seed=s) for s in (2, 3))
     tree = train.variables_from_params(params)['params']
     lr, b1, b2, eps = 0.01, 0.5, 0.9, 1e-8
-    tx, _ = train.make_optimizer(lr, 10, 0, 'constant', grad_norm_clip=0, optimizer='adamw', b1=b1, b2=b2)
+    tx, _ = objective.make_optimizer(TrainSettings(lr=lr, steps=10, warmup_steps=0, schedule='constant', grad_clip=0,
+                                                   optimizer='adamw', b1=b1, b2=b2))
     state = tx.init(tree)
     _, state = jax.jit(tx.update)(train.variables_from_params(g1)['params'], state, tree)
     updates, _ = jax.jit(tx.update)(train.variables_from_params(g2)['params'], state, tree)
@@ -130,9 +138,9 @@ def test_no_clipping_and_clipping_differ_only_for_large_gradients():
     tree = train.variables_from_params(params)['params']
     big = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), tree)
     for clip, expect_norm in ((1.0, 1.0), (0, None)):
-        tx, _ = train.make_optimizer(1.0, 10, 0, grad_norm_clip=clip)
+        tx, _ = objective.make_optimizer(TrainSettings(lr=1.0, steps=10, warmup_steps=0, grad_clip=clip))
         updates, _ = jax.jit(tx.update)(big, tx.init(tree), tree)
-        norm = float(jax.device_get(train.optax.tree.norm(updates)))
+        norm = float(jax.device_get(optax.tree.norm(updates)))
         if expect_norm:
             assert norm == pytest.approx(expect_norm, rel=1e-5)  # lr 1 and one momentum step: the clipped norm
         else:
@@ -144,13 +152,13 @@ def test_no_clipping_and_clipping_differ_only_for_large_gradients():
 def test_label_smoothing_loss_on_a_one_hot_prediction_is_the_formula():
     C, eps, z = 10, 0.1, 5.0
     logits = jnp.zeros((1, C)).at[0, 3].set(z)
-    targets = train.optax.smooth_labels(jax.nn.one_hot(jnp.array([3]), C), eps)
+    targets = optax.smooth_labels(jax.nn.one_hot(jnp.array([3]), C), eps)
     log_norm = np.log(np.exp(z) + C - 1)
     want = -((1 - eps + eps / C) * (z - log_norm) + (C - 1) * (eps / C) * (-log_norm))
-    assert float(train.soft_cross_entropy(logits, targets)[0]) == pytest.approx(want, rel=1e-6)
+    assert float(objective.soft_cross_entropy(logits, targets)[0]) == pytest.approx(want, rel=1e-6)
     # Without smoothing the soft loss is the integer-label loss.
-    np.testing.assert_allclose(train.soft_cross_entropy(logits, jax.nn.one_hot(jnp.array([3]), C)),
-                               train.cross_entropy(logits, jnp.array([3])), rtol=1e-6)
+    np.testing.assert_allclose(objective.soft_cross_entropy(logits, jax.nn.one_hot(jnp.array([3]), C)),
+                               objective.cross_entropy(logits, jnp.array([3])), rtol=1e-6)
 
 
 def test_sigmoid_cross_entropy_is_big_visions_formula():
@@ -158,20 +166,20 @@ def test_sigmoid_cross_entropy_is_big_visions_formula():
     logits, targets = rng.normal(size=(4, 10)).astype(np.float32), rng.uniform(size=(4, 10)).astype(np.float32)
     sig = 1 / (1 + np.exp(-logits.astype(np.float64)))
     want = -(targets * np.log(sig) + (1 - targets) * np.log(1 - sig)).sum(-1)
-    np.testing.assert_allclose(train.sigmoid_cross_entropy(logits, targets), want, rtol=1e-5)
+    np.testing.assert_allclose(objective.sigmoid_cross_entropy(logits, targets), want, rtol=1e-5)
 
 
 def test_mixup_mixes_with_the_rolled_batch_and_keeps_the_larger_share():
     batch = digits_batch(8)
     images, targets = jnp.asarray(batch['image']), jax.nn.one_hot(batch['label'], 10)
     for seed in range(5):
-        mixed, mixed_targets, lam = train.mixup(jax.random.PRNGKey(seed), images, targets, 0.4)
+        mixed, mixed_targets, lam = objective.mixup(jax.random.PRNGKey(seed), images, targets, 0.4)
         lam = float(lam)
         assert 0.5 <= lam <= 1.0
         np.testing.assert_allclose(mixed, lam * images + (1 - lam) * np.roll(images, 1, axis=0), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)
     # A vanishing alpha draws lambda at 0 or 1: max(lambda, 1 - lambda) is 1, the identity.
-    mixed, _, lam = train.mixup(jax.random.PRNGKey(0), images, targets, 1e-4)
+    mixed, _, lam = objective.mixup(jax.random.PRNGKey(0), images, targets, 1e-4)
     assert float(lam) == pytest.approx(1.0, abs=1e-6)
     np.testing.assert_allclose(mixed, images, atol=1e-5)
 
@@ -181,9 +189,9 @@ def test_the_default_objective_is_the_official_step_bit_for_bit():
     """Explicit defaults (mixup 0, smoothing 0, no teachers) run the very step of before."""
     cfg = tiny_config()
     params = random_params(weights.param_shapes(cfg), seed=2, scale=0.1)
-    tx, lr_fn = train.make_optimizer(0.1, 10, 2)
+    tx, lr_fn = objective.make_optimizer(TrainSettings(lr=0.1, steps=10, warmup_steps=2))
     plain, _ = run_steps(cfg, params, tx, lr_fn)
-    explicit, _ = run_steps(cfg, params, tx, lr_fn, objective=train.Objective(mixup=0.0, label_smoothing=0.0))
+    explicit, _ = run_steps(cfg, params, tx, lr_fn, objective=objective.Objective(mixup=0.0, label_smoothing=0.0))
     assert bit_identical(plain, explicit)
 
 
@@ -191,13 +199,63 @@ def test_the_default_objective_is_the_official_step_bit_for_bit():
 def test_mixup_and_smoothing_change_the_step():
     cfg = tiny_config()
     params = random_params(weights.param_shapes(cfg), seed=2, scale=0.1)
-    tx, lr_fn = train.make_optimizer(0.1, 10, 2)
+    tx, lr_fn = objective.make_optimizer(TrainSettings(lr=0.1, steps=10, warmup_steps=2))
     plain, _ = run_steps(cfg, params, tx, lr_fn)
-    for objective in (train.Objective(mixup=0.5), train.Objective(label_smoothing=0.1),
-                      train.Objective(loss='sigmoid')):
-        changed, metrics = run_steps(cfg, params, tx, lr_fn, objective=objective)
-        assert not bit_identical(plain, changed), objective
+    for obj in (objective.Objective(mixup=0.5), objective.Objective(label_smoothing=0.1),
+                objective.Objective(loss='sigmoid')):
+        changed, metrics = run_steps(cfg, params, tx, lr_fn, objective=obj)
+        assert not bit_identical(plain, changed), obj
         assert all(np.isfinite(m['loss']) for m in metrics)
+
+
+@pytest.mark.parametrize('obj', [dict(), dict(label_smoothing=0.1), dict(loss='sigmoid'), dict(mixup=0.4),
+                                 dict(distill='soft', distill_alpha=0.3, temperature=2.0, teacher_weights=(0.25, 0.75)),
+                                 dict(distill='hard', distill_alpha=0.6, teacher_weights=(0.5, 0.5))],
+                         ids=['plain', 'smoothing', 'sigmoid', 'mixup', 'soft', 'hard'])
+def test_the_torch_objective_is_the_jax_one(obj):
+    """vit_torch/objective.py against vit_jax/objective.py, function for function, on the same numbers."""
+    from vit_torch import objective as torch_objective
+
+    rng = np.random.default_rng(0)
+    B, C = 6, 5
+    logits, student = (rng.normal(size=(B, C)).astype(np.float32) for _ in range(2))
+    teachers = [rng.normal(size=(B, C)).astype(np.float32) for _ in range(2)]
+    labels = rng.integers(0, C, B)
+    j, t = objective.Objective(**obj), torch_objective.Objective(**obj)
+    target = np.array(objective.targets(j, jnp.asarray(labels), C))
+    np.testing.assert_allclose(torch_objective.targets(t, torch.from_numpy(labels), C).numpy(), target, rtol=1e-6)
+    if j.mixup:  # a mixed batch's targets are no longer one-hot
+        target = 0.7 * target + 0.3 * np.roll(target, 1, axis=0)
+    said = teachers if j.teacher_weights else []
+    want = objective.objective_loss(j, jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(target),
+                                    [jnp.asarray(x) for x in said], jnp.asarray(student))
+    got = torch_objective.objective_loss(t, torch.from_numpy(logits), torch.from_numpy(labels),
+                                         torch.from_numpy(target), [torch.from_numpy(x) for x in said],
+                                         torch.from_numpy(student))
+    for w, g in zip(want, got):
+        assert (w is None) == (g is None)
+        if w is not None:
+            assert float(g) == pytest.approx(float(w), rel=1e-5)
+    np.testing.assert_allclose(torch_objective.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)),
+                               objective.cross_entropy(logits, labels), rtol=1e-5)
+    for name in ('soft_cross_entropy', 'sigmoid_cross_entropy'):
+        np.testing.assert_allclose(getattr(torch_objective, name)(torch.from_numpy(logits), torch.from_numpy(target)),
+                                   getattr(objective, name)(logits, target), rtol=1e-5)
+
+
+def test_the_torch_schedule_and_mixup_are_the_jax_ones():
+    from vit_torch import objective as torch_objective
+
+    for schedule in ('cosine', 'linear', 'constant'):
+        want = objective.learning_rate_schedule(0.1, 20, 5, schedule)
+        got = torch_objective.learning_rate_schedule(0.1, 20, 5, schedule)
+        steps = range(25)
+        np.testing.assert_allclose([got(s) for s in steps], [float(want(s)) for s in steps], rtol=1e-5)  # JAX: float32
+    images, targets = torch.arange(12.).reshape(3, 4), torch.eye(3)
+    mixed, mixed_targets, lam = torch_objective.mixup(np.random.default_rng(0), images, targets, 0.4)
+    assert 0.5 <= lam <= 1
+    np.testing.assert_allclose(mixed, lam * images + (1 - lam) * torch.roll(images, 1, dims=0), rtol=1e-6)
+    np.testing.assert_allclose(mixed_targets.sum(-1), np.ones(3), rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- regularisation in the models
@@ -257,7 +315,8 @@ def test_soft_distillation_is_the_deit_formula():
 
     pt = np.exp(log_softmax(t / T))
     want = T * T * (pt * (log_softmax(t / T) - log_softmax(s / T))).sum(-1)
-    np.testing.assert_allclose(train.distillation_kl(s.astype(np.float32), t.astype(np.float32), T), want, rtol=1e-5)
+    got = objective.distillation_kl(s.astype(np.float32), t.astype(np.float32), T)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
     # PyTorch's batchmean KL, times T^2, is its mean.
     torch_kl = torch.nn.functional.kl_div(torch.log_softmax(torch.tensor(s / T), -1),
                                           torch.log_softmax(torch.tensor(t / T), -1),
@@ -274,13 +333,13 @@ def teacher(seed: int = 5, **kw) -> train.Teacher:
 def test_alpha_zero_is_the_step_without_a_teacher_bit_for_bit():
     cfg = tiny_config()
     params = random_params(weights.param_shapes(cfg), seed=2, scale=0.1)
-    tx, lr_fn = train.make_optimizer(0.1, 10, 2)
+    tx, lr_fn = objective.make_optimizer(TrainSettings(lr=0.1, steps=10, warmup_steps=2))
     alone, _ = run_steps(cfg, params, tx, lr_fn)
     zero, _ = run_steps(cfg, params, tx, lr_fn, teachers=[teacher()],
-                        objective=train.Objective(distill_alpha=0.0, teacher_weights=(1.0,)))
+                        objective=objective.Objective(distill_alpha=0.0, teacher_weights=(1.0,)))
     assert bit_identical(alone, zero)
     taught, metrics = run_steps(cfg, params, tx, lr_fn, teachers=[teacher()],
-                                objective=train.Objective(distill_alpha=0.5, teacher_weights=(1.0,)))
+                                objective=objective.Objective(distill_alpha=0.5, teacher_weights=(1.0,)))
     assert not bit_identical(alone, taught) and 'distill_loss' in metrics[0]
 
 
@@ -293,19 +352,20 @@ def test_distill_loss_is_the_weighted_sum_over_teachers_at_their_own_resolution(
     # An R+ViT hybrid teacher at twice the resolution: its stem (stride 4) and 2x2 patches see the resized batch.
     hybrid = tiny_config(image_size=16, patch_size=(2, 2), resnet_num_layers=(), resnet_width_factor=0.5)
     t2 = train.Teacher(hybrid, random_params(weights.param_shapes(hybrid), seed=6, scale=0.3))
-    tx, _ = train.make_optimizer(0.1, 10, 0)
+    tx, _ = objective.make_optimizer(TrainSettings(lr=0.1, steps=10, warmup_steps=0))
     _, metrics = run_steps(cfg, params, tx, steps=1, teachers=[t1, t2],
-                           objective=train.Objective(distill='hard', distill_alpha=0.3, teacher_weights=(0.25, 0.75)))
+                           objective=objective.Objective(distill='hard', distill_alpha=0.3,
+                                                         teacher_weights=(0.25, 0.75)))
     batch = next(datasets.load('digits').train_batches(16, 8, seed=0))
     x = batch['image']
     student = VisionTransformer(cfg).apply(train.variables_from_params(params), x, train=True,
                                            rngs={'dropout': jax.random.PRNGKey(0)})
     big = jax.image.resize(x, (16, 16, 16, 3), 'bilinear', antialias=False)
-    terms = [train.cross_entropy(student, VisionTransformer(t.cfg).apply(
+    terms = [objective.cross_entropy(student, VisionTransformer(t.cfg).apply(
         train.variables_from_params(t.params), xi).argmax(-1)).mean() for t, xi in ((t1, x), (t2, big))]
     want_distill = 0.25 * float(terms[0]) + 0.75 * float(terms[1])
     assert float(metrics[0]['distill_loss']) == pytest.approx(want_distill, rel=1e-4)
-    label_loss = float(train.cross_entropy(student, batch['label']).mean())
+    label_loss = float(objective.cross_entropy(student, batch['label']).mean())
     assert float(metrics[0]['loss']) == pytest.approx(0.7 * label_loss + 0.3 * want_distill, rel=1e-4)
 
 
@@ -316,7 +376,8 @@ def test_teacher_agreement_is_counted_on_the_test_split():
     mesh = train.make_mesh()
     same = train.Teacher(cfg, params)
     step = train.make_eval_step(cfg, mesh=mesh, teachers=[same, teacher()])
-    ev = train.evaluate(step, train.create_train_state(cfg, params, train.make_optimizer(0.1, 10, 0)[0]).params,
+    tx, _ = objective.make_optimizer(TrainSettings(lr=0.1, steps=10, warmup_steps=0))
+    ev = train.evaluate(step, train.create_train_state(cfg, params, tx).params,
                         datasets.load('digits'), 64, 8, mesh, teachers=2)
     assert ev['teacher_agreement'][0] == 1.0  # a student agrees with itself on every image
     assert 0 <= ev['teacher_agreement'][1] < 1.0
@@ -486,7 +547,7 @@ def test_bad_recipe_flags_are_refused_before_any_compilation(flags, needle, tmp_
                                                              capsys):
     """In-process (the command line's one-line contract for these errors: the test below)."""
     from parity.core.errors import UserError
-    from vit_jax import trainer
+    from vit_jax import train_cli
 
     def compiled(*a, **k):
         raise AssertionError('compiled a step before refusing the flags')
@@ -497,7 +558,7 @@ def test_bad_recipe_flags_are_refused_before_any_compilation(flags, needle, tmp_
         flags = ['--config', str(bad_flag_files['config']), *flags]
     workdir = tmp_path / 'run'
     with pytest.raises((UserError, SystemExit)) as e:
-        trainer.main(['--dataset', 'digits', '--workdir', str(workdir), *flags])
+        train_cli.main(['--dataset', 'digits', '--workdir', str(workdir), *flags])
     if isinstance(e.value, SystemExit):  # argparse's usage line, then its error line
         assert e.value.code == 2
         message = capsys.readouterr().err.strip().splitlines()[-1]
@@ -523,9 +584,9 @@ def test_a_bad_teacher_is_one_line_and_exit_2_from_the_command_line(bad_flag_fil
 # --------------------------------------------------------------------------- recipes
 
 def parsed(*flags: str):
-    from vit_jax import trainer
+    from vit_jax import train_cli
 
-    return trainer._parser().parse_args(['--dataset', 'digits', '--workdir', 'unused', *flags])
+    return train_cli._parser().parse_args(['--dataset', 'digits', '--workdir', 'unused', *flags])
 
 
 def test_a_recipe_fills_the_flags_not_given_and_a_flag_given_wins():
@@ -547,7 +608,7 @@ def test_a_recipe_fills_the_flags_not_given_and_a_flag_given_wins():
 @pytest.mark.slow
 def test_the_cifar_adamw_recipe_runs_through_the_tfds_pipeline(tmp_path, monkeypatch, capsys):
     """The acceptance's new user: `--recipe adamw-cifar` on cifar10 (`tfds.testing.mock_data`), the pipeline."""
-    from vit_jax import trainer
+    from vit_jax import train_cli
 
     datasets.import_tensorflow()
     import tensorflow_datasets as tfds
@@ -555,7 +616,7 @@ def test_the_cifar_adamw_recipe_runs_through_the_tfds_pipeline(tmp_path, monkeyp
     monkeypatch.setattr(datasets, '_online', lambda: True)
     workdir = tmp_path / 'run'
     with tfds.testing.mock_data(num_examples=24):
-        assert trainer.main(['--config', str(write_tiny(tmp_path)), '--dataset', 'cifar10', '--recipe', 'adamw-cifar',
+        assert train_cli.main(['--config', str(write_tiny(tmp_path)), '--dataset', 'cifar10', '--recipe', 'adamw-cifar',
                              '--image-size', '16', '--steps', '3', '--batch-size', '8', '--warmup-steps', '1',
                              '--head-bias-init', '-5', '--dropout', '0.1', '--attention-dropout', '0.05',
                              '--workdir', str(workdir)]) == 0
@@ -572,6 +633,103 @@ def test_the_cifar_adamw_recipe_runs_through_the_tfds_pipeline(tmp_path, monkeyp
     bias = weights.load_npz(str(workdir / 'final.npz'))['head/bias']
     np.testing.assert_allclose(bias, -5.0, atol=1e-3)
     assert not np.array_equal(bias, np.full_like(bias, -5.0))
+
+
+# --------------------------------------------------------------------------- the declarations
+
+def test_the_train_parser_takes_exactly_the_declared_flags():
+    from vit_jax import settings, train_cli
+
+    declared = {settings.Flag.option(name) for name in settings.FLAGS}
+    assert set(re.findall(r'--[a-z][a-z0-9-]*', train_cli._parser().format_usage())) - {'--help'} == declared
+    names, repeated = settings.flag_names()
+    assert {'--' + n for n in names} == declared and repeated == {'teacher', 'teacher-config'}
+    args = parsed('--teacher', 'a', '--teacher', 'b', '--teacher-config', 'x', '--teacher-config', 'y')
+    assert (args.teacher, args.teacher_config) == (['a', 'b'], ['x', 'y'])
+    # Nothing given, nothing set: the declared defaults are filled in once the run's settings are resolved.
+    assert all(getattr(parsed(), name) is None for name in settings.FLAGS if name not in ('dataset', 'workdir'))
+
+
+def test_every_declared_default_and_recipe_value_is_one_its_flag_accepts():
+    from vit_jax import settings
+
+    for name, flag in settings.FLAGS.items():
+        if flag.default is not None:
+            assert flag.choices is None or flag.default in flag.choices, name
+            assert flag.range is None or flag.range.holds(flag.default), name
+    for recipe, preset in settings.RECIPE_PRESETS.items():
+        for name, value in preset.items():
+            flag = settings.FLAGS[name]  # every key a declared flag
+            values = [value(n) for n in (10, 1000)] if callable(value) else [value]
+            for v in values:
+                assert flag.choices is None or v in flag.choices, (recipe, name)
+                assert flag.range is None or flag.range.holds(v), (recipe, name)
+    # The settings' defaults are the declared ones (distill_alpha: 0 without a teacher, the flag's with one).
+    defaults = settings.TrainSettings()
+    for name, flag in settings.FLAGS.items():
+        if hasattr(defaults, name) and flag.default is not None and name != 'distill_alpha':
+            assert getattr(defaults, name) == flag.default, name
+
+
+def test_a_run_json_without_the_newer_fields_is_the_same_run():
+    """run.json is `TrainSettings.record()`; a field an older run.json lacks counts as its declared default."""
+    from parity.core.config import load_config
+    from vit_jax import settings
+
+    cfg = load_config(settings.DIGITS_CONFIG).replace(num_classes=10, image_size=8)
+    s = settings.resolve(settings.apply_recipe(parsed(), 10), cfg)
+    recorded = s.record()
+    assert list(recorded) == [f.name for f in dataclasses.fields(settings.TrainSettings)]
+    newer = ('optimizer', 'weight_decay', 'weight_decay_on', 'b1', 'b2', 'grad_clip', 'loss', 'label_smoothing',
+             'head_bias_init', 'mixup', 'augment', 'randaug', 'teachers', 'distill', 'distill_alpha',
+             'distill_temperature', 'teacher_weights')
+    older = {k: v for k, v in recorded.items() if k not in newer}
+    assert s.differences(recorded) == [] and s.differences(older) == []
+    smoothed = settings.resolve(settings.apply_recipe(parsed('--label-smoothing', '0.1'), 10), cfg)
+    assert smoothed.differences(older) == ['label_smoothing']
+
+
+def refusal(parse, argv, capsys):
+    """The one error line a command line's parsing gives `argv` (without argparse's prefix), or None."""
+    from parity.core.errors import UserError
+
+    try:
+        parse(argv)
+    except UserError as e:
+        return str(e)
+    except SystemExit:
+        return capsys.readouterr().err.strip().splitlines()[-1].split('error: ', 1)[1]
+    return None
+
+
+SHARED_VALUES = {
+    'lr': ['0.1', '1e-4', '0', '-1', 'nan', 'x'],
+    'optimizer': ['sgd', 'adamw', 'adam', 'lamb'],
+    'weight-decay': ['0', '0.05', '-1', 'nan', 'inf'],
+    'label-smoothing': ['0', '0.1', '0.999', '1', '1.5', '-0.1'],
+    'distill': ['soft', 'hard', 'x'],
+    'distill-alpha': ['0', '0.5', '1', '1.5', '-0.1', 'nan'],
+    'distill-temperature': ['1', '2.5', '0', '-1', 'inf'],
+}
+
+
+def test_train_and_grad_accept_and_refuse_the_same_values_of_the_flags_they_share(tmp_path, bad_flag_files, capsys):
+    from parity.harness import grad
+    from vit_jax import settings, train_cli
+
+    teacher = str(bad_flag_files['teacher'])
+    train = lambda argv: train_cli.check_flags(  # noqa: E731
+        ['--dataset', 'digits', '--workdir', str(tmp_path / 'run'), '--teacher', teacher, *argv])
+    grad_cli = lambda argv: grad.parse_args([teacher, '--teacher', teacher, *argv])  # noqa: E731
+    assert {f.replace('-', '_') for f in SHARED_VALUES} | {'teacher', 'teacher_config'} == set(grad.SHARED_FLAGS)
+    assert set(grad.SHARED_FLAGS) <= set(settings.FLAGS)
+    for flag, values in SHARED_VALUES.items():
+        for value in values:
+            argv = [f'--{flag}', value]
+            assert refusal(train, argv, capsys) == refusal(grad_cli, argv, capsys), (flag, value)
+    assert refusal(train, ['--label-smoothing', '1'], capsys) == '--label-smoothing 1.0: must lie in [0, 1)'
+    assert refusal(grad_cli, ['--label-smoothing', '1'], capsys) == '--label-smoothing 1.0: must lie in [0, 1)'
+    assert refusal(grad_cli, ['--distill-alpha', '1'], capsys) is None  # [0, 1], closed in both
 
 
 # --------------------------------------------------------------------------- parity grad: the same steps in PyTorch

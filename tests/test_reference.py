@@ -9,9 +9,9 @@ import torch
 
 from conftest import REPO, run_cli
 from parity.core import weights
-from vit_jax.checkpoint import variables_from_params
 from vit_jax.model import VisionTransformer as FlaxViT
-from vit_torch.checkpoint import build_model
+from vit_jax.params import variables_from_params
+from vit_torch.params import build_model
 
 # (case, input, official logits, image size to build at: None is the checkpoint's own grid)
 CASES = [

@@ -1,4 +1,4 @@
-"""`python -m vit_jax sweep` and its results (`parity.tools.experiments`).
+"""`python -m vit_jax sweep` and its results (`vit_jax.sweep_report`).
 
 The report is checked on hand-made runs against the experiment log of the issue (ddof 0),
 and so are the plots; the sweep itself runs a 2 x 2 grid x 2 trials of tiny digits
@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 from parity.core.errors import UserError
-from parity.tools import experiments
-from vit_jax import sweep
+from vit_jax import sweep, sweep_report
 
 from conftest import REPO, kill_once_written, popen, run_cli
 
@@ -49,10 +48,10 @@ def test_the_report_is_the_experiment_log_with_ddof_0(tmp_path):
             runs.append({'seed': str(k), 'workdir': str(tmp_path / name / f'trial-{k + 1}')})
         cells.append({'settings': {'teachers': str(len(cells) + 1), 'distill-alpha': '0.3'},
                       'labels': {'teachers': name, 'distill-alpha': '0.3'}, 'runs': runs})
-    results = experiments.summarise(cells, 3, 'final-accuracy')
+    results = sweep_report.summarise(cells, 3, 'final-accuracy')
     assert results[1]['std'] == pytest.approx(0.003643, abs=1e-6)  # the log's 0.3643, in percent
     assert results[0]['mean'] == pytest.approx(0.678937, abs=1e-6)
-    paths = experiments.write_reports(str(tmp_path), results, ['teachers', 'distill-alpha'], 'final-accuracy', 3)
+    paths = sweep_report.write_reports(str(tmp_path), results, ['teachers', 'distill-alpha'], 'final-accuracy', 3)
     md = Path(paths[0]).read_text()
     assert '| Experiment (distill-alpha = 0.3) | Trial 1 | Trial 2 | Trial 3 | Mean | Std |' in md
     assert '| teachers = T1: teacher A, T2: teacher B, S: student | 69.7864 | 70.6720 | 70.3247 | **70.2610** | ' \
@@ -64,12 +63,12 @@ def test_the_report_is_the_experiment_log_with_ddof_0(tmp_path):
     assert [t['value'] for t in saved['cells'][0]['trials']] == log['T: teacher A, S: student']
     assert Path(paths[1]).read_text().splitlines()[0] == 'teachers,distill-alpha,trial_1,trial_2,trial_3,mean,std,trials'
     # The best evaluation instead of the last; a missing trial is said.
-    best = experiments.summarise(cells, 3, 'best-accuracy')
+    best = sweep_report.summarise(cells, 3, 'best-accuracy')
     assert best[0]['trials'][0]['value'] == pytest.approx(0.689703)
     (tmp_path / 'T: teacher A, S: student' / 'trial-3' / 'final.npz').unlink()
-    partial = experiments.summarise(cells, 3, 'final-accuracy')
+    partial = sweep_report.summarise(cells, 3, 'final-accuracy')
     assert len(partial[0]['trials']) == 2
-    assert '(2 of 3 trials)' in experiments.markdown(partial, ['teachers', 'distill-alpha'], 'final-accuracy', 3)
+    assert '(2 of 3 trials)' in sweep_report.markdown(partial, ['teachers', 'distill-alpha'], 'final-accuracy', 3)
 
 
 def test_grids_parse_values_with_commas_and_refuse_what_they_cannot_hold():
@@ -108,10 +107,10 @@ def test_the_plots_are_drawn_from_the_runs(tmp_path):
                 fake_run(workdir, [0.5, 0.6 + float(alpha) / 10 + k / 100])
                 runs.append({'seed': str(k), 'workdir': str(workdir)})
             cells.append({'settings': {'teacher': teachers, 'distill-alpha': alpha}, 'runs': runs})
-    assert experiments.run_curves(cells[0]['runs'][0]['workdir'])['train loss'][0].tolist() == [5, 10, 15, 20]
-    results = experiments.summarise(cells, 2, 'final-accuracy')
+    assert sweep_report.run_curves(cells[0]['runs'][0]['workdir'])['train loss'][0].tolist() == [5, 10, 15, 20]
+    results = sweep_report.summarise(cells, 2, 'final-accuracy')
     workdirs = [[r['workdir'] for r in c['runs']] for c in cells]
-    paths = experiments.write_plots(str(tmp_path), results, ['teacher', 'distill-alpha'], 'final-accuracy', workdirs)
+    paths = sweep_report.write_plots(str(tmp_path), results, ['teacher', 'distill-alpha'], 'final-accuracy', workdirs)
     # The numeric dimension gets its plot, the teachers (not numbers) do not; the curves always.
     assert [Path(p).name for p in paths] == ['plot-distill-alpha.png', 'curves.png']
     for path in paths:

@@ -27,7 +27,8 @@ from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.data import datasets
-from vit_jax import settings, train, trainer
+from vit_jax import checkpoint, objective, settings, train, train_cli
+from vit_jax.settings import TrainSettings
 
 from conftest import REFERENCE, REPO, kill_once_written, killed_writer_leftover, popen, random_params, run_cli, tolerance
 
@@ -90,14 +91,14 @@ def test_workdir_holds_metrics_checkpoints_and_the_released_files(reference):
     # Warm-up then cosine decay, as the official schedule.
     rates = [r['learning_rate'] for r in train_lines]
     assert rates[0] == pytest.approx(0.1 * 9 / 10) and rates[-1] < 1e-3 and rates[1] > rates[5]
-    assert [step for step, _ in train.list_checkpoints(str(reference))] == [80, 90, 100]  # the newest 3
+    assert [step for step, _ in checkpoint.list_checkpoints(str(reference))] == [80, 90, 100]  # the newest 3
     assert not list((reference / 'checkpoints').glob('*tmp*'))
     config = json.loads((reference / 'config.json').read_text())
     assert config['patches'] == {'size': [4, 4]} and config['hidden_size'] == 32 and config['num_classes'] == 10
     # final.npz is in the released layout (pre-linen block names) and equals the last checkpoint's params.
     with np.load(reference / 'final.npz') as z:
         assert 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel' in z.files
-    last = weights.load_npz(train.list_checkpoints(str(reference))[-1][1])
+    last = weights.load_npz(checkpoint.list_checkpoints(str(reference))[-1][1])
     final = final_params(reference)
     assert last.keys() == final.keys() and all(np.array_equal(last[k], final[k]) for k in final)
 
@@ -107,7 +108,7 @@ def test_kill_and_restart_ends_with_the_same_parameters(reference, run_args, tmp
     proc = popen('vit_jax', 'train', *run_args, '--workdir', workdir, out=tmp_path / 'killed')
     kill_once_written(proc, workdir / 'checkpoints' / 'ckpt-0000010.npz', tmp_path / 'killed')
     assert not (workdir / 'final.npz').exists(), 'the run ended before it was killed; make it longer'
-    killed_at = train.list_checkpoints(str(workdir))[-1][0]
+    killed_at = checkpoint.list_checkpoints(str(workdir))[-1][0]
     assert 10 <= killed_at < STEPS
     # What a kill in the middle of a metrics write leaves: half a line (a half checkpoint: below, from a real kill).
     with open(workdir / 'metrics.jsonl', 'a') as f:
@@ -195,7 +196,7 @@ def test_a_full_disk_during_a_checkpoint_stops_cleanly_and_resumes(reference, ru
 
 def test_a_finished_run_is_not_trained_again(reference, run_args, capsys):
     before = (reference / 'checkpoints' / 'ckpt-0000100.npz').stat().st_mtime_ns
-    assert trainer.main([*map(str, run_args), '--workdir', str(reference)]) == 0
+    assert train_cli.main([*map(str, run_args), '--workdir', str(reference)]) == 0
     out, err = capsys.readouterr()
     assert f'resuming at step {STEPS}' in err
     assert summary(out)['params_sha256'] == train.params_digest(final_params(reference))
@@ -215,13 +216,14 @@ from parity.core import weights
 from parity.data import datasets
 from parity.core.config import load_config
 from parity.core.errors import UserError
-from vit_jax import train, trainer
+from vit_jax import objective, train, train_cli
+from vit_jax.settings import TrainSettings
 
 assert jax.device_count() == 8
 cfg = load_config(sys.argv[2]).replace(image_size=8, dropout_rate=0.1)
 params = random_params(weights.param_shapes(cfg), seed=1, scale=0.1)  # no zero head: every leaf learns
 batch = next(datasets.load('digits').train_batches(32, 8, seed=0))
-tx, lr_fn = train.make_optimizer(0.01, 10, 0)
+tx, lr_fn = objective.make_optimizer(TrainSettings(lr=0.01, steps=10, warmup_steps=0))
 result = {}
 for name, mesh in (('one', train.make_mesh(jax.devices()[:1])), ('eight', train.make_mesh())):
     state = train.create_train_state(cfg, params, tx, 0, mesh)
@@ -236,7 +238,7 @@ out = {'update_error': float(np.linalg.norm(dw - dg) / np.linalg.norm(dw)), 'los
        'leaves_moved': sum(not np.array_equal(want[k], params[k]) for k in params), 'errors': []}
 for extra in (['--batch-size', '12'], ['--batch-size', '16', '--accum-steps', '4']):
     try:
-        trainer.main(['--dataset', 'digits', '--config', sys.argv[2], '--workdir', sys.argv[1], *extra])
+        train_cli.main(['--dataset', 'digits', '--config', sys.argv[2], '--workdir', sys.argv[1], *extra])
     except UserError as e:
         out['errors'].append(str(e))
 print(json.dumps(out))
@@ -259,7 +261,7 @@ def test_sharded_step_equals_the_unsharded_step(tiny_json, tmp_path):
 
 def library_run(cfg, params, steps: int, batch_size: int, accum_steps: int = 1, warmup_steps: int = 0):
     """`steps` updates on digits through the library, on one device: what `train` does, minus the workdir."""
-    tx, lr_fn = train.make_optimizer(0.1, steps, warmup_steps)
+    tx, lr_fn = objective.make_optimizer(TrainSettings(lr=0.1, steps=steps, warmup_steps=warmup_steps))
     mesh = train.make_mesh()
     state = train.create_train_state(cfg, params, tx, 0, mesh)
     step = train.make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=accum_steps)
@@ -318,7 +320,7 @@ def test_finetuning_starts_from_resized_position_embeddings_and_a_zero_head(tiny
     # The first update of a warm-up runs at learning rate 0, so checkpoint 1 holds the starting point.
     train_main('--checkpoint', tmp_path / 'pre.npz', '--config', tiny_json, '--workdir', workdir, '--steps', '2',
                '--warmup-steps', '1', '--batch-size', '32', '--checkpoint-every', '1')
-    start = weights.load_npz(train.list_checkpoints(str(workdir))[0][1])
+    start = weights.load_npz(checkpoint.list_checkpoints(str(workdir))[0][1])
     np.testing.assert_array_equal(start[weights.POSEMB],
                                   weights.resize_posemb(pre[weights.POSEMB], (2, 2), prefix_tokens=1))  # 8x8 digits
     assert start[weights.POSEMB].shape == (1, 5, 32)
@@ -364,7 +366,7 @@ def summary_of(workdir: Path) -> dict:
 # --------------------------------------------------------------------------- bad input
 
 def train_main(*args):
-    return trainer.main(['--dataset', 'digits', *map(str, args)])
+    return train_cli.main(['--dataset', 'digits', *map(str, args)])
 
 
 def test_bad_workdirs(reference, run_args, tmp_path):
@@ -387,7 +389,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
     with pytest.raises(UserError, match='--warmup-steps 50 must be .* below --steps 10'):
         train_main('--steps', '10', '--workdir', tmp_path / 'run')
     with pytest.raises(UserError, match='pass --config'):
-        trainer._model(SimpleNamespace(checkpoint=None, config=None), SimpleNamespace(name='cifar10'), 32)
+        train_cli._model(SimpleNamespace(checkpoint=None, config=None), SimpleNamespace(name='cifar10'), 32)
     assert not (tmp_path / 'run').exists()
 
 
@@ -397,7 +399,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_json, tmp_path):
     with pytest.raises(UserError, match=stopped):
         train_main('--config', tiny_json, '--workdir', workdir, '--lr', '1e30', '--warmup-steps', '0', '--steps', '20',
                    '--batch-size', '32', '--checkpoint-every', '1')
-    assert [step for step, _ in train.list_checkpoints(str(workdir))] == [1]
+    assert [step for step, _ in checkpoint.list_checkpoints(str(workdir))] == [1]
     kept = weights.load_npz(str(workdir / 'checkpoints' / 'ckpt-0000001.npz'))
     assert all(np.isfinite(v).all() for v in kept.values())
     assert not (workdir / 'final.npz').exists()
@@ -418,7 +420,7 @@ def test_trains_on_a_tfds_dataset_with_the_official_defaults(tiny_json, tmp_path
     monkeypatch.setattr(datasets, '_online', lambda: True)  # mock_data stands in for the download
     workdir = tmp_path / 'run'
     with tfds.testing.mock_data(num_examples=24):
-        assert trainer.main(['--config', str(tiny_json), '--dataset', 'cifar10', '--image-size', '16', '--steps', '3',
+        assert train_cli.main(['--config', str(tiny_json), '--dataset', 'cifar10', '--image-size', '16', '--steps', '3',
                            '--batch-size', '16', '--warmup-steps', '1', '--workdir', str(workdir)]) == 0
     out, err = capsys.readouterr()
     assert 'batch 16 in 8 microbatches' in err
@@ -436,7 +438,7 @@ def test_fine_tuning_a_big_vision_map_checkpoint_writes_what_reads_it_back(tmp_p
     model = bv.Model(num_classes=3, patch_size=(4, 4), width=32, depth=1, mlp_dim=64, num_heads=2, pool_type='map')
     bv.save_checkpoint({'params': bv.init(model, 8)}, tmp_path / 'bv.npz')
     workdir = tmp_path / 'run'
-    assert trainer.main(['--checkpoint', str(tmp_path / 'bv.npz'), '--dataset', 'digits', '--steps', '3',
+    assert train_cli.main(['--checkpoint', str(tmp_path / 'bv.npz'), '--dataset', 'digits', '--steps', '3',
                          '--warmup-steps', '1', '--batch-size', '32', '--workdir', str(workdir)]) == 0
     capsys.readouterr()
     final = weights.load(str(workdir / 'final.npz'))

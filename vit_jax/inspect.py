@@ -8,7 +8,7 @@ import numpy as np
 from flax import traverse_util
 
 from parity.core.intermediates import flat_name, forward_order
-from vit_jax.checkpoint import variables_from_params
+from vit_jax.params import variables_from_params
 
 
 def forward_with_intermediates(model, params: Mapping[str, Any], images, *, attention: bool = False

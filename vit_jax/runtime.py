@@ -14,8 +14,7 @@ import numpy as np
 
 from parity import cli
 from parity.core.config import ViTConfig
-from vit_jax.checkpoint import variables_from_params
-from vit_jax.model import VisionTransformer
+from vit_jax.params import build_model
 
 
 def strict_float32() -> None:
@@ -40,6 +39,6 @@ def matmul_precision(precision: str = 'fp32'):
 def forward(cfg: ViTConfig, params: Mapping[str, np.ndarray]) -> cli.Forward:
     """The Flax model as NHWC images -> logits (NumPy), float32 at the highest matmul precision, jitted."""
     strict_float32()
-    apply = jax.jit(VisionTransformer(cfg).apply)  # batches of one shape compile once
-    variables = variables_from_params(params)
+    model, variables = build_model(cfg, params)
+    apply = jax.jit(model.apply)  # batches of one shape compile once
     return lambda x: np.asarray(apply(variables, x))

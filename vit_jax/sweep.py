@@ -17,7 +17,7 @@ that repeats (`--teacher`) takes a grid value of several words, one flag each:
 (indices count every run of the grid, so they stay put while runs finish): a SLURM array
 job or `xargs -P` fans a sweep out without a scheduler of ours. `--report` writes
 DIR/results.md, results.csv, results.json and the plots from the runs' own metrics
-(`parity.tools.experiments`), at any time; every sweep writes them when it ends.
+(`vit_jax.sweep_report`), at any time; every sweep writes them when it ends.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from typing import Optional, Sequence
 from parity import cli
 from parity.core import files, limits
 from parity.core.errors import UserError, cause
-from parity.tools import experiments
+from vit_jax import sweep_report
+from vit_jax.settings import flag_names
 
 MANIFEST = 'sweep.json'
 OWNED = ('--workdir',)  # the sweep sets these itself
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(teacher='wide;wide + digits'); ';' or ',' as in --grid")
     p.add_argument('--name', metavar='TEMPLATE',
                    help='the cell folder name, e.g. "a{distill-alpha}" (default: NAME-VALUE pairs joined by _)')
-    p.add_argument('--metric', choices=tuple(experiments.METRICS), default='final-accuracy',
+    p.add_argument('--metric', choices=tuple(sweep_report.METRICS), default='final-accuracy',
                    help='what the results tables show (default final-accuracy)')
     p.add_argument('--parallel', type=cli.positive_int, default=1, metavar='N',
                    help='runs at once, each pinned to its own GPUs, or on CPU to its own cores (default 1)')
@@ -78,8 +79,7 @@ class TrainFlags:
 
 
 def train_flags() -> TrainFlags:
-    from vit_jax import trainer  # imports JAX; only once the sweep is known to be needed
-    return TrainFlags(*trainer.flag_names())
+    return TrainFlags(*flag_names())
 
 
 def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
@@ -212,14 +212,14 @@ def _load_manifest(directory: str) -> dict:
 
 def check_cells(cells: list[dict], flags: TrainFlags) -> None:
     """Every run's flags as `train` would take them, before any starts: one error line naming the cell."""
-    from vit_jax import trainer
+    from vit_jax import train_cli
     unknown = [k for k in cells[0]['settings'] if k not in flags.names]
     if unknown:
         raise UserError(f'--grid {unknown[0]}: train has no flag --{unknown[0]} (see python -m vit_jax train --help)')
     for cell in cells:
         for run in cell['runs']:
             try:
-                trainer.check_flags(run['args'][1:])
+                train_cli.check_flags(run['args'][1:])
             except UserError as e:
                 where = ', '.join(f'{k}={v}' for k, v in cell['settings'].items())
                 raise UserError(f'the cell {where or "of the sweep"} would fail: {e}') from None
@@ -322,14 +322,14 @@ def run_all(todo: list[tuple[int, dict]], log_dir: str, slots: list[Slot]) -> li
 
 def report(directory: str, record: dict, cells: list[dict], metric: str) -> list[str]:
     """DIR/results.md, .csv, .json and the plots, from the runs as they are now; their paths."""
-    results = experiments.summarise(cells, record['trials'], metric)
+    results = sweep_report.summarise(cells, record['trials'], metric)
     dims = list(record['grid']) or ['sweep']
     if not record['grid']:  # one cell, named by --name (default: default)
         for cell, planned in zip(results, cells):
             cell['settings'], cell['labels'] = {'sweep': 'default'}, {'sweep': planned['name']}
-    paths = experiments.write_reports(directory, results, dims, metric, record['trials'])
+    paths = sweep_report.write_reports(directory, results, dims, metric, record['trials'])
     workdirs = [[run['workdir'] for run in cell['runs']] for cell in cells]
-    return paths + experiments.write_plots(directory, results, dims, metric, workdirs)
+    return paths + sweep_report.write_plots(directory, results, dims, metric, workdirs)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,6 +1,6 @@
 """The fast path of `vit_torch.model`: the same function from the same parameters, faster kernels.
 
-`VisionTransformer(cfg, fast=True)` (or `checkpoint.build_model(cfg, params, fast=True)`)
+`VisionTransformer(cfg, fast=True)` (or `params.build_model(cfg, params, fast=True)`)
 takes it; `model.py` chooses it in one place and stays the teaching path. It is the
 attention alone: q, k and v from one matmul (the three weights concatenated on the fly,
 so the parameters keep the official layout) and `F.scaled_dot_product_attention`

@@ -15,7 +15,7 @@ import torch
 
 from parity import cli
 from parity.core.config import ViTConfig
-from vit_torch.checkpoint import build_model
+from vit_torch.params import build_model
 
 
 def device() -> str:

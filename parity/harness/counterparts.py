@@ -114,10 +114,10 @@ VIT_TORCH_TAPS: tuple[Tap, ...] = tuple(
 def run_vit_torch(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, precision: str = 'fp32',
                   attention: bool = False) -> Intermediates:
     """vit_torch at `precision`: its named intermediates and every block's sub-steps."""
-    from vit_torch import checkpoint, inspect, runtime
+    from vit_torch import inspect, params as torch_params, runtime
 
     device = runtime.device()
-    model = checkpoint.build_model(cfg, params).to(device)
+    model = torch_params.build_model(cfg, params).to(device)
     with runtime.precision(precision, device), tapped(model, _expand(VIT_TORCH_TAPS, cfg)) as subs:
         named = inspect.forward_with_intermediates(model, runtime.to_nchw(x, device), attention=attention)
     return {**named, **{k: v.astype(np.float32) for k, v in subs.items()}}

@@ -7,6 +7,7 @@ updated parameter are compared under `parity.harness.tolerance`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -25,8 +26,9 @@ MOMENTUM = 0.9
 HELP = f"""\
 N training steps (default 1) in both frameworks on the same batch and labels, dropout off,
 at a constant learning rate: softmax cross-entropy (with --label-smoothing), optionally
-distilled from --teacher, and SGD with momentum {MOMENTUM} or AdamW (--optimizer; decoupled
---weight-decay on kernels only, as vit_jax train). JAX runs vit_jax.train's optimizer and
+distilled from --teacher, and SGD with momentum {MOMENTUM}, AdamW or Adam (--optimizer; decoupled
+--weight-decay on kernels only). The flags grad shares with vit_jax train are train's own
+declarations: they take the same values, with the same defaults. JAX runs vit_jax.objective's optimizer and
 objective (optax), PyTorch vit_torch.objective's (torch.optim). After every step it compares
 the loss, the gradient of every parameter by canonical name and every updated parameter;
 the forward intermediates are compared once. Each step starts both sides from the same
@@ -44,25 +46,22 @@ Tolerance (parity.harness.tolerance): activations, loss and updated parameters w
 Exit 0 when all is within tolerance, 1 when not, 2 for a user error."""
 
 
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-    """What both sides run: the optimizer, the objective and the teachers' weights in the loss."""
+# The flags grad shares with `vit_jax train`: the same declarations (`vit_jax.settings.FLAGS`), so the two
+# accept the same values. Its own `--steps` is the number of steps it compares.
+SHARED_FLAGS = ('lr', 'optimizer', 'weight_decay', 'label_smoothing', 'teacher', 'teacher_config', 'distill',
+                'distill_alpha', 'distill_temperature')
 
-    optimizer: str = 'sgd'
-    lr: float = 0.03
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    steps: int = 1
-    distill: str = 'soft'
-    distill_alpha: float = 0.5
-    temperature: float = 1.0
 
-    def objective(self, teachers: int):
-        from vit_jax import train
+def step_settings(args, teachers: int):
+    """The settings both sides run (a `vit_jax.settings.TrainSettings`): the shared flags given, the
+    declared defaults for the others, a constant learning rate and no clipping."""
+    from vit_jax import settings
 
-        return train.Objective(label_smoothing=self.label_smoothing, distill=self.distill,
-                               distill_alpha=self.distill_alpha if teachers else 0.0, temperature=self.temperature,
-                               teacher_weights=(1.0 / teachers,) * teachers if teachers else ())
+    given = {name: getattr(args, name) for name in SHARED_FLAGS if name not in ('teacher', 'teacher_config')
+             and getattr(args, name) is not None}
+    given['distill_alpha'] = settings.given(args, 'distill_alpha') if teachers else 0.0
+    return settings.TrainSettings(**given, steps=args.steps, warmup_steps=0, schedule='constant', grad_clip=0.0,
+                                  teacher_weights=settings.teacher_weights(None, teachers))
 
 
 # The known differences between a PyTorch habit and the JAX step, each a way to rerun the JAX side.
@@ -79,10 +78,10 @@ DEVIATIONS = {
 }
 
 
-def applicable(s: StepSettings, teachers: int) -> list[str]:
-    """The deviations that could change these steps."""
+def applicable(s, teachers: int) -> list[str]:
+    """The deviations that could change the steps of settings `s`."""
     out = []
-    if s.optimizer == 'adamw':
+    if s.optimizer in ('adamw', 'adam'):
         out += ['decay_all'] * bool(s.weight_decay) + ['eps_inside']
     if s.label_smoothing:
         out.append('smoothing_others')
@@ -106,9 +105,9 @@ def load_labels(path: Optional[str], n: int, num_classes: int, seed: int) -> np.
 Step = tuple[float, dict, dict]  # (loss, gradients, updated params), canonical names
 
 
-def jax_steps(cfg: ViTConfig, x: np.ndarray, labels: np.ndarray, s: StepSettings, teachers: Sequence,
+def jax_steps(cfg: ViTConfig, x: np.ndarray, labels: np.ndarray, s, teachers: Sequence,
               candidate: Sequence['TorchStep'], deviation: Optional[str] = None) -> list[Step]:
-    """The reference for each of the candidate's steps: `vit_jax.train`'s objective and optimizer (optax), or
+    """The reference for each of the candidate's steps: `vit_jax.objective`'s objective and optimizer (optax), or
     one `DEVIATIONS` variant.
 
     Step k starts from the candidate's parameters before its step k, so rounding never
@@ -119,34 +118,32 @@ def jax_steps(cfg: ViTConfig, x: np.ndarray, labels: np.ndarray, s: StepSettings
     """
     import jax
     import jax.numpy as jnp
+    import optax
 
-    from vit_jax import runtime, train
-    from vit_jax.checkpoint import params_from_variables, variables_from_params
+    from vit_jax import objective, runtime, train
     from vit_jax.model import VisionTransformer
+    from vit_jax.params import params_from_variables, variables_from_params
 
     model = VisionTransformer(cfg)
-    obj = s.objective(len(teachers))
+    obj = objective.Objective.from_settings(s)
     C = cfg.num_classes
-    tx, _ = train.make_optimizer(s.lr, s.steps, 0, 'constant', grad_norm_clip=0, optimizer=s.optimizer,
-                                 weight_decay=s.weight_decay,
-                                 weight_decay_on='all' if deviation == 'decay_all' else 'kernels',
-                                 eps_root=1e-8 if deviation == 'eps_inside' else 0.0)
-    rows = {'label': jnp.asarray(labels)}
-    if obj.soft_targets:
-        rows['target'] = train.targets(obj, rows['label'], C)
-        if deviation == 'smoothing_others':
-            onehot = jax.nn.one_hot(rows['label'], C)
-            eps = s.label_smoothing
-            rows['target'] = onehot * (1 - eps) + (1 - onehot) * eps / (C - 1)
+    tx, _ = objective.make_optimizer(dataclasses.replace(s, weight_decay_on='all') if deviation == 'decay_all' else s,
+                                     eps_root=1e-8 if deviation == 'eps_inside' else 0.0)
+    y = jnp.asarray(labels)
+    target = objective.targets(obj, y, C) if obj.soft_targets else None
+    if obj.soft_targets and deviation == 'smoothing_others':
+        onehot = jax.nn.one_hot(y, C)
+        eps = s.label_smoothing
+        target = onehot * (1 - eps) + (1 - onehot) * eps / (C - 1)
 
     with runtime.matmul_precision('fp32'):
         said = train.teachers_forward(teachers)([variables_from_params(t.params)['params'] for t in teachers], x)
 
         def loss_fn(tree):
             logits = model.apply({'params': tree}, x, train=True)  # dropout rates are 0: nothing random
-            loss, distill = train.objective_loss(obj, logits, rows, said)
+            loss, distill = objective.objective_loss(obj, logits, y, target, said)
             if deviation == 'kl_mean':
-                base, _ = train.objective_loss(obj, logits, rows)
+                base, _ = objective.objective_loss(obj, logits, y, target)
                 loss = (1 - obj.distill_alpha) * base + obj.distill_alpha * distill / C
             return loss
 
@@ -155,7 +152,7 @@ def jax_steps(cfg: ViTConfig, x: np.ndarray, labels: np.ndarray, s: StepSettings
         @jax.jit
         def update(tree, grads, state):
             updates, state = tx.update(grads, state, tree)
-            return train.optax.apply_updates(tree, updates), state
+            return optax.apply_updates(tree, updates), state
 
         tree = lambda p: variables_from_params(p)['params']  # noqa: E731
         state = tx.init(tree(candidate[0].before))
@@ -182,17 +179,16 @@ class TorchStep:
 
 
 def torch_steps(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarray,
-                s: StepSettings, teachers: Sequence = (), groups: Optional[Callable] = None) -> list[TorchStep]:
+                s, teachers: Sequence = (), groups: Optional[Callable] = None) -> list[TorchStep]:
     """`s.steps` steps in PyTorch through `vit_torch.objective` (`groups(model)`: other parameter groups)."""
     import torch
 
     from vit_torch import objective, runtime
-    from vit_torch.checkpoint import build_model, params_from_state_dict
+    from vit_torch.params import build_model, params_from_state_dict
 
     model = build_model(cfg, params).train()
-    opt = objective.Optimizer(model, cfg, s.optimizer, s.lr, s.weight_decay,
-                              groups=groups(model) if groups else None)
-    obj = s.objective(len(teachers))
+    opt = objective.Optimizer(model, cfg, s, groups=groups(model) if groups else None)
+    obj = objective.Objective.from_settings(s)
     images, y = runtime.to_nchw(x, 'cpu'), torch.from_numpy(labels)
     # Copies: the optimizer updates parameters and gradients in place.
     snapshot = lambda tensors, what: params_from_state_dict(  # noqa: E731
@@ -205,10 +201,7 @@ def torch_steps(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray,
             before = snapshot(dict(model.named_parameters()), 'torch parameters')
             opt.zero_grad()
             with torch.enable_grad():
-                loss, _ = objective.objective_loss(
-                    model(images), y, label_smoothing=s.label_smoothing, teacher_logits=said,
-                    teacher_weights=obj.teacher_weights, distill=s.distill, alpha=obj.distill_alpha,
-                    temperature=s.temperature)
+                loss, _ = objective.objective_loss(obj, model(images), y, None, said)
                 loss.backward()
             grads = snapshot({n: p.grad for n, p in model.named_parameters()}, 'torch gradients')
             opt.step()
@@ -231,7 +224,7 @@ def steps_agree(cfg: ViTConfig, ref: Sequence[Step], got: Sequence['TorchStep'])
                (compare_step(cfg, a, b.as_step()) for a, b in zip(ref, got)))
 
 
-def explain_divergence(cfg, x, labels, s: StepSettings, teachers, candidate: Sequence['TorchStep']) -> list[dict]:
+def explain_divergence(cfg, x, labels, s, teachers, candidate: Sequence['TorchStep']) -> list[dict]:
     """The known deviation whose JAX rerun reproduces the candidate's steps, as diagnosis findings."""
     found = []
     for name in applicable(s, len(teachers)):
@@ -241,44 +234,26 @@ def explain_divergence(cfg, x, labels, s: StepSettings, teachers, candidate: Seq
     return found
 
 
-def load_teachers(paths: Sequence[str], cfg: ViTConfig, config: Optional[str]) -> list:
-    """Each --teacher read for inference at the student's resolution, its classes checked."""
-    from vit_jax.train import Teacher
-
-    teachers = []
-    for path in paths:
-        t = cli.load_model(path, config, cfg.image_size)
-        if t.cfg.num_classes != cfg.num_classes:
-            raise UserError(f'--teacher {path}: it predicts {t.cfg.num_classes} classes and the student '
-                            f'{cfg.num_classes}; a teacher must share the student\'s classes')
-        teachers.append(Teacher(t.cfg, t.params))
-    return teachers
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """N training steps in both frameworks: loss, every gradient, every updated parameter after each."""
-    from vit_jax import runtime
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """grad's command line, parsed, the values of the flags it shares with `train` checked as `train` checks them."""
+    from vit_jax import settings
 
     parser = verdict.parser('grad', HELP)
     cli.add_checkpoint_argument(parser)
     verdict.add_common(parser, images=False)
     parser.add_argument('--labels', metavar='L.npy', help='integer class per image (default: seeded random)')
-    parser.add_argument('--lr', type=cli.positive_float, default=0.03, help='learning rate (default 0.03)')
-    parser.add_argument('--optimizer', choices=('sgd', 'adamw'), default='sgd',
-                        help=f'sgd (momentum {MOMENTUM}; default) or adamw (eps 1e-8)')
-    parser.add_argument('--weight-decay', type=cli.nonnegative_float, default=0.0, metavar='F',
-                        help='decoupled weight decay on kernels (default 0)')
-    parser.add_argument('--label-smoothing', type=cli.unit_float, default=0.0, metavar='F',
-                        help='label smoothing (default 0)')
+    settings.add_flags(parser, SHARED_FLAGS)
     parser.add_argument('--steps', type=cli.positive_int, default=1, metavar='N', help='training steps (default 1)')
-    parser.add_argument('--teacher', action='append', metavar='CKPT', help='distil from this checkpoint (repeatable)')
-    parser.add_argument('--teacher-config', metavar='NAME_OR_JSON', help='the config of every --teacher')
-    parser.add_argument('--distill', choices=('soft', 'hard'), default='soft', help='soft (default) or hard')
-    parser.add_argument('--distill-alpha', type=cli.unit_float, default=0.5, metavar='F',
-                        help='weight of the distillation term (default 0.5)')
-    parser.add_argument('--distill-temperature', type=cli.positive_float, default=1.0, metavar='T',
-                        help='soft distillation temperature (default 1)')
     args = parser.parse_args(argv)
+    settings.check_ranges(args, SHARED_FLAGS)
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """N training steps in both frameworks: loss, every gradient, every updated parameter after each."""
+    from vit_jax import runtime, settings, train
+
+    args = parse_args(argv)
     runtime.strict_float32()
     if args.steps > 100:
         raise UserError(f'--steps {args.steps}: grad compares every parameter after every step; at most 100')
@@ -290,10 +265,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         f'{cfg.num_classes} classes and the {cfg.classifier!r} classifier (need token, gap, map or '
                         'first; classes > 0)')
     cfg = cfg.replace(dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth_rate=0.0)
-    teachers = load_teachers(args.teacher or [], cfg, args.teacher_config)
-    s = StepSettings(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-                     label_smoothing=args.label_smoothing, steps=args.steps, distill=args.distill,
-                     distill_alpha=args.distill_alpha, temperature=args.distill_temperature)
+    # Read at the student's resolution: the PyTorch side runs them on the student's batch.
+    teachers = train.load_teachers(settings.teacher_specs(args.teacher or [], args.teacher_config or []),
+                                   cfg.num_classes, 'the student', cfg.image_size)
+    s = step_settings(args, len(teachers))
     # Both frameworks' training steps, then a forward comparison.
     x, batch = verdict.load_batch(args, cfg, lambda n: 2 * limits.training_bytes(cfg, n)
                                   + limits.comparison_bytes(cfg, n))
@@ -334,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (f', label smoothing {s.label_smoothing:g}' if s.label_smoothing else '') + \
         (f', {len(teachers)} teacher(s), {s.distill} alpha {s.distill_alpha:g}' if teachers else '')
     print_header('vit_torch training steps, float32, TF32 off', cfg,
-                 batch + f', lr {args.lr}, {what}, {s.steps} step(s)', [])
+                 batch + f', lr {s.lr}, {what}, {s.steps} step(s)', [])
     print_table(rows, forward_bad)
     for i, (row, _, u) in enumerate(per_step):
         if s.steps > 1:
@@ -363,7 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    'gradients_ok': all(r['ok'] for r in g), 'updated_params_ok': all(r['ok'] for r in u)}
                   for i, (row, g, u) in enumerate(per_step)],
         'ok': ok,
-        'lr': args.lr,
+        'lr': s.lr,
         'momentum': MOMENTUM if s.optimizer == 'sgd' else None,
         'optimizer': s.optimizer,
         'weight_decay': s.weight_decay,

@@ -117,8 +117,8 @@ def jax_at(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, prec
     import jax.numpy as jnp
 
     from vit_jax import runtime
-    from vit_jax.checkpoint import variables_from_params
     from vit_jax.model import VisionTransformer
+    from vit_jax.params import variables_from_params
 
     dtype = jnp.bfloat16 if precision == 'bf16' else jnp.float32
     with runtime.matmul_precision(precision):

@@ -4,5 +4,4 @@
     explain   `python -m parity explain`: attention maps and the paper's figures for an image, from both frameworks
     figures   the figures' arrays (NumPy) and their pictures (matplotlib)
     demo      `make demo`: train on the bundled digits through XLA, score in both frameworks
-    experiments  a sweep's results: per-run values, mean and std (ddof 0), tables and plots
 """

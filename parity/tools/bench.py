@@ -265,8 +265,8 @@ class Inputs:
     def random(cls, cfg: ViTConfig, batch_size: int, seed: int = 0) -> 'Inputs':
         import torch
 
-        from vit_torch.checkpoint import params_from_state_dict
         from vit_torch.model import VisionTransformer
+        from vit_torch.params import params_from_state_dict
 
         torch.manual_seed(seed)
         params = params_from_state_dict(VisionTransformer(cfg).state_dict(), cfg)  # the official initialisers
@@ -301,18 +301,19 @@ def jax_step(inputs: Inputs, mode: str, precision: str) -> Callable[[], None]:
 
     dtype = jnp.bfloat16 if precision == 'bf16' else jnp.float32
     if mode == 'infer':
-        from vit_jax.checkpoint import variables_from_params
         from vit_jax.model import VisionTransformer
+        from vit_jax.params import variables_from_params
 
         apply = jax.jit(functools.partial(VisionTransformer(inputs.cfg, dtype=dtype, fast=True).apply, train=False))
         variables = jax.device_put(variables_from_params(inputs.params))
         images = jax.device_put(inputs.images)
         return lambda: apply(variables, images).block_until_ready()
 
-    from vit_jax import train
+    from vit_jax import objective, train
+    from vit_jax.settings import TrainSettings
 
     mesh = train.make_mesh()
-    tx, _ = train.make_optimizer(LEARNING_RATE, steps=10 ** 6, warmup_steps=0)
+    tx, _ = objective.make_optimizer(TrainSettings(lr=LEARNING_RATE, steps=10 ** 6, warmup_steps=0))
     step_fn = train.make_train_step(inputs.cfg, tx, mesh=mesh, dtype=jnp.dtype(dtype).name, fast=True)
     state = train.create_train_state(inputs.cfg, inputs.params, tx, mesh=mesh)
     batch = train.shard_batch({'image': inputs.images, 'label': inputs.labels}, mesh)
@@ -368,7 +369,7 @@ def make_step(impl: str, inputs: Inputs, mode: str, precision: str, device: str)
             return None
         model = model.to(device)
     else:
-        from vit_torch.checkpoint import build_model
+        from vit_torch.params import build_model
 
         model = build_model(inputs.cfg, inputs.params, fast=True).to(device)
         if impl == 'vit_torch_compiled':

@@ -48,9 +48,9 @@ def computed_posemb(cfg: ViTConfig) -> np.ndarray:
 def run_jax(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
     """The Flax model on one (h, w, 3) image; parameters read from its variables tree (HWIO kernel)."""
     from vit_jax import runtime
-    from vit_jax.checkpoint import variables_from_params
     from vit_jax.inspect import forward_with_intermediates
     from vit_jax.model import VisionTransformer
+    from vit_jax.params import variables_from_params
 
     runtime.strict_float32()
     variables = variables_from_params(params)
@@ -66,8 +66,8 @@ def run_jax(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
 def run_torch(cfg: ViTConfig, params: dict, image: np.ndarray) -> Outputs:
     """The PyTorch model on one (h, w, 3) image; parameters read from its modules (OIHW conv weight)."""
     from vit_torch import runtime
-    from vit_torch.checkpoint import build_model
     from vit_torch.inspect import forward_with_intermediates
+    from vit_torch.params import build_model
 
     runtime.strict_float32()
     model = build_model(cfg, params)

@@ -1,7 +1,8 @@
 """`python -m vit_jax train ...`: the command line, the workdir and the run loop.
 
-The pieces it runs are the library's (`vit_jax.train`: state, optimizer, steps,
-checkpoints); the settings are resolved once into `vit_jax.settings.TrainSettings`.
+The pieces it runs are the library's (`vit_jax.train`: state and steps; `vit_jax.objective`:
+optimizer and loss; `vit_jax.checkpoint`: checkpoints); the settings are resolved once into
+`vit_jax.settings.TrainSettings`.
 The workdir gets metrics.jsonl, run.json (the settings), checkpoints/ (atomic, newest
 kept), and at the end final.npz (released layout) and config.json (official layout);
 running the same command again resumes from the last checkpoint, data order and random
@@ -31,7 +32,7 @@ from parity.core.errors import UserError, cause
 from parity.core.lock import WorkdirLock, describe_holder
 from parity.core.weights import configs
 from parity.data import datasets
-from vit_jax import runtime, settings, train
+from vit_jax import checkpoint, objective, runtime, settings, train
 from vit_jax.settings import TrainSettings
 
 RUN_JSON = 'run.json'
@@ -48,104 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                'then cosine; batch 512, accumulation 8, lr 0.03; 10k steps on cifar10/100, 20k on imagenet2012, '
                '500 elsewhere; crop 384). --dataset digits trains a small ViT from scratch '
                '(vit_jax/configs/digits.json at 8x8; 1000 steps of 128, lr 0.1, warm-up 50, no accumulation).')
-    p.add_argument('--config', metavar='NAME_OR_JSON',
-                   help='official config name or JSON file (default: inferred from --checkpoint; for digits '
-                        'vit_jax/configs/digits.json)')
-    p.add_argument('--dataset', required=True, metavar='NAME', help='digits, or a tensorflow-datasets name')
-    p.add_argument('--workdir', required=True, metavar='DIR', help='metrics, checkpoints, final.npz, config.json')
-    p.add_argument('--checkpoint', metavar='PRETRAINED.npz',
-                   help='fine-tune from this checkpoint (position embeddings resized, head re-initialised)')
-    p.add_argument('--image-size', type=int, metavar='N', help='training resolution (default: 384; digits 8)')
-    p.add_argument('--steps', type=int, metavar='N', help='optimizer updates')
-    p.add_argument('--batch-size', type=int, metavar='N', help='global batch (all devices and processes)')
-    p.add_argument('--accum-steps', type=int, metavar='N', help='microbatches per update (gradient accumulation)')
-    p.add_argument('--lr', type=cli.positive_float, metavar='F', help='peak learning rate')
-    p.add_argument('--warmup-steps', type=int, metavar='N', help='linear warm-up steps')
-    p.add_argument('--schedule', choices=train.SCHEDULES, default='cosine', help='decay after warm-up')
-    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
-                   help='compute dtype (parameters and optimizer state stay float32)')
-    r = p.add_argument_group('recipe (each default is the official fine-tuning recipe\'s)')
-    r.add_argument('--recipe', metavar='NAME',
-                   help=f'set the flags below in one word: {", ".join(settings.RECIPE_PRESETS)} (flags given '
-                        'beside it win; README, "Training recipes")')
-    r.add_argument('--optimizer', choices=train.OPTIMIZERS,
-                   help='sgd (momentum 0.9; default), adamw (optax AdamW, eps 1e-8), adam (big_vision: '
-                        'scale_by_adam, then the weight decay)')
-    r.add_argument('--weight-decay', type=float, metavar='F', help='decoupled: the update adds -lr * F * param '
-                   '(default 0)')
-    r.add_argument('--weight-decay-on', choices=('kernels', 'all'),
-                   help='kernels (default: not biases, norms, class token, position embeddings) or all')
-    r.add_argument('--b1', type=float, metavar='F', help='Adam first-moment decay (default 0.9)')
-    r.add_argument('--b2', type=float, metavar='F', help='Adam second-moment decay (default 0.999)')
-    r.add_argument('--grad-clip', type=float, metavar='F', help='clip gradients to this global norm (default 1.0; '
-                   '0: no clipping)')
-    r.add_argument('--loss', choices=('softmax', 'sigmoid'),
-                   help='softmax cross-entropy (default) or sigmoid cross-entropy summed over classes (AugReg)')
-    r.add_argument('--label-smoothing', type=float, metavar='F', help='targets (1 - F) onehot + F / C (default 0)')
-    r.add_argument('--head-bias-init', type=float, metavar='F',
-                   help='start the head bias here (AugReg: -10, or -6.9 for 1000 classes; default 0)')
-    r.add_argument('--mixup', type=float, metavar='ALPHA',
-                   help='big_vision\'s mixup: lambda ~ Beta(ALPHA, ALPHA) per batch, max(lambda, 1 - lambda), '
-                        'the batch rolled by one (default 0: off)')
-    r.add_argument('--augment', metavar='T1,T2,...',
-                   help='training transforms: crop, flip, rotate=DEGREES, jitter=F (or B:C:S:H), shift=PIXELS '
-                        '(digits), none (default: crop,flip; digits shift=1)')
-    r.add_argument('--randaug', metavar='N,M', help='big_vision\'s RandAugment: N operations at magnitude M (0..30)')
-    r.add_argument('--dropout', type=float, metavar='F', help='dropout rate (default: the config\'s)')
-    r.add_argument('--attention-dropout', type=float, metavar='F',
-                   help='dropout on the attention weights (default: the config\'s)')
-    r.add_argument('--stochastic-depth', type=float, metavar='F',
-                   help='drop-path rate of the last block, rising linearly from 0 at the first (default 0)')
-    d = p.add_argument_group('knowledge distillation (DeiT)')
-    d.add_argument('--teacher', action='append', metavar='CKPT',
-                   help='a frozen teacher, any checkpoint the project reads; repeat for several')
-    d.add_argument('--teacher-config', action='append', metavar='NAME_OR_JSON',
-                   help='the config of each --teacher, in the same order (default: inferred from its file)')
-    d.add_argument('--distill', choices=('soft', 'hard'),
-                   help='soft: T^2 KL(softmax(t/T) || softmax(s/T)) (default); hard: cross-entropy on argmax t')
-    d.add_argument('--distill-alpha', type=float, metavar='F',
-                   help='loss = (1 - F) * loss on the labels + F * distillation (default 0.5; 0: teachers unused)')
-    d.add_argument('--distill-temperature', type=float, metavar='T', help='soft distillation temperature (default 1)')
-    d.add_argument('--teacher-weights', metavar='W1,W2,...',
-                   help='how the distillation term is split between teachers (default equal; normalised)')
-    p.add_argument('--eval-every', type=int, metavar='N',
-                   help='evaluate on the test split every N steps (0: only at the end)')
-    p.add_argument('--seed', type=cli.seed_int, default=0, metavar='N',
-                   help='initialisation, data order, augmentation, dropout')
-    p.add_argument('--checkpoint-every', type=int, metavar='N',
-                   help='write a checkpoint every N steps (default: --eval-every)')
-    p.add_argument('--keep-checkpoints', type=int, default=3, metavar='N', help='newest checkpoints kept (default 3)')
-    p.add_argument('--log-every', type=int, default=10, metavar='N', help='metrics line every N steps (default 10)')
-    p.add_argument('--data-dir', metavar='DIR', help='tensorflow-datasets data directory')
-    p.add_argument('--coordinator', metavar='HOST:PORT',
-                   help='multi-host: address of process 0 (or JAX_COORDINATOR_ADDRESS)')
-    p.add_argument('--num-processes', type=int, metavar='N',
-                   help='multi-host: number of processes (or JAX_NUM_PROCESSES)')
-    p.add_argument('--process-id', type=int, metavar='I',
-                   help='multi-host: this process, 0..N-1 (or JAX_PROCESS_ID)')
+    settings.add_flags(p)
     return p
-
-
-def _positive(args, *names):
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f'--{name.replace("_", "-")} {value}: must be positive')
-
-
-def _check_counts(args) -> None:
-    """The step, batch and interval flags: positive, `--eval-every` 0 or more."""
-    _positive(args, 'steps', 'batch_size', 'accum_steps', 'checkpoint_every', 'keep_checkpoints', 'log_every',
-              'image_size')
-    if args.eval_every is not None and args.eval_every < 0:
-        raise UserError(f'--eval-every {args.eval_every}: must be 0 (only at the end) or more')
-
-
-def flag_names() -> tuple[frozenset, frozenset]:
-    """The long flags `train` takes, without their dashes, and those of them that repeat."""
-    actions = [a for a in _parser()._actions if a.option_strings]
-    return (frozenset(o[2:] for a in actions for o in a.option_strings if o.startswith('--')),
-            frozenset(a.option_strings[0][2:] for a in actions if isinstance(a, argparse._AppendAction)))
 
 
 def _refuse(message: str):
@@ -159,7 +64,7 @@ def check_flags(argv: Sequence[str]) -> None:
     p = _parser()
     p.error = _refuse  # one error line, not argparse's usage and exit
     args = p.parse_args(list(argv))
-    _check_counts(args)
+    settings.check_ranges(args)
     for flag, path in [('--checkpoint', args.checkpoint), *(('--teacher', t) for t in args.teacher or ())]:
         if path is not None and not os.path.exists(path):
             raise UserError(f'{flag} {path}: no such file')
@@ -228,18 +133,6 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
 
 # --------------------------------------------------------------------------- the workdir and the machine
 
-def load_teachers(s: TrainSettings, dataset: datasets.Dataset) -> list[train.Teacher]:
-    """The run's teachers, each read, configured at its own resolution and checked against the dataset."""
-    teachers = []
-    for path, config in s.teachers:
-        model = cli.load_model(path, config, None)
-        if model.cfg.num_classes != dataset.num_classes:
-            raise UserError(f'--teacher {path}: it predicts {model.cfg.num_classes} classes and {dataset.name} has '
-                            f'{dataset.num_classes}; a teacher must be trained on the same classes')
-        teachers.append(train.Teacher(model.cfg, model.params))
-    return teachers
-
-
 def check_memory(s: TrainSettings, devices: int, procs: int, teachers: Sequence[ViTConfig] = ()) -> None:
     """Refuses a batch and resolution that cannot fit, before any data is read or anything compiled.
 
@@ -292,7 +185,7 @@ def _check_resume(workdir: str, s: TrainSettings) -> None:
             raise UserError(f'--workdir {workdir} holds a run with other settings ({", ".join(differ)}: '
                             f'{", ".join(f"{theirs.get(k)!r} there" for k in differ[:2])}); '
                             'repeat that command to resume it, or use a new --workdir')
-    elif train.list_checkpoints(workdir) or os.path.exists(os.path.join(workdir, 'final.npz')):
+    elif checkpoint.list_checkpoints(workdir) or os.path.exists(os.path.join(workdir, 'final.npz')):
         raise UserError(f'--workdir {workdir} holds checkpoints of an unknown run; use a new --workdir')
 
 
@@ -366,7 +259,7 @@ class Run:
         bar = tqdm(total=steps, initial=start, unit='step', disable=not self.writer, dynamic_ncols=True,
                    file=sys.stderr, desc='train')
         pending: list[tuple[int, dict]] = []
-        found = train.list_checkpoints(self.workdir)
+        found = checkpoint.list_checkpoints(self.workdir)
         last_good = found[-1][1] if found else None
         tick, ticked = time.perf_counter(), start
         self.trained_seconds, self.trained_images = 0.0, 0  # after the compiling first step; eval, checkpoints out
@@ -421,7 +314,7 @@ class Run:
                                   f'({ev["examples"]} images), loss {ev["loss"]:.4f}{agree}', file=sys.stderr)
                 if due_ckpt and self.writer:
                     try:
-                        last_good = train.save_checkpoint(self.workdir, state, s.keep_checkpoints)
+                        last_good = checkpoint.save_checkpoint(self.workdir, state, s.keep_checkpoints)
                     except UserError as e:
                         where = f'the last good checkpoint is {last_good}' if last_good else 'no checkpoint was kept'
                         raise UserError(f'{e}; stopped at step {step}, {where}; run the same command again '
@@ -466,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     checkpoint, data order and random state included.
     """
     args = _parser().parse_args(argv)
-    _check_counts(args)
+    settings.check_ranges(args)  # before anything is read or created
     _check_workdir(args.workdir)
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     writer = jax.process_index() == 0  # process 0 writes the workdir and holds its lock
@@ -498,25 +391,21 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
     if B % devices or (B // devices) % A:
         raise UserError(f'--batch-size {B} does not split over {devices} devices with --accum-steps {A}; '
                         f'pick a multiple of {devices * A}')
-    teachers = load_teachers(s, dataset)
+    teachers = train.load_teachers(s.teachers, dataset.num_classes, dataset.name)
     check_memory(s, devices, procs, [t.cfg for t in teachers])
     _check_resume(args.workdir, s)
     if writer:
-        removed = train.remove_temporaries(args.workdir)
+        removed = checkpoint.remove_temporaries(args.workdir)
         if removed:
             cli.say(f'note: removed {len(removed)} half-written files a killed run left in {args.workdir} '
                     f'({", ".join(removed[:3])}{", ..." if len(removed) > 3 else ""})')
 
     mesh = train.make_mesh()
     cfg = s.config  # with the regularisation flags
-    tx, lr_fn = train.make_optimizer(s.lr, s.steps, s.warmup_steps, s.schedule, s.grad_clip, optimizer=s.optimizer,
-                                     weight_decay=s.weight_decay, weight_decay_on=s.weight_decay_on, b1=s.b1, b2=s.b2)
-    objective = train.Objective(loss=s.loss, label_smoothing=s.label_smoothing, mixup=s.mixup, distill=s.distill,
-                                distill_alpha=s.distill_alpha, temperature=s.distill_temperature,
-                                teacher_weights=s.teacher_weights)
-    found = train.list_checkpoints(args.workdir)
+    tx, lr_fn = objective.make_optimizer(s)
+    found = checkpoint.list_checkpoints(args.workdir)
     if found:
-        state = train.restore_checkpoint(found[-1][1], train.abstract_train_state(cfg, tx), mesh)
+        state = checkpoint.restore_checkpoint(found[-1][1], train.abstract_train_state(cfg, tx), mesh)
     else:
         params = finetune if finetune is not None else train.init_params(cfg, s.seed)
         if s.head_bias_init is not None and cfg.num_classes:
@@ -535,7 +424,7 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
     # equal to the by-hand path in tests/test_fast_paths.py; it falls back by itself under attention dropout.
     run = Run(s, args.workdir, dataset, mesh,
               train.make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=A, dtype=s.dtype, fast=True,
-                                    objective=objective, teachers=teachers),
+                                    objective=objective.Objective.from_settings(s), teachers=teachers),
               train.make_eval_step(cfg, mesh=mesh, dtype=s.dtype, fast=True, teachers=teachers),
               MetricsLog(os.path.join(args.workdir, METRICS), start, writer), writer)
     if writer:

@@ -1,4 +1,8 @@
-"""Canonical params (see `parity.core.weights`) into and out of the PyTorch model."""
+"""Canonical params (see `parity.core.weights`) into and out of the PyTorch model.
+
+The twin of `vit_jax/params.py`: PyTorch keeps parameters inside the model (a state dict),
+Flax outside it (a variables tree), otherwise the functions match one for one.
+"""
 
 from __future__ import annotations
 
