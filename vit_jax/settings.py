@@ -25,6 +25,7 @@ import os
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from parity import cli
+from parity.core import files
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.data import augment as augmentation, datasets
@@ -334,7 +335,7 @@ class TrainSettings:
         """
         mine = self.record()
         defaults = dict(DEFAULTS, augment=augmentation.parse(None, None, self.dataset == datasets.DIGITS).spec())
-        return [k for k in RUN_FIELDS if recorded.get(k, defaults.get(k)) != mine[k]]
+        return files.record_differences(recorded, mine, RUN_FIELDS, defaults)
 
 
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get('run'))

@@ -26,7 +26,6 @@ import argparse
 import ctypes
 import dataclasses
 import itertools
-import json
 import os
 import re
 import shlex
@@ -38,7 +37,7 @@ import time
 from typing import Optional, Sequence
 
 from parity import cli
-from parity.core import files, limits
+from parity.core import files
 from parity.core.errors import UserError, cause
 from vit_jax import sweep_report
 from vit_jax.settings import flag_names
@@ -180,16 +179,10 @@ def _check_manifest(directory: str, record: dict) -> Optional[dict]:
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         return None
-    limits.check_text(path, f'--workdir {directory}: {MANIFEST}')
-    try:
-        with open(path) as f:
-            theirs = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f'--workdir {directory}: {MANIFEST} is unreadable ({cause(e)}); use a new --workdir') from None
-    if not isinstance(theirs, dict):
-        raise UserError(f'--workdir {directory}: {MANIFEST} is not the record of a sweep; use a new --workdir')
-    differ = [k for k in ('grid', 'trials', 'train_args', 'name', 'labels')
-              if theirs.get(k, {} if k == 'labels' else None) != record[k]]  # sweeps before --labels had none
+    theirs = _read_manifest(directory, 'use a new --workdir')
+    # Sweeps written before --labels recorded none.
+    differ = files.record_differences(theirs, record, ('grid', 'trials', 'train_args', 'name', 'labels'),
+                                      {'labels': {}})
     if differ:
         raise UserError(f'--workdir {directory} holds another sweep ({", ".join(differ)} differ); repeat its '
                         f'command (see {path}) or use a new --workdir')
@@ -197,17 +190,15 @@ def _check_manifest(directory: str, record: dict) -> Optional[dict]:
 
 
 def _load_manifest(directory: str) -> dict:
-    path = os.path.join(directory, MANIFEST)
-    try:
-        limits.check_text(path, f'--workdir {directory}: {MANIFEST}')
-        with open(path) as f:
-            record = json.load(f)
-    except FileNotFoundError:
+    if not os.path.exists(os.path.join(directory, MANIFEST)):
         raise UserError(f'--workdir {directory} holds no sweep ({MANIFEST} is missing); start one with --grid '
-                        'and -- TRAIN_ARGS') from None
-    except (OSError, ValueError) as e:
-        raise UserError(f'--workdir {directory}: {MANIFEST} is unreadable ({cause(e)})') from None
-    return record
+                        'and -- TRAIN_ARGS')
+    return _read_manifest(directory)
+
+
+def _read_manifest(directory: str, advice: Optional[str] = None) -> dict:
+    return files.read_json_object(os.path.join(directory, MANIFEST), f'--workdir {directory}: {MANIFEST}',
+                                  'the record of a sweep', advice)
 
 
 def check_cells(cells: list[dict], flags: TrainFlags) -> None:
@@ -387,7 +378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # The record goes down once every check passed: --list too, so --run-one I needs only --workdir.
     files.make_dirs(directory, '--workdir')
     if not os.path.exists(os.path.join(directory, MANIFEST)):
-        files.write_text(os.path.join(directory, MANIFEST), json.dumps(record, indent=2) + '\n')
+        files.write_json(os.path.join(directory, MANIFEST), record)
     if args.list:
         for i, run in pending:
             print(f'{i}\t{command(run)}')

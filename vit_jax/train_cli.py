@@ -28,7 +28,7 @@ from tqdm import tqdm
 from parity import cli
 from parity.core import files, limits, weights
 from parity.core.config import ViTConfig, load_config
-from parity.core.errors import UserError, cause
+from parity.core.errors import UserError
 from parity.core.lock import WorkdirLock, describe_holder
 from parity.core.weights import configs
 from parity.data import datasets
@@ -171,15 +171,8 @@ def _check_resume(workdir: str, s: TrainSettings) -> None:
     """A workdir with a run in it must hold this run: DIR/run.json repeats the settings (nothing is written here)."""
     path = os.path.join(workdir, RUN_JSON)
     if os.path.exists(path):
-        limits.check_text(path, f'--workdir {workdir}: {RUN_JSON}')
-        try:
-            with open(path) as f:
-                theirs = json.load(f)
-        except (OSError, ValueError, RecursionError) as e:
-            raise UserError(f'--workdir {workdir}: {RUN_JSON} is unreadable ({cause(e)}); use a new --workdir') from None
-        if not isinstance(theirs, dict):
-            raise UserError(f'--workdir {workdir}: {RUN_JSON} holds a JSON {type(theirs).__name__}, not the record '
-                            'of a run; use a new --workdir')
+        theirs = files.read_json_object(path, f'--workdir {workdir}: {RUN_JSON}', 'the record of a run',
+                                        'use a new --workdir')
         differ = s.differences(theirs)
         if differ:
             raise UserError(f'--workdir {workdir} holds a run with other settings ({", ".join(differ)}: '
@@ -193,11 +186,7 @@ def _record_run(workdir: str, s: TrainSettings) -> None:
     """DIR/run.json, once the run has really started (its first step ran): a run that never started leaves none."""
     path = os.path.join(workdir, RUN_JSON)
     if not os.path.exists(path):
-        _write_json(path, s.record())
-
-
-def _write_json(path: str, obj) -> None:
-    files.write_text(path, json.dumps(obj, indent=2) + '\n')
+        files.write_json(path, s.record())
 
 
 def _step_of(line: str) -> Optional[int]:
@@ -341,7 +330,7 @@ class Run:
             try:
                 weights.save(final, params, self.settings.config, 'npz' if self.settings.config.fits_released_npz
                              else 'big_vision')
-                _write_json(config_path, self.settings.config.to_official_dict())
+                files.write_json(config_path, self.settings.config.to_official_dict())
             except UserError as e:
                 raise UserError(f'{e}; training finished and its last checkpoint is kept: run the same command '
                                 'again to write the final files') from None
