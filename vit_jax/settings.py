@@ -11,8 +11,9 @@ default (`RECIPES`), which wins over the declared one.
 `run.json` in the workdir is written from the settings (`TrainSettings.record`), and a
 restart is checked against it: the fields that decide what the run computes (`RUN_FIELDS`)
 must repeat exactly, the others (how often to log, evaluate and checkpoint, where the data
-lives) may change between restarts. Adding a training flag: one `Flag` here (and a
-`TrainSettings` field when the run keeps its value), and the code of its effect.
+lives) may change between restarts. Adding a training flag: one `Flag` here (and, when the run
+keeps its value, a `TrainSettings` field of the same name, which `resolve` fills by itself), and
+the code of its effect.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Range:
         return (math.isfinite(value) and (value > self.low if self.low_open else value >= self.low)
                 and (value < self.high if self.high_open else value <= self.high))
 
-    def describe(self) -> str:
+    def requirement(self) -> str:
         """What the error says of a value outside: `must lie in [0, 1)`."""
         return self.says or (f'must lie in {"(" if self.low_open else "["}{self.low:g}, {self.high:g}'
                              f'{")" if self.high_open else "]"}')
@@ -249,7 +250,7 @@ def check_ranges(values: Any, names: Optional[Iterable[str]] = None) -> None:
     for name, flag in FLAGS.items():
         value = getattr(values, name, None)
         if name in wanted and flag.range is not None and value is not None and not flag.range.holds(value):
-            raise UserError(f'{Flag.option(name)} {value}: {flag.range.describe()}')
+            raise UserError(f'{Flag.option(name)} {value}: {flag.range.requirement()}')
 
 
 def given(args, name: str) -> Any:
@@ -342,6 +343,12 @@ RUN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSettings) if f.metada
 # The record of each default, for run.json files written before a field existed.
 DEFAULTS = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(TrainSettings)}))
 
+# The settings that are their flag's value as given, else the flag's declared default: a new flag the run keeps
+# is one `Flag` and a field of the same name, and lands here by itself. The others are worked out in `resolve`.
+DIRECT = tuple(f.name for f in dataclasses.fields(TrainSettings) if f.name in FLAGS and f.name not in {
+    'config', 'checkpoint', 'image_size', 'checkpoint_every', 'recipe', 'augment', 'randaug', 'teacher_weights',
+    'distill_alpha', *(r.name for r in dataclasses.fields(Recipe))})
+
 
 # --------------------------------------------------------------------------- resolving a command line
 
@@ -381,12 +388,9 @@ def resolve(args, cfg: ViTConfig) -> TrainSettings:
     pick = {f.name: getattr(args, f.name) if getattr(args, f.name) is not None else getattr(recipe, f.name)
             for f in dataclasses.fields(Recipe)}
     s = TrainSettings(
-        config=cfg, dataset=args.dataset, checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
+        config=cfg, checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
         image_size=cfg.image_size, checkpoint_every=args.checkpoint_every or pick['eval_every'] or pick['steps'],
-        recipe=args.recipe or 'official',
-        **{name: given(args, name) for name in ('schedule', 'dtype', 'seed', 'keep_checkpoints', 'log_every',
-                                                'data_dir')},
-        **pick, **fields)
+        recipe=args.recipe or 'official', **{name: given(args, name) for name in DIRECT}, **pick, **fields)
     if s.warmup_steps < 0 or s.warmup_steps >= s.steps:
         raise UserError(f'--warmup-steps {s.warmup_steps} must be at least 0 and below --steps {s.steps}')
     if s.batch_size % s.accum_steps:
@@ -411,9 +415,7 @@ def recipe_settings(args, cfg: ViTConfig) -> tuple[ViTConfig, dict]:
             raise
         raise UserError(f'{e} (set by --recipe {args.recipe}; pass '
                         f'{" and ".join(Flag.option(g) for g in from_recipe)} to override)') from None
-    fields = dict(optimizer=optimizer, head_bias_init=args.head_bias_init, augment=aug.spec(), randaug=aug.randaug,
-                  **{k: given(args, k) for k in ('weight_decay', 'weight_decay_on', 'b1', 'b2', 'grad_clip', 'loss',
-                                                 'label_smoothing', 'mixup')})
+    fields = dict(augment=aug.spec(), randaug=aug.randaug)
     teachers = args.teacher or []
     distill_flags = [f for f in ('distill', 'distill_alpha', 'distill_temperature', 'teacher_weights',
                                  'teacher_config') if getattr(args, f) is not None]
@@ -427,7 +429,7 @@ def recipe_settings(args, cfg: ViTConfig) -> tuple[ViTConfig, dict]:
         return cfg, fields
     fields.update(teachers=teacher_specs(teachers, args.teacher_config or []),
                   teacher_weights=teacher_weights(args.teacher_weights, len(teachers)),
-                  **{k: given(args, k) for k in ('distill', 'distill_alpha', 'distill_temperature')})
+                  distill_alpha=given(args, 'distill_alpha'))
     return cfg, fields
 
 
