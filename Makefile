@@ -18,12 +18,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m parity.tools.demo
 
-# Everything, as CI runs it; the 15 slowest tests are listed at the end.
+# Everything, as CI runs it: the linter first (pyproject.toml [tool.ruff]), then every test; the 15 slowest
+# tests are listed at the end.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q --durations=15
 
 # The edit loop: everything but the tests marked slow (training runs, many subprocesses).
 test-fast: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m 'not slow' --durations=10
 
 # Re-point the line anchors of the code citations in docs/*.md at the lines their quotes are on now.
@@ -31,4 +34,4 @@ docs-links:
 	$(PYTHON) docs/citations.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -41,7 +41,10 @@ def reference() -> Path:
 
 
 def tiny(**kw) -> ViTConfig:
-    """The tests' tiny ViT: 32x32 images in 8x8 patches, width 32, 2 blocks of 4 heads, 5 classes; any field overridden."""
+    """The tests' tiny ViT: 32x32 images in 8x8 patches, width 32, 2 blocks of 4 heads, 5 classes.
+
+    Any field can be overridden.
+    """
     base = dict(name='tiny', patch_size=(8, 8), hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4,
                 num_classes=5, image_size=32)
     return ViTConfig(**{**base, **kw})
