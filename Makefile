@@ -18,16 +18,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m parity.tools.demo
 
+# The tests run on WORKERS processes (pytest-xdist), one test file at a time each, the longest files first
+# (tests/conftest.py): two, as CI's two cores; `make test WORKERS=0` runs them in one process.
+WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder
+
 # Everything, as CI runs it: the linter first (pyproject.toml [tool.ruff]), then every test; the 15 slowest
 # tests are listed at the end.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=15
+	$(PYTEST) --durations=15
 
 # The edit loop: everything but the tests marked slow (training runs, many subprocesses).
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m 'not slow' --durations=10
+	$(PYTEST) -m 'not slow' --durations=10
 
 # Re-point the line anchors of the code citations in docs/*.md at the lines their quotes are on now.
 docs-links:
