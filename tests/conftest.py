@@ -34,6 +34,18 @@ REFERENCE = REPO / 'tests' / 'reference'
 BATCH = 2  # images per batch in the tiny-config tests
 
 
+# `make test` runs the files on two workers (`-n 2 --dist loadfile`), each file whole on one of them, in the order
+# collected: the files that take longest go first, so that the two workers finish together rather than one of them
+# starting a long file last while the other sits idle. The other files follow in their usual order.
+LONGEST_FIRST = ('test_docs.py', 'test_sweep.py', 'test_train.py', 'test_recipes.py', 'test_formats.py',
+                 'test_harness.py', 'test_bench.py', 'test_cross_framework.py')
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope='session')
 def reference() -> Path:
     assert REFERENCE.is_dir(), f'reference vectors not found at {REFERENCE}'
@@ -41,7 +53,10 @@ def reference() -> Path:
 
 
 def tiny(**kw) -> ViTConfig:
-    """The tests' tiny ViT: 32x32 images in 8x8 patches, width 32, 2 blocks of 4 heads, 5 classes; any field overridden."""
+    """The tests' tiny ViT: 32x32 images in 8x8 patches, width 32, 2 blocks of 4 heads, 5 classes.
+
+    Any field can be overridden.
+    """
     base = dict(name='tiny', patch_size=(8, 8), hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4,
                 num_classes=5, image_size=32)
     return ViTConfig(**{**base, **kw})

@@ -14,9 +14,9 @@ from timm.models.vision_transformer import _load_weights
 
 from conftest import random_params, run_cli, tolerance
 from parity.core import weights
-from parity.tools import bench
 from parity.core.config import OFFICIAL_CONFIGS
 from parity.core.errors import UserError
+from parity.tools import bench
 from vit_torch.params import build_model
 
 FIELDS = {'model', 'impl', 'mode', 'precision', 'batch_size', 'img_per_s', 'peak_mem_bytes', 'ratio_to_reference'}

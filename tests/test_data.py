@@ -83,7 +83,8 @@ def test_digits_augmentation_is_on_train_only(digits):
     on_grid = lambda x: np.isin(x, grid).all()  # noqa: E731
     assert on_grid(concat(digits.eval_batches(None, 128, 8), 'image'))
     assert not on_grid(next(digits.train_batches(128, 8, seed=0))['image'])  # sub-pixel shifts
-    assert on_grid(next(digits.train_batches(128, 8, seed=0, augment=augment.parse('none', None, digits=True)))['image'])
+    plain = augment.parse('none', None, digits=True)
+    assert on_grid(next(digits.train_batches(128, 8, seed=0, augment=plain))['image'])
 
 
 def test_digits_eval_batches_are_padded_and_masked(digits):

@@ -18,9 +18,9 @@ from PIL import Image
 
 from conftest import random_params, run_cli, tiny, tolerance
 from parity.core import weights
-from parity.tools import explain, figures
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
+from parity.tools import explain, figures
 
 GRID, PATCH = (2, 2), (16, 16)
 R2 = np.sqrt(2.0)

@@ -348,7 +348,8 @@ def test_to_torch_copies_and_build_model_adopts_without_aliasing():
     for k, v in params.items():
         assert not np.shares_memory(state[torch_format.torch_name(k)], v), k
     model = build_model(cfg, params)
-    assert all(p.dtype == torch.float32 for p in build_model(cfg, {k: v.astype(np.float64) for k, v in params.items()}).parameters())
+    from_float64 = build_model(cfg, {k: v.astype(np.float64) for k, v in params.items()})
+    assert all(p.dtype == torch.float32 for p in from_float64.parameters())
     back = params_from_state_dict(model.state_dict(), cfg)
     assert all(np.array_equal(back[k], params[k]) for k in params)
     with torch.no_grad():

@@ -218,7 +218,10 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path):
 
 
 def test_arrays_of_the_wrong_rank_are_refused_by_name(tmp_path):
-    """Every array of a good checkpoint replaced in turn by one of another rank or an empty one, config inferred or given."""
+    """Every array of a good checkpoint replaced in turn by one of another rank or an empty one.
+
+    The config is inferred or given.
+    """
     with np.load(REFERENCE / 'tiny_token' / 'ckpt.npz') as z:
         good = {k: z[k] for k in z.files}
     path, config = tmp_path / 'ckpt.npz', REFERENCE / 'tiny_token' / 'model.json'
@@ -351,7 +354,7 @@ def test_mutated_images_load_or_raise_the_user_error(tmp_path):
     rng = random.Random('images')
     path = tmp_path / 'image'
     outcomes = []
-    for i in range(240):
+    for _ in range(240):
         path.write_bytes(mutate(rng.choice(originals), rng))
         outcomes.append(loads_or_refuses(lambda: load_image(str(path), 32)))
     assert {'loaded', 'refused'} <= set(outcomes)

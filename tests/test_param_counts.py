@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from parity.core import weights
-from parity.core.weights.formats import vit_torch as torch_format
 from parity.core.config import OFFICIAL_CONFIGS
+from parity.core.weights.formats import vit_torch as torch_format
 from vit_jax.model import VisionTransformer as FlaxViT
 from vit_jax.params import params_from_variables
 from vit_torch.model import VisionTransformer as TorchViT

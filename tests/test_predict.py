@@ -169,6 +169,7 @@ def test_bad_inputs(tmp_path, case, needle):
         jax_cli.predict_main([image, '--checkpoint', str(ckpt), *extra])
     assert needle in str(info.value)
     if case in ('no head', 'zero head'):  # and what to do instead
-        assert 'imagenet21k+imagenet2012' in str(info.value) and 'python -m vit_jax train --checkpoint' in str(info.value)
+        message = str(info.value)
+        assert 'imagenet21k+imagenet2012' in message and 'python -m vit_jax train --checkpoint' in message
     if case == 'zero head':
         assert 'raw ImageNet-21k checkpoints' in str(info.value)

@@ -7,14 +7,13 @@ released layout we write and read against a third implementation.
 
 import numpy as np
 import pytest
+import timm  # part of the test extra: a missing timm fails, never skips
 import torch
+from timm.models.vision_transformer import _load_weights
 
 from conftest import random_params, run_cli, tolerance
 from parity.core import weights
 from parity.core.config import OFFICIAL_CONFIGS
-
-import timm  # part of the test extra: a missing timm fails, never skips
-from timm.models.vision_transformer import _load_weights
 
 
 @pytest.fixture(scope='module')

@@ -6,9 +6,9 @@ import scipy.ndimage
 
 from conftest import random_params, tiny
 from parity.core import weights
-from parity.core.weights.formats import released, vit_torch as torch_format
 from parity.core.config import OFFICIAL_CONFIGS, ViTConfig, load_config
 from parity.core.errors import UserError
+from parity.core.weights.formats import released, vit_torch as torch_format
 
 TINY = tiny()
 HYBRID = ViTConfig('hyb', (1, 1), 32, 1, 64, 4, resnet_num_layers=(2, 1), resnet_width_factor=0.5,
