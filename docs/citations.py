@@ -25,7 +25,8 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / 'docs'
-CITE = re.compile(r'\[L(?P<shown>\d+)\]\(\.\./(?P<path>[\w/.]+)#L(?P<anchor>\d+) "(?P<symbol>[\w.]+)(?:#(?P<nth>\d+))?"\)'
+CITE = re.compile(r'\[L(?P<shown>\d+)\]\(\.\./(?P<path>[\w/.]+)#L(?P<anchor>\d+) '
+                  r'"(?P<symbol>[\w.]+)(?:#(?P<nth>\d+))?"\)'
                   r'(?P<gap>\s*)`(?P<code>[^`]+)`')
 # A link to a line that does not name its symbol: an old-style citation, always a problem.
 BARE = re.compile(r'\[L\d+\]\(\.\./[\w/.]+#L\d+\)')

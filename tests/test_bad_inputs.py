@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import REFERENCE, run_cli
 from parity import cli
 from parity.core import weights
 from parity.core.config import load_config
 from parity.core.errors import UserError
-
-from conftest import REFERENCE, run_cli
 
 TINY = REFERENCE / 'tiny_token'  # ViT, patch 8, width 64, 4 heads, 2 layers, 10 classes, 32x32
 CKPT, CFG, X = TINY / 'ckpt.npz', TINY / 'model.json', TINY / 'x.npy'

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -20,11 +20,10 @@ import torch
 
 from conftest import REFERENCE, REPO, random_params, run_cli, tolerance
 from parity.core import weights
-from parity.data import images
-from parity.harness import compare, counterparts, diagnosis, grad, verdict, verify
-from parity.harness import tolerance as policy
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
+from parity.data import images
+from parity.harness import compare, counterparts, diagnosis, grad, tolerance as policy, verdict, verify
 
 TINY, HYBRID = REFERENCE / 'tiny_token', REFERENCE / 'hybrid_stem'
 EXAMPLE = REPO / 'examples' / 'numpy_vit.py'

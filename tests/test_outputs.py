@@ -22,7 +22,6 @@ from parity.core.errors import UserError
 from parity.core.lock import LOCK_NAME, WorkdirLock
 from parity.core.weights import containers
 
-
 # --------------------------------------------------------------------------- atomic writes
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

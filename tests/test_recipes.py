@@ -21,6 +21,7 @@ import optax
 import pytest
 import torch
 
+from conftest import kill_once_written, popen, random_params, run_cli
 from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.data import datasets
@@ -29,8 +30,6 @@ from vit_jax.model import DropPath as JaxDropPath, VisionTransformer
 from vit_jax.settings import TrainSettings
 from vit_torch.model import DropPath as TorchDropPath, VisionTransformer as TorchViT
 from vit_torch.params import build_model
-
-from conftest import kill_once_written, popen, random_params, run_cli
 
 TINY = {'model_name': 'tiny', 'hidden_size': 32, 'patches': {'size': [4, 4]}, 'classifier': 'token',
         'transformer': {'mlp_dim': 64, 'num_heads': 2, 'num_layers': 1}, 'representation_size': None, 'num_classes': 10}
@@ -475,7 +474,8 @@ def test_fine_tuning_a_class_token_model_into_deit_grows_its_distillation_token(
 @pytest.mark.slow
 def test_the_trainer_fine_tunes_a_plain_vit_into_a_distilled_student(permuted_teacher, tmp_path):
     config = tmp_path / 'distilled.json'
-    config.write_text(json.dumps(dict(json.loads(write_tiny(tmp_path, 64, 2).read_text()), classifier='token_distilled')))
+    tiny_config = json.loads(write_tiny(tmp_path, 64, 2).read_text())
+    config.write_text(json.dumps(dict(tiny_config, classifier='token_distilled')))
     workdir = tmp_path / 'run'
     run_cli('vit_jax', 'train', '--checkpoint', permuted_teacher, '--config', config, '--dataset', 'digits',
             '--steps', '10', '--warmup-steps', '1', '--eval-every', '0', '--teacher', permuted_teacher,
@@ -743,7 +743,8 @@ def grad_main(monkeypatch, tmp_path, *flags, patch=None) -> dict:
     if patch:
         patch(monkeypatch, objective)
     out = tmp_path / 'grad.json'
-    code = grad.main([str(REFERENCE / 'tiny_token' / 'ckpt.npz'), '--config', str(REFERENCE / 'tiny_token' / 'model.json'),
+    tiny = REFERENCE / 'tiny_token'
+    code = grad.main([str(tiny / 'ckpt.npz'), '--config', str(tiny / 'model.json'),
                       '--json', str(out), *map(str, flags)])
     result = json.loads(out.read_text())
     assert code == (0 if result['ok'] else 1)

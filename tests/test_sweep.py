@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import REPO, kill_once_written, popen, run_cli
 from parity.core.errors import UserError
 from vit_jax import sweep, sweep_report
-
-from conftest import REPO, kill_once_written, popen, run_cli
 
 TINY = {'model_name': 'tiny', 'hidden_size': 32, 'patches': {'size': [4, 4]}, 'classifier': 'token',
         'transformer': {'mlp_dim': 64, 'num_heads': 2, 'num_layers': 1}, 'representation_size': None, 'num_classes': 10}
@@ -61,7 +60,8 @@ def test_the_report_is_the_experiment_log_with_ddof_0(tmp_path):
     saved = json.loads(Path(paths[2]).read_text())
     assert saved['ddof'] == 0 and saved['metric'] == 'final-accuracy'
     assert [t['value'] for t in saved['cells'][0]['trials']] == log['T: teacher A, S: student']
-    assert Path(paths[1]).read_text().splitlines()[0] == 'teachers,distill-alpha,trial_1,trial_2,trial_3,mean,std,trials'
+    header = 'teachers,distill-alpha,trial_1,trial_2,trial_3,mean,std,trials'
+    assert Path(paths[1]).read_text().splitlines()[0] == header
     # The best evaluation instead of the last; a missing trial is said.
     best = sweep_report.summarise(cells, 3, 'best-accuracy')
     assert best[0]['trials'][0]['value'] == pytest.approx(0.689703)

@@ -23,14 +23,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import (
+    REFERENCE,
+    REPO,
+    kill_once_written,
+    killed_writer_leftover,
+    popen,
+    random_params,
+    run_cli,
+    tolerance,
+)
 from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.data import datasets
 from vit_jax import checkpoint, objective, settings, train, train_cli
 from vit_jax.settings import TrainSettings
-
-from conftest import REFERENCE, REPO, kill_once_written, killed_writer_leftover, popen, random_params, run_cli, tolerance
 
 pytestmark = pytest.mark.slow  # every test here trains, or runs the command line
 

@@ -370,7 +370,7 @@ def apply_recipe(args, num_classes: int):
         if getattr(out, flag) is None and not callable(value):
             setattr(out, flag, value)
             out.from_recipe.add(flag)
-    if getattr(out, 'head_bias_init') is None and callable(preset.get('head_bias_init')):
+    if out.head_bias_init is None and callable(preset.get('head_bias_init')):
         out.head_bias_init = preset['head_bias_init'](num_classes)
     if out.lr is None and callable(preset.get('lr')):
         out.lr = preset['lr'](out.batch_size or RECIPES.get(args.dataset, DEFAULT_RECIPE).batch_size)

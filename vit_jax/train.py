@@ -190,8 +190,8 @@ def accumulate_gradient(grad_fn: Callable, params, rows: dict, key, accum_steps:
 
     def accumulate(carry, xs):
         i, r = xs
-        (l, a), g = grad_fn(params, r, jax.random.fold_in(key, i))
-        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+        (loss, aux), g = grad_fn(params, r, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (loss, aux, g)), None
 
     zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, jax.eval_shape(
         lambda: grad_fn(params, jax.tree.map(lambda v: v[0], micro), key)[0][1])),

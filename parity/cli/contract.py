@@ -70,7 +70,8 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]],
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog=prog, description=description,
                                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                                         epilog='commands:\n' + '\n'.join(f'  {n:<10}{h}' for n, (_, h) in commands.items())
+                                         epilog='commands:\n'
+                                         + '\n'.join(f'  {n:<10}{h}' for n, (_, h) in commands.items())
                                          + f'\n\n`{prog} COMMAND --help` for the arguments of each.')
         parser.add_argument('command', choices=list(commands), metavar='COMMAND')
         if not argv:

@@ -19,7 +19,6 @@ from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.data import datasets
 
-
 DESCRIPTION = ('Accuracy of a checkpoint on a dataset split, in true float32 (JAX at the highest matmul '
                'precision, PyTorch with TF32 off). Prints one JSON line (accuracy, examples, correct, ...); '
                'vit_jax eval and vit_torch eval take the same arguments and agree on every prediction.')

@@ -58,8 +58,9 @@ def load_model(path: str, config: Optional[str], image_size: Optional[int],
     params = weights.prepare_for_inference(ckpt.params(cfg), cfg, path)
     bad = [k for k, v in params.items() if not np.isfinite(v).all()]
     if bad:
-        say(f'warning: {path}: {len(bad)} arrays hold NaN or Inf ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})'
-            '; what the model computes from them is not a number either')
+        more = ', ...' if len(bad) > 3 else ''
+        say(f'warning: {path}: {len(bad)} arrays hold NaN or Inf ({", ".join(bad[:3])}{more}); what the model '
+            'computes from them is not a number either')
     return LoadedCheckpoint(cfg, params, ckpt)
 
 

@@ -13,8 +13,14 @@ import numpy as np
 
 from parity.cli.arrays import load_input, npy_image_size, save_output
 from parity.cli.contract import resolve, say
-from parity.cli.loading import (add_checkpoint_argument, add_config_argument, check_inference, check_outputs,
-                                describe_config, load_checkpoint)
+from parity.cli.loading import (
+    add_checkpoint_argument,
+    add_config_argument,
+    check_inference,
+    check_outputs,
+    describe_config,
+    load_checkpoint,
+)
 from parity.cli.types import positive_int
 from parity.core.config import ViTConfig
 

@@ -39,8 +39,8 @@ class ViTConfig:
     `token_unpooled` (every token), `map` (big_vision's multihead attention pooling: a
     learned probe attends over the tokens) or `first` (the first token, no class token:
     big_vision's `pool_type='0'`) or `token_distilled` (DeiT: a class token and a distillation
-    token, each with its own head, their logits averaged in evaluation). `posemb`: `learn`, or `sincos2d` (computed for the
-    patch grid, never stored; the class token gets no position embedding).
+    token, each with its own head, their logits averaged in evaluation). `posemb`: `learn`, or
+    `sincos2d` (computed for the patch grid, never stored; the class token gets no position embedding).
     """
 
     name: Optional[str]

@@ -77,7 +77,8 @@ def check_output(path: str, flag: Optional[str] = None) -> str:
 
 
 def check_outputs(outputs: Mapping[str, Optional[str]], inputs: Sequence[Optional[str]] = ()) -> None:
-    """Before any work: every output (`{flag: path}`, None for not asked) can be written, none is an input, none repeats."""
+    """Before any work: every output (`{flag: path}`, None for not asked) can be written, none is an input,
+    none repeats."""
     seen: dict[str, str] = {}
     for flag, path in outputs.items():
         if path is None:
@@ -91,7 +92,8 @@ def check_outputs(outputs: Mapping[str, Optional[str]], inputs: Sequence[Optiona
 
 
 def refuse_overwrite(output: Optional[str], inputs, flag: Optional[str] = None) -> None:
-    """One error when `output` would replace one of `inputs`: the same file by any path, or a file in an input folder."""
+    """One error when `output` would replace one of `inputs`: the same file by any path, or a file in an input
+    folder."""
     if not output or not os.path.exists(output):
         return
     real = os.path.realpath(output)

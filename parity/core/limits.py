@@ -63,7 +63,8 @@ def machine_budget() -> int:
 
 
 def check_text(path: str, what: str) -> None:
-    """Refuses a text file (a JSON config, an index, a list of names) larger than `MAX_TEXT_BYTES`, before reading it."""
+    """Refuses a text file (a JSON config, an index, a list of names) larger than `MAX_TEXT_BYTES`, before
+    reading it."""
     size = os.path.getsize(path)
     if size > MAX_TEXT_BYTES:
         raise UserError(f'{what}: {human(size)}, more than a file of its kind holds ({human(MAX_TEXT_BYTES)} at most); '
@@ -82,8 +83,8 @@ def check_read(nbytes: int, what: str) -> None:
     """Refuses to inflate compressed data to `nbytes` when they exceed the read budget."""
     budget = read_budget()
     if nbytes > budget:
-        raise UserError(f'{what} would inflate to {human(nbytes)}, past the {human(budget)} compressed data may inflate to '
-                        f'(raise it with {READ_ENV}=SIZE if the file is what you think it is)')
+        raise UserError(f'{what} would inflate to {human(nbytes)}, past the {human(budget)} compressed data may '
+                        f'inflate to (raise it with {READ_ENV}=SIZE if the file is what you think it is)')
 
 
 def check_compute(nbytes: int, what: str, budget: Optional[int] = None, where: str = 'this machine') -> None:

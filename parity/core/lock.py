@@ -31,7 +31,8 @@ LOCK_NAME = '.lock'
 
 
 class WorkdirLock:
-    """`with WorkdirLock(DIR, '--workdir'):` holds DIR/.lock exclusively, or raises one `UserError` naming the holder."""
+    """`with WorkdirLock(DIR, '--workdir'):` holds DIR/.lock exclusively, or raises one `UserError` naming the
+    holder."""
 
     def __init__(self, directory: str, flag: str = '--workdir'):
         self.directory, self.flag = directory, flag

@@ -18,8 +18,15 @@ from parity.core import limits, weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.harness import counterparts, diagnosis, tolerance, verdict
-from parity.harness.verdict import (fmt_number, layer_of, print_diagnosis, print_header, print_table, summarise,
-                                    write_json_report)
+from parity.harness.verdict import (
+    fmt_number,
+    layer_of,
+    print_diagnosis,
+    print_header,
+    print_table,
+    summarise,
+    write_json_report,
+)
 
 MOMENTUM = 0.9
 

@@ -20,8 +20,8 @@ import numpy as np
 from parity import cli
 from parity.core import files, limits
 from parity.core.config import ViTConfig
-from parity.core.weights import POSEMB
 from parity.core.errors import UserError
+from parity.core.weights import POSEMB
 from parity.data import images
 from parity.harness import counterparts, diagnosis, tolerance
 
@@ -224,7 +224,8 @@ def print_verdict(summary: dict, precision: str, n: int) -> None:
         print(f'verdict: FAIL: top-1 classes disagree on {summary["top1_disagreements"]} of {n} images '
               f'(ties within the logit bound excused; {pol.what})')
     print(f'top-1 agreement {_fraction(summary["top1_agreement"], n)}, top-5 agreement '
-          f'{_fraction(summary["top5_agreement"], n)}, max-abs logit difference {fmt_number(summary["max_abs_logit_diff"])}')
+          f'{_fraction(summary["top5_agreement"], n)}, '
+          f'max-abs logit difference {fmt_number(summary["max_abs_logit_diff"])}')
 
 
 def print_diagnosis(findings: list[dict]) -> None:

@@ -20,8 +20,7 @@ module per concern:
 The names below are the ones most callers need; the modules hold the rest.
 """
 
-from parity.core.weights.checkpoints import (FORMATS, WRITERS, Checkpoint, configure, format_for, load, save,
-                                            split_spec)
+from parity.core.weights.checkpoints import FORMATS, WRITERS, Checkpoint, configure, format_for, load, save, split_spec
 from parity.core.weights.configs import checkpoint_grid, checkpoint_image_size, infer_config, resolve_config
 from parity.core.weights.containers import read_npz
 from parity.core.weights.formats.released import load_npz, save_npz

@@ -24,8 +24,8 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from parity.core.config import ViTConfig, heads_for_width
 from parity.core import files
+from parity.core.config import ViTConfig, heads_for_width
 from parity.core.errors import UserError
 from parity.core.weights import configs, containers
 from parity.core.weights.formats import big_vision, hf, released, timm, vit_torch
@@ -138,8 +138,8 @@ def _from_tree(spec: str, flat: dict, subtree: Optional[str]) -> Checkpoint:
     if not roots:
         what = f'the subtree {subtree!r}' if subtree else 'the file'
         raise UserError(f'{spec}: {what} holds no ViT image tower (no {ROOT}; found {_top_names(flat)}); '
-                        'a text tower or another model is not read' + ('' if subtree else
-                                                                         '; understood: ' + '; '.join(FORMATS.values())))
+                        'a text tower or another model is not read'
+                        + ('' if subtree else '; understood: ' + '; '.join(FORMATS.values())))
     if len(roots) > 1:
         raise UserError(f'{spec}: holds {len(roots)} ViT towers (under {", ".join(r or "the top" for r in roots)}); '
                         f'pick one as FILE:SUBTREE, e.g. {spec}:{roots[-1].rstrip("/")}')

@@ -357,7 +357,8 @@ def write_safetensors(path: str, arrays: dict, metadata: Optional[Mapping[str, s
     order = sorted(arrays, key=lambda k: (-np.dtype(arrays[k].dtype).itemsize, k))
     header, offset = {}, 0
     for k in order:
-        header[k] = {'dtype': dtypes[k], 'shape': list(arrays[k].shape), 'data_offsets': [offset, offset + arrays[k].nbytes]}
+        header[k] = {'dtype': dtypes[k], 'shape': list(arrays[k].shape),
+                     'data_offsets': [offset, offset + arrays[k].nbytes]}
         offset += arrays[k].nbytes
     if metadata:
         header['__metadata__'] = dict(metadata)

@@ -104,7 +104,8 @@ def check_params(params: Mapping[str, np.ndarray], cfg: ViTConfig, where: str,
     wrong = [f'{spell(k)} expected {expected[k]} found {tuple(params[k].shape)}'
              for k in expected if k in params and tuple(params[k].shape) != expected[k]]
     if missing or extra or wrong:
-        raise misfit(where, cfg, missing, extra, wrong, 'pass the config it was trained with, or omit --config to infer it')
+        raise misfit(where, cfg, missing, extra, wrong,
+                     'pass the config it was trained with, or omit --config to infer it')
 
 
 def misfit(where: str, cfg: ViTConfig, missing: list, extra: list, wrong: list, advice: str) -> UserError:
