@@ -1,4 +1,4 @@
-"""What training minimises and how it steps, in JAX: the losses, mixup, the `Objective` and the optimizer.
+"""What training minimises and how it steps, in JAX: the losses, mixup, the `Objective` computed, and the optimizer.
 
 The default is the official fine-tuning recipe (google-research/vision_transformer,
 `train.py` and `configs/common.py`): softmax cross-entropy on the integer labels; SGD with
@@ -16,7 +16,6 @@ Shapes: B batch, C classes.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from parity.core.errors import UserError
+from parity.core.objective import Objective
 from vit_jax.settings import OPTIMIZERS, SCHEDULES
 
 
@@ -62,38 +62,6 @@ def mixup(key, images, targets, alpha: float):
     lam = jnp.maximum(lam, 1.0 - lam)
     mix = lambda x: lam * x + (1.0 - lam) * jnp.roll(x, 1, axis=0)  # noqa: E731
     return mix(images), mix(targets), lam
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """What the step minimises, beside the optimizer: the loss, its targets and the distillation.
-
-    The default is the official objective, softmax cross-entropy on the integer labels.
-    `label_smoothing` eps makes the targets `(1 - eps) onehot + eps / C` (optax's, and
-    torch's `label_smoothing`); `mixup` alpha > 0 mixes images and targets (see `mixup`).
-    With teachers, the loss is `(1 - distill_alpha) * loss + distill_alpha * sum_k w_k D_k`,
-    D_k the soft (`distillation_kl`) or hard (cross-entropy on teacher k's argmax) term.
-    """
-
-    loss: str = 'softmax'
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    distill: str = 'soft'
-    distill_alpha: float = 0.0
-    temperature: float = 1.0
-    teacher_weights: tuple[float, ...] = ()  # one per teacher, summing to 1
-
-    @classmethod
-    def from_settings(cls, s) -> 'Objective':
-        """The objective of a `vit_jax.settings.TrainSettings`."""
-        return cls(loss=s.loss, label_smoothing=s.label_smoothing, mixup=s.mixup, distill=s.distill,
-                   distill_alpha=s.distill_alpha, temperature=s.distill_temperature,
-                   teacher_weights=tuple(s.teacher_weights))
-
-    @property
-    def soft_targets(self) -> bool:
-        """Targets as distributions; else the official integer-label loss, so the default step stays bit-identical."""
-        return self.loss == 'sigmoid' or self.label_smoothing > 0 or self.mixup > 0
 
 
 def targets(obj: Objective, labels, num_classes: int):

@@ -19,7 +19,6 @@ Shapes: B batch, C classes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from parity.core.config import ViTConfig
+from parity.core.objective import Objective
 from parity.core.weights import param_shapes
 from parity.core.weights.formats.vit_torch import torch_name
 
@@ -65,31 +65,6 @@ def mixup(key: np.random.Generator, images: torch.Tensor, targets: torch.Tensor,
     lam = max(lam, 1.0 - lam)
     mix = lambda x: lam * x + (1.0 - lam) * torch.roll(x, 1, dims=0)  # noqa: E731
     return mix(images), mix(targets), lam
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """What the step minimises, beside the optimizer: `vit_jax.objective.Objective`, field for field."""
-
-    loss: str = 'softmax'
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    distill: str = 'soft'
-    distill_alpha: float = 0.0
-    temperature: float = 1.0
-    teacher_weights: tuple[float, ...] = ()  # one per teacher, summing to 1
-
-    @classmethod
-    def from_settings(cls, s) -> 'Objective':
-        """The objective of a `vit_jax.settings.TrainSettings`."""
-        return cls(loss=s.loss, label_smoothing=s.label_smoothing, mixup=s.mixup, distill=s.distill,
-                   distill_alpha=s.distill_alpha, temperature=s.distill_temperature,
-                   teacher_weights=tuple(s.teacher_weights))
-
-    @property
-    def soft_targets(self) -> bool:
-        """Targets as distributions (sigmoid loss, smoothing or mixup); else integer labels."""
-        return self.loss == 'sigmoid' or self.label_smoothing > 0 or self.mixup > 0
 
 
 def targets(obj: Objective, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -20,15 +20,15 @@ imported as modules:
 from parity.cli.arrays import load_input, npy_image_size, read_npy, save_output
 from parity.cli.contract import DEBUG_ENV, dispatch, run, say
 from parity.cli.loading import (
-                                CHECKPOINT_HELP,
-                                LoadedCheckpoint,
-                                add_checkpoint_argument,
-                                add_config_argument,
-                                check_inference,
-                                check_outputs,
-                                describe_config,
-                                load_checkpoint,
-                                load_model,
+    CHECKPOINT_HELP,
+    LoadedCheckpoint,
+    add_checkpoint_argument,
+    add_config_argument,
+    check_inference,
+    check_outputs,
+    describe_config,
+    load_checkpoint,
+    load_model,
 )
 from parity.cli.logits import SHARED, Forward, add_logits_arguments, framework_command, logits_main
 from parity.cli.types import nonnegative_float, positive_float, positive_int, seed_int, unit_float

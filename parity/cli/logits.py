@@ -11,16 +11,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from parity.cli import loading
 from parity.cli.arrays import load_input, npy_image_size, save_output
 from parity.cli.contract import resolve, say
-from parity.cli.loading import (
-    add_checkpoint_argument,
-    add_config_argument,
-    check_inference,
-    check_outputs,
-    describe_config,
-    load_checkpoint,
-)
 from parity.cli.types import positive_int
 from parity.core.config import ViTConfig
 
@@ -29,8 +22,8 @@ Forward = Callable[[np.ndarray], np.ndarray]  # NHWC float32 batch in [-1, 1] ->
 
 def add_logits_arguments(parser: argparse.ArgumentParser) -> None:
     """`logits CKPT.npz --config NAME_OR_JSON --input X.npy --output Y.npy [--image-size N]`."""
-    add_checkpoint_argument(parser)
-    add_config_argument(parser)
+    loading.add_checkpoint_argument(parser)
+    loading.add_config_argument(parser)
     parser.add_argument('--input', required=True, metavar='X.npy', help='float32 images, NHWC, in [-1, 1]')
     parser.add_argument('--output', required=True, metavar='Y.npy', help='where to write the float32 logits')
     parser.add_argument('--image-size', type=positive_int, metavar='N',
@@ -46,14 +39,14 @@ def logits_main(framework: str, make_forward: Callable[[ViTConfig, dict], Forwar
                                                  'highest matmul precision, PyTorch with TF32 off).')
     add_logits_arguments(parser)
     args = parser.parse_args(argv)
-    check_outputs({'--output': args.output}, [args.checkpoint], [args.input, args.config])
+    loading.check_outputs({'--output': args.output}, [args.checkpoint], [args.input, args.config])
     # A model with no stored grid (sincos2d) is built at the input's resolution unless --image-size says.
-    cfg, params = load_checkpoint(args.checkpoint, args.config, args.image_size, npy_image_size(args.input))
+    cfg, params = loading.load_checkpoint(args.checkpoint, args.config, args.image_size, npy_image_size(args.input))
     x = load_input(args.input, cfg)
-    check_inference(cfg, len(x))
+    loading.check_inference(cfg, len(x))
     y = make_forward(cfg, params)(x)
     save_output(args.output, y)
-    say(f'{framework}: {describe_config(cfg)} on {x.shape[0]} images -> {args.output} {tuple(y.shape)}')
+    say(f'{framework}: {loading.describe_config(cfg)} on {x.shape[0]} images -> {args.output} {tuple(y.shape)}')
     return 0
 
 
