@@ -87,8 +87,7 @@ def objective_loss(obj: Objective, logits, labels, target=None, teacher_logits: 
     student = logits if student is None else student
     terms = [distillation_kl(student, t, obj.temperature) if obj.distill == 'soft'
              else cross_entropy(student, t.argmax(-1)) for t in teacher_logits]
-    distill = sum(w * d.mean() for w, d in zip(obj.teacher_weights, terms))
-    return (1.0 - obj.distill_alpha) * loss + obj.distill_alpha * distill, distill
+    return obj.with_distillation(loss, terms)
 
 
 def learning_rate_schedule(lr: float, steps: int, warmup_steps: int, schedule: str = 'cosine',

@@ -36,6 +36,12 @@ class Objective:
                    distill_alpha=s.distill_alpha, temperature=s.distill_temperature,
                    teacher_weights=tuple(s.teacher_weights))
 
+    def with_distillation(self, loss, terms):
+        """(`(1 - distill_alpha) * loss + distill_alpha * sum_k w_k D_k`, that sum) for the label loss and each
+        teacher's per-example term D_k, in whichever framework's arrays they come (each averaged over the batch)."""
+        distill = sum(w * d.mean() for w, d in zip(self.teacher_weights, terms))
+        return (1.0 - self.distill_alpha) * loss + self.distill_alpha * distill, distill
+
     @property
     def soft_targets(self) -> bool:
         """Targets as distributions; else the official integer-label loss, so the default step stays bit-identical."""
