@@ -14,6 +14,8 @@ COPY vit_jax vit_jax
 COPY vit_torch vit_torch
 COPY parity parity
 COPY tests tests
+COPY docs docs
+COPY examples examples
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir -e '.[test,gpu]'
 ENV PATH=/opt/venv/bin:$PATH
 CMD ["python", "-m", "pytest", "-q"]

@@ -1,4 +1,4 @@
-"""Shared test set-up: float32 parity settings, the reference vectors beside the repo, tiny configs and helpers.
+"""Shared test set-up: float32 parity settings, the committed reference vectors, tiny configs and helpers.
 
 Markers: `slow` marks the tests that start training runs or many subprocesses;
 `make test-fast` leaves them out, `make test` (what CI runs) runs everything.
@@ -6,14 +6,18 @@ Markers: `slow` marks the tests that start training runs or many subprocesses;
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -23,6 +27,35 @@ from parity.core.config import ViTConfig
 from parity.harness.tolerance import bound as tolerance  # noqa: F401  the written policy: 1e-5 x max(1, max |ref|)
 from vit_jax import runtime as jax_runtime
 from vit_torch import runtime as torch_runtime
+
+
+def _share_xla_compilations() -> None:
+    """One persistent XLA compilation cache for the session and every process it starts.
+
+    The suite starts hundreds of processes (training runs, sweeps, the docs' commands) that
+    compile the same few programs: each is compiled once for all. A program read from the
+    cache is the one a compile gives, so no result changes (the bit-identical resume and
+    sweep tests run through it). The variables reach every process started from here, the
+    xdist workers too (which find them set); `jax.config` is this process's. The process
+    that made the folder removes it at exit; a cache the user set is left alone. The size
+    bound turns on JAX's file lock around each entry: the workers share the folder.
+    """
+    if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+        folder = tempfile.mkdtemp(prefix='vit-mirror-xla-cache-')
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ.update(JAX_COMPILATION_CACHE_DIR=folder, JAX_COMPILATION_CACHE_MAX_SIZE=str(2 << 30),
+                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    env = os.environ
+    jax.config.update('jax_compilation_cache_dir', env['JAX_COMPILATION_CACHE_DIR'])
+    for name, kind in (('JAX_COMPILATION_CACHE_MAX_SIZE', int), ('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', float),
+                       ('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', int)):
+        if env.get(name):
+            jax.config.update(name.lower(), kind(env[name]))
+
+
+_share_xla_compilations()
+
 
 # Parity is judged in true float32: highest matmul precision in JAX, no TF32 in PyTorch.
 jax_runtime.strict_float32()
