@@ -35,23 +35,20 @@ def _share_xla_compilations() -> None:
     The suite starts hundreds of processes (training runs, sweeps, the docs' commands) that
     compile the same few programs: each is compiled once for all. A program read from the
     cache is the one a compile gives, so no result changes (the bit-identical resume and
-    sweep tests run through it). The variables reach every process started from here, the
-    xdist workers too (which find them set); `jax.config` is this process's. The process
-    that made the folder removes it at exit; a cache the user set is left alone. The size
-    bound turns on JAX's file lock around each entry: the workers share the folder.
+    sweep tests run through it). JAX's threshold stays: only programs that take a second to
+    compile are kept (caching the thousands of small ones costs more than it saves). The
+    variables reach every process started from here, the xdist workers too (which find them
+    set); `jax.config` is this process's. The process that made the folder removes it at
+    exit; a cache the user set is left alone. The size bound turns on JAX's file lock around
+    each entry: the workers share the folder.
     """
     if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
         folder = tempfile.mkdtemp(prefix='vit-mirror-xla-cache-')
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        os.environ.update(JAX_COMPILATION_CACHE_DIR=folder, JAX_COMPILATION_CACHE_MAX_SIZE=str(2 << 30),
-                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-    env = os.environ
-    jax.config.update('jax_compilation_cache_dir', env['JAX_COMPILATION_CACHE_DIR'])
-    for name, kind in (('JAX_COMPILATION_CACHE_MAX_SIZE', int), ('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', float),
-                       ('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', int)):
-        if env.get(name):
-            jax.config.update(name.lower(), kind(env[name]))
+        os.environ.update(JAX_COMPILATION_CACHE_DIR=folder, JAX_COMPILATION_CACHE_MAX_SIZE=str(2 << 30))
+    jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+    if os.environ.get('JAX_COMPILATION_CACHE_MAX_SIZE'):
+        jax.config.update('jax_compilation_cache_max_size', int(os.environ['JAX_COMPILATION_CACHE_MAX_SIZE']))
 
 
 _share_xla_compilations()
