@@ -380,9 +380,9 @@ def apply_recipe(args, num_classes: int):
 
 def resolve(args, cfg: ViTConfig) -> TrainSettings:
     """The settings of a `train` command line for model `cfg`: flags, else `--recipe`'s values (`args` is
-    `apply_recipe`'s), else the dataset's defaults, else the declared ones; checked. `cfg` is at its
-    training resolution."""
-    check_ranges(args)
+    `apply_recipe`'s), else the dataset's defaults, else the declared ones; their combinations checked
+    (each value's range is checked once, before: the flags' by `check_ranges`, the recipe's by
+    `apply_recipe`). `cfg` is at its training resolution."""
     recipe = RECIPES.get(args.dataset, DEFAULT_RECIPE)
     cfg, fields = recipe_settings(args, cfg)
     pick = {f.name: getattr(args, f.name) if getattr(args, f.name) is not None else getattr(recipe, f.name)

@@ -8,7 +8,7 @@ first five modules are used as `from parity import cli; cli.NAME`; the last thre
 imported as modules:
 
     contract  the error contract: `run`, `dispatch`, `say`, DEBUG_ENV
-    types     the argparse types (positive_float, unit_float, seed_int, ...)
+    types     the argparse types (positive_float, seed_int, positive_int)
     loading   a checkpoint read for inference: `load_model` -> `LoadedCheckpoint`, its arguments and checks
     arrays    the --input and --output .npy arrays
     logits    the commands both frameworks share (`SHARED`, `framework_command`) and `logits`
@@ -31,12 +31,11 @@ from parity.cli.loading import (
     load_model,
 )
 from parity.cli.logits import SHARED, Forward, add_logits_arguments, framework_command, logits_main
-from parity.cli.types import nonnegative_float, positive_float, positive_int, seed_int, unit_float
+from parity.cli.types import positive_float, positive_int, seed_int
 
 __all__ = [
     'CHECKPOINT_HELP', 'DEBUG_ENV', 'SHARED', 'Forward', 'LoadedCheckpoint', 'add_checkpoint_argument',
     'add_config_argument', 'add_logits_arguments', 'check_inference', 'check_outputs', 'describe_config', 'dispatch',
-    'framework_command', 'load_checkpoint', 'load_input', 'load_model', 'logits_main', 'nonnegative_float',
+    'framework_command', 'load_checkpoint', 'load_input', 'load_model', 'logits_main',
     'npy_image_size', 'positive_float', 'positive_int', 'read_npy', 'run', 'save_output', 'say', 'seed_int',
-    'unit_float',
 ]

@@ -23,19 +23,6 @@ def positive_float(text: str) -> float:
     return _finite(text, lambda v: v > 0, 'above 0')
 
 
-def nonnegative_float(text: str) -> float:
-    """An argparse type: a finite number of 0 or more (a weight decay)."""
-    return _finite(text, lambda v: v >= 0, 'of 0 or more')
-
-
-def unit_float(text: str) -> float:
-    """An argparse type: a number in [0, 1] (a smoothing, a weight between two losses)."""
-    value = nonnegative_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f'{text}: must lie in [0, 1]')
-    return value
-
-
 def _whole(text: str) -> int:
     """`text` as a whole number; else argparse's error."""
     try:
