@@ -50,7 +50,12 @@ NUMERICS_MODES = ('source', 'official')  # --numerics: what the file's library r
 
 
 def describe_numerics(gelu: str, layer_norm_eps: float) -> str:
-    return f'{gelu} GELU, LayerNorm eps {layer_norm_eps:g}'.replace('e-0', 'e-')
+    return f'{gelu} GELU, LayerNorm eps {format_eps(layer_norm_eps)}'
+
+
+def format_eps(eps: float) -> str:
+    """An eps as people write it: 1e-6, 1e-12, 0.001."""
+    return f'{eps:g}'.replace('e-0', 'e-')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from parity.core.config import Numerics, ViTConfig, official_name_for, whole_number
+from parity.core.config import Numerics, ViTConfig, format_eps, official_name_for, whole_number
 from parity.core.errors import UserError
 from parity.core.weights.formats.tables import Table
 
@@ -136,7 +136,7 @@ def numerics_from(d: dict, where: str) -> Numerics:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise UserError(f'{where}: layer_norm_eps {eps!r} is not a number in (0, 1); '
                         'pass --numerics official to run the official 1e-6')
-    return Numerics(ACTIVATIONS[act], float(eps), f'config.json hidden_act {act!r}, layer_norm_eps {eps:g}')
+    return Numerics(ACTIVATIONS[act], float(eps), f'config.json hidden_act {act!r}, layer_norm_eps {format_eps(eps)}')
 
 
 def config_json(cfg: ViTConfig, labels: Optional[list[str]] = None) -> dict:

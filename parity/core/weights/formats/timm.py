@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from parity.core.config import BIG_VISION_VARIANTS, Numerics, ViTConfig
+from parity.core.config import BIG_VISION_VARIANTS, Numerics, ViTConfig, format_eps
 from parity.core.errors import UserError
 from parity.core.weights.formats.tables import Table
 
@@ -137,9 +137,9 @@ def build_notes(cfg: ViTConfig) -> list[str]:
     if cfg.gelu != 'erf':
         args.append(f"act_layer='{WRITTEN_ACTIVATION[cfg.gelu]}'")
     if cfg.layer_norm_eps != 1e-6:
-        args.append(f'norm_layer=partial(LayerNorm, eps={cfg.layer_norm_eps:g})')
+        args.append(f'norm_layer=partial(LayerNorm, eps={format_eps(cfg.layer_norm_eps)})')
     return [f'note: timm builds ViTs with nn.GELU (erf) and LayerNorm eps 1e-6; this model computes '
-            f'{cfg.gelu} GELU with eps {cfg.layer_norm_eps:g}: pass {", ".join(args)} to timm.create_model'] \
+            f'{cfg.gelu} GELU with eps {format_eps(cfg.layer_norm_eps)}: pass {", ".join(args)} to timm.create_model'] \
         if args else []
 
 
