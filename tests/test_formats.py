@@ -37,9 +37,9 @@ SMALL = dict(patch_size=(8, 8), width=32, depth=2, mlp_dim=64, num_heads=4)  # b
 FRAMEWORKS = {'vit_jax': jax_runtime.forward, 'vit_torch': torch_runtime.forward}
 
 
-def logits_of(path, config=None) -> dict[str, np.ndarray]:
+def logits_of(path, config=None, numerics='source') -> dict[str, np.ndarray]:
     """What both frameworks compute for X from a checkpoint file, read as the commands read it."""
-    cfg, params = cli.load_checkpoint(str(path), None if config is None else str(config), None, S)
+    cfg, params = cli.load_checkpoint(str(path), None if config is None else str(config), None, S, numerics)
     return {fw: forward(cfg, params)(X) for fw, forward in FRAMEWORKS.items()}
 
 
@@ -248,7 +248,8 @@ def timm_files(tmp_path_factory):
 def test_timm_files_give_timms_logits(timm_files, case, suffix):
     root, config, want, _ = timm_files[case]
     assert weights.load(str(root / f'{case}{suffix}')).format == 'timm'
-    assert_close(logits_of(root / f'{case}{suffix}', config), want)
+    # built with act_layer='gelu_tanh', which a bare file does not record: timm's default would be erf
+    assert_close(logits_of(root / f'{case}{suffix}', config, 'official'), want)
 
 
 def test_timm_files_do_not_record_their_heads(timm_files):
@@ -268,7 +269,7 @@ def test_a_timm_hub_folder_names_its_variant(tmp_path):
     (tmp_path / 'hub').mkdir()
     save_file(model.state_dict(), str(tmp_path / 'hub' / 'model.safetensors'))
     write_json(tmp_path / 'hub' / 'config.json', {'architecture': 'vit_tiny_patch16_224', 'num_classes': 5,
-                                                  'global_pool': 'token'})
+                                                  'global_pool': 'token', 'model_args': {'act_layer': 'gelu_tanh'}})
     assert_close(logits_of(tmp_path / 'hub'), timm_logits(model))  # 3 heads, from "tiny"
 
 
@@ -302,12 +303,12 @@ def test_timm_files_the_official_model_cannot_compute_are_refused(timm_files, tm
 
 
 def test_a_timm_deit_distilled_file_gives_timms_logits_and_goes_back(tmp_path):
-    """timm's own VisionTransformerDistilled (tiny, tanh GELU) saved by timm: both frameworks give its logits."""
+    """timm's own VisionTransformerDistilled (tiny, timm's erf GELU) saved by timm: both frameworks give its logits."""
     from timm.models.deit import VisionTransformerDistilled
 
     cfg = tiny(classifier='token_distilled')
     model = VisionTransformerDistilled(img_size=S, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2,
-                                       num_classes=5, act_layer='gelu_tanh').eval()
+                                       num_classes=5).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # zero heads would hide everything
@@ -319,12 +320,14 @@ def test_a_timm_deit_distilled_file_gives_timms_logits_and_goes_back(tmp_path):
     params = weights.load(str(tmp_path / 'deit.safetensors')).params(cfg)
     weights.save(str(tmp_path / 'back.safetensors'), dict(params), cfg, 'timm')
     again = VisionTransformerDistilled(img_size=S, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2,
-                                       num_classes=5, act_layer='gelu_tanh').eval()
+                                       num_classes=5).eval()
     again.load_state_dict(load_file(str(tmp_path / 'back.safetensors')), strict=True)
     np.testing.assert_array_equal(timm_logits(again), want)
     # The released npz layout holds it too (its extra arrays by name), and the config is read back from it.
     weights.save(str(tmp_path / 'deit.npz'), dict(params), cfg, 'npz')
-    assert_close(logits_of(tmp_path / 'deit.npz'), want)
+    # the npz records no numerics: the config says timm's erf GELU
+    erf = write_json(tmp_path / 'deit-erf.json', dict(cfg.replace(gelu='erf').to_official_dict(), image_size=S))
+    assert_close(logits_of(tmp_path / 'deit.npz', erf), want)
     assert weights.infer_config(weights.load_npz(str(tmp_path / 'deit.npz'))).classifier == 'token_distilled'
     with pytest.raises(UserError, match="distillation token"):
         weights.save(str(tmp_path / 'bv.npz'), dict(params), cfg, 'big_vision')
@@ -366,19 +369,19 @@ def hf_logits(folder) -> np.ndarray:
         return model(pixel_values=torch_runtime.to_nchw(X, 'cpu')).logits.numpy()
 
 
-def test_a_hub_folder_gives_the_official_logits_and_says_its_numerics_differ(tmp_path, capsys):
+def test_a_hub_folder_gives_transformers_logits_or_with_numerics_official_the_official_ones(tmp_path, capsys):
     cfg = tiny()
     _, params, want = official(tmp_path, cfg)
     folder = hub_folder(tmp_path, params, cfg)
     assert json.loads((folder / 'config.json').read_text())['hidden_act'] == 'gelu'
-    assert_close(logits_of(folder), want)
-    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith('note:')]
-    assert len(notes) == 1 and "'gelu'" in notes[0] and 'official numerics' in notes[0]
+    assert_close(logits_of(folder), hf_logits(folder))
+    assert 'numerics: erf GELU, LayerNorm eps 1e-12' in capsys.readouterr().err
+    assert_close(logits_of(folder, numerics='official'), want)
     # transformers itself, told the official numerics, computes the same function from the same file
     assert np.abs(hf_logits(hub_folder(tmp_path, params, cfg, 'tanh', hidden_act='gelu_pytorch_tanh',
                                        layer_norm_eps=1e-6)) - want).max() <= tolerance(want)
     # model.safetensors alone: its folder's config.json is read; without one, the heads are unknown
-    assert_close(logits_of(folder / 'model.safetensors'), want)
+    assert_close(logits_of(folder / 'model.safetensors', numerics='official'), want)
     (tmp_path / 'alone').mkdir()
     shutil.copy(folder / 'model.safetensors', tmp_path / 'alone')
     with pytest.raises(UserError, match='does not record its number of heads'):
@@ -493,7 +496,9 @@ def test_every_format_through_the_logits_and_convert_commands(reference, tmp_pat
     for to, path in made.items():
         for fw in ('vit_jax', 'vit_torch'):
             out = tmp_path / f'{to}-{fw}.npy'
-            proc = run_cli(fw, 'logits', path, '--config', cfg_json, '--input', x, '--output', out)
+            # timm's file alone runs as timm builds it (erf GELU); the official model's weights need the official
+            proc = run_cli(fw, 'logits', path, '--config', cfg_json, '--input', x, '--output', out,
+                           *(['--numerics', 'official'] if to == 'timm' else []))
             assert proc.returncode == 0, (to, fw, proc.stderr)
             assert np.abs(np.load(out) - want).max() < 1e-5, (to, fw)
     # a bad input: one line, exit 2, nothing written

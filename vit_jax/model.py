@@ -42,12 +42,13 @@ class Module(nn.Module):
 
 
 class MlpBlock(Module):
-    """Dense, tanh-approximate GELU, Dense, with dropout after each."""
+    """Dense, GELU, Dense, with dropout after each; the official GELU is the tanh approximation."""
 
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     fast: bool = False
+    gelu: str = 'tanh'  # 'erf' for files whose library computes the exact GELU (timm, transformers' "gelu")
 
     @nn.compact
     def __call__(self, x, *, deterministic):
@@ -56,7 +57,7 @@ class MlpBlock(Module):
                                   bias_init=nn.initializers.normal(stddev=1e-6),
                                   dot_general=fast_path.dot_general(self.fast))
         x = dense(self.mlp_dim, name='Dense_0')(x)  # (B, N, M)
-        x = nn.gelu(x, approximate=True)  # the official model's GELU is flax's default, the tanh form
+        x = nn.gelu(x, approximate=self.gelu == 'tanh')  # the official model's is flax's default, the tanh form
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
         x = dense(D, name='Dense_1')(x)  # (B, N, D)
         return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
@@ -127,17 +128,19 @@ class EncoderBlock(Module):
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     fast: bool = False
+    gelu: str = 'tanh'
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, *, deterministic):
-        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='LayerNorm_0')(x)
         y = Attention(num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
                       fast=self.fast, name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
         y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
         x = x + DropPath(self.drop_path_rate, name='DropPath_0')(y, deterministic=deterministic)
-        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_1')(x)
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='LayerNorm_1')(x)
         y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype, fast=self.fast,
-                     name='MlpBlock_0')(y, deterministic=deterministic)
+                     gelu=self.gelu, name='MlpBlock_0')(y, deterministic=deterministic)
         x = x + DropPath(self.drop_path_rate, name='DropPath_1')(y, deterministic=deterministic)
         self.sow('intermediates', 'output', x)
         return x
@@ -172,6 +175,8 @@ class Encoder(Module):
     fast: bool = False
     posemb: str = 'learn'
     grid: tuple[int, int] = (0, 0)
+    gelu: str = 'tanh'
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, *, train):
@@ -182,8 +187,9 @@ class Encoder(Module):
             x = EncoderBlock(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
                              attention_dropout_rate=self.attention_dropout_rate,
                              drop_path_rate=self.drop_path_rates[i] if self.drop_path_rates else 0.0,
-                             dtype=self.dtype, fast=self.fast, name=f'encoderblock_{i}')(x, deterministic=not train)
-        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(x)
+                             dtype=self.dtype, fast=self.fast, gelu=self.gelu, layer_norm_eps=self.layer_norm_eps,
+                             name=f'encoderblock_{i}')(x, deterministic=not train)
+        x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='encoder_norm')(x)
         self.sow('intermediates', 'encoded', x)
         return x
 
@@ -191,13 +197,15 @@ class Encoder(Module):
 class MAPHead(Module):
     """Multihead attention pooling, as big_vision's MAPHead: a learned probe attends over the tokens.
 
-    The attention's output gets an MLP with a residual; LayerNorm eps 1e-6 and tanh GELU,
-    as everywhere in the model.
+    The attention's output gets an MLP with a residual; the LayerNorm eps and GELU are the
+    trunk's (1e-6 and tanh in the official numerics).
     """
 
     mlp_dim: int
     num_heads: int
     dtype: Dtype = jnp.float32
+    gelu: str = 'tanh'
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x):
@@ -206,8 +214,9 @@ class MAPHead(Module):
         probe = jnp.tile(probe.astype(x.dtype), (B, 1, 1))  # (B, 1, D)
         x = Attention(num_heads=self.num_heads, dtype=self.dtype,
                       name='MultiHeadDotProductAttention_0')(probe, x, deterministic=True)  # (B, 1, D)
-        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
-        x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name='MlpBlock_0')(y, deterministic=True)
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='LayerNorm_0')(x)
+        mlp = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, gelu=self.gelu, name='MlpBlock_0')
+        x = x + mlp(y, deterministic=True)
         return x[:, 0]  # (B, D)
 
 
@@ -311,7 +320,8 @@ class VisionTransformer(Module):
             cls = self.param('cls', nn.initializers.zeros, (1, 1, D))
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (B, 1, 1)), x], axis=1)  # (B, N, D)
         x = Encoder(cfg.num_layers, cfg.mlp_dim, cfg.num_heads, cfg.dropout_rate, cfg.attention_dropout_rate,
-                    cfg.drop_path_rates, self.dtype, self.fast, cfg.posemb, (h, w), name='Transformer')(x, train=train)
+                    cfg.drop_path_rates, self.dtype, self.fast, cfg.posemb, (h, w), cfg.gelu, cfg.layer_norm_eps,
+                    name='Transformer')(x, train=train)
         if cfg.has_dist_token:
             x, x_dist = x[:, 0], x[:, 1]  # (B, D) each
         elif cfg.classifier in ('token', 'first'):
@@ -319,7 +329,8 @@ class VisionTransformer(Module):
         elif cfg.classifier == 'gap':
             x = x.mean(axis=1)  # (B, D)
         elif cfg.classifier == 'map':
-            x = MAPHead(cfg.mlp_dim, cfg.num_heads, self.dtype, name='MAPHead_0')(x)  # (B, D)
+            x = MAPHead(cfg.mlp_dim, cfg.num_heads, self.dtype, cfg.gelu, cfg.layer_norm_eps,
+                        name='MAPHead_0')(x)  # (B, D)
         if cfg.representation_size is not None:
             x = jnp.tanh(nn.Dense(cfg.representation_size, dtype=self.dtype, name='pre_logits')(x))
         self.sow('intermediates', 'features', x)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from parity import cli
 from parity.core import files
-from parity.core.config import ViTConfig
+from parity.core.config import NUMERICS_MODES, ViTConfig
 from parity.core.errors import UserError
 from parity.data import augment as augmentation, datasets
 from parity.data.augment import Augment
@@ -155,6 +155,9 @@ FLAGS: dict[str, Flag] = {
     'workdir': Flag('metrics, checkpoints, final.npz, config.json', metavar='DIR', required=True),
     'checkpoint': Flag('fine-tune from this checkpoint (position embeddings resized, head re-initialised)',
                        metavar='PRETRAINED.npz'),
+    'numerics': Flag("the GELU and LayerNorm eps of --checkpoint and --teacher: source, what each file's library "
+                     "runs it with (timm: erf GELU; a Hugging Face folder: its config.json's), or official, Google's "
+                     "(tanh GELU, eps 1e-6); the trained model keeps them", default='source', choices=NUMERICS_MODES),
     'image_size': Flag('training resolution (default: 384; digits 8)', int, range=POSITIVE, metavar='N'),
     'steps': Flag('optimizer updates', int, range=POSITIVE, metavar='N'),
     'batch_size': Flag('global batch (all devices and processes)', int, range=POSITIVE, metavar='N'),
@@ -280,6 +283,7 @@ class TrainSettings:
     config: Optional[ViTConfig] = _run(default=None)  # the model trained, at its training resolution and classes
     dataset: Optional[str] = _run(default=None)
     checkpoint: Optional[str] = _run('checkpoint')  # the absolute path fine-tuned from, or None (from scratch)
+    numerics: str = _run('numerics')  # the checkpoints' (`NUMERICS_MODES`); the trained model's are in `config`
     image_size: Optional[int] = _run('image_size')
     steps: int = _run(default=DEFAULT_RECIPE.steps)
     batch_size: int = _run(default=DEFAULT_RECIPE.batch_size)  # global, over every device and process

@@ -142,12 +142,13 @@ class Teacher:
 
 
 def load_teachers(teachers: Sequence[tuple[str, Optional[str]]], num_classes: int, student: str,
-                  image_size: Optional[int] = None) -> list[Teacher]:
+                  image_size: Optional[int] = None, numerics: str = 'source') -> list[Teacher]:
     """Each (checkpoint, config or None) of `teachers` read for inference (at `image_size`, default its own
-    resolution), checked to predict the `num_classes` classes of `student` (what the error names)."""
+    resolution, with `--numerics` `numerics`), checked to predict the `num_classes` classes of `student` (what the
+    error names)."""
     out = []
     for path, config in teachers:
-        model = cli.load_model(path, config, image_size)
+        model = cli.load_model(path, config, image_size, numerics=numerics)
         if model.cfg.num_classes != num_classes:
             raise UserError(f'--teacher {path}: it predicts {model.cfg.num_classes} classes and {student} has '
                             f'{num_classes}; a teacher must be trained on the same classes')

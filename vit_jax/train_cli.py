@@ -115,15 +115,16 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
     # A plain ViT fine-tuned into DeiT's distilled model: read the file as what it is, the surgery adds the token.
     grows = bool(args.config) and load_config(args.config).has_dist_token and 'dist_token' not in ckpt.shapes
     # The checkpoint's own config: the trunk as --config says, its head as the file has it.
-    own = configs.with_checkpoint_head(weights.configure(ckpt, None if grows else args.config,
-                                                         fallback_size=image_size), ckpt.shapes)
+    own = configs.with_checkpoint_head(weights.configure(ckpt, None if grows else args.config, fallback_size=image_size,
+                                                         numerics=settings.given(args, 'numerics')), ckpt.shapes)
     if grows and not (own.classifier == 'token' and own.same_architecture(load_config(args.config).replace(
             classifier='token'))):
         raise UserError(f'--checkpoint {args.checkpoint}: a token_distilled --config grows a distillation token '
                         f'from a class token, and this checkpoint is {cli.describe_config(own)}, another architecture; '
                         'pass a checkpoint of the same trunk with a class token')
-    # Fine-tuning drops the representation layer unless the config asks for one, as the official code does.
-    cfg = load_config(args.config) if args.config else own.replace(representation_size=None)
+    # Fine-tuning drops the representation layer unless the config asks for one, as the official code does;
+    # the model keeps the numerics it computed with.
+    cfg = load_config(args.config).with_numerics(own.numerics) if args.config else own.replace(representation_size=None)
     cfg = cfg.replace(num_classes=dataset.num_classes, image_size=image_size)
     cfg.grid_for(image_size)
     # Before the surgery allocates position embeddings for the new grid: one image must fit at all.
@@ -380,7 +381,7 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
     if B % devices or (B // devices) % A:
         raise UserError(f'--batch-size {B} does not split over {devices} devices with --accum-steps {A}; '
                         f'pick a multiple of {devices * A}')
-    teachers = train.load_teachers(s.teachers, dataset.num_classes, dataset.name)
+    teachers = train.load_teachers(s.teachers, dataset.num_classes, dataset.name, numerics=s.numerics)
     check_memory(s, devices, procs, [t.cfg for t in teachers])
     _check_resume(args.workdir, s)
     if writer:

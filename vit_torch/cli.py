@@ -49,6 +49,7 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('output', metavar='OUT', help='the file to write (a folder for --to hf)')
     parser.add_argument('--to', choices=tuple(weights.WRITERS), help='the layout to write (default: from OUT)')
     cli.add_config_argument(parser)
+    cli.add_numerics_argument(parser)
     args = parser.parse_args(argv)
     src, dst = args.input, args.output
     to = args.to or weights.format_for(dst)
@@ -57,12 +58,12 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     ckpt = weights.load(src)
     for note in ckpt.notes:
         cli.say(note)
-    cfg = weights.configure(ckpt, args.config)
-    if args.config is None and ckpt.config is None:
-        cli.say(f'inferred config: {cli.describe_config(cfg)}')
+    cfg = weights.configure(ckpt, args.config, numerics=args.numerics)
+    cli.say_config(ckpt, cfg, args.config, args.numerics)
     params = ckpt.params(cfg)
     weights.check_params(params, cfg, src)
-    weights.save(dst, params, cfg, to, labels=ckpt.labels)
+    for note in weights.save(dst, params, cfg, to, labels=ckpt.labels):
+        cli.say(note)
     cli.say(f'vit_torch: {src} ({ckpt.format}) -> {dst} ({to}; {cli.describe_config(cfg)})')
     return 0
 

@@ -3,7 +3,8 @@
 Same classes, same order, same submodule names as the Flax model, so every
 state-dict key is the official parameter name with '.' for '/' (the layouts are in
 `parity.core.weights.formats.vit_torch.TORCH_LAYOUT`). Numerics follow the official code, not PyTorch
-habits: tanh GELU, LayerNorm eps 1e-6, weight-standardised convolutions with
+habits: tanh GELU, LayerNorm eps 1e-6 (unless the config says otherwise: a file whose library computes
+another, as timm's erf GELU), weight-standardised convolutions with
 GroupNorm(32, 1e-6), TF `SAME` padding. For bf16 compute run under
 `torch.autocast`; the parameters stay float32.
 
@@ -61,20 +62,21 @@ def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> t
 
 
 class MlpBlock(Module):
-    """Dense, tanh-approximate GELU, Dense, with dropout after each."""
+    """Dense, GELU, Dense, with dropout after each; the official GELU is the tanh approximation."""
 
-    def __init__(self, dim: int, mlp_dim: int, dropout_rate: float = 0.0):
+    def __init__(self, dim: int, mlp_dim: int, dropout_rate: float = 0.0, gelu: str = 'tanh'):
         super().__init__()
         self.Dense_0 = nn.Linear(dim, mlp_dim)
         self.Dense_1 = nn.Linear(mlp_dim, dim)
         self.dropout_rate = dropout_rate
+        self.gelu = gelu  # 'erf' for files whose library computes the exact GELU (timm, transformers' "gelu")
         for dense in (self.Dense_0, self.Dense_1):
             nn.init.xavier_uniform_(dense.weight)
             nn.init.normal_(dense.bias, std=1e-6)
 
     def forward(self, x):
         x = self.Dense_0(x)  # (B, N, M)
-        x = F.gelu(x, approximate='tanh')  # the official model's GELU is flax's default, the tanh form
+        x = F.gelu(x, approximate='tanh' if self.gelu == 'tanh' else 'none')  # the official model's: the tanh form
         x = F.dropout(x, self.dropout_rate, self.training)
         x = self.Dense_1(x)  # (B, N, D)
         return F.dropout(x, self.dropout_rate, self.training)
@@ -146,12 +148,13 @@ class EncoderBlock(Module):
     """Pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, mlp_dim: int, num_heads: int, dropout_rate: float = 0.0,
-                 attention_dropout_rate: float = 0.0, drop_path_rate: float = 0.0, fast: bool = False):
+                 attention_dropout_rate: float = 0.0, drop_path_rate: float = 0.0, fast: bool = False,
+                 gelu: str = 'tanh', layer_norm_eps: float = 1e-6):
         super().__init__()
-        self.LayerNorm_0 = nn.LayerNorm(dim, eps=1e-6)
+        self.LayerNorm_0 = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.MultiHeadDotProductAttention_0 = Attention(dim, num_heads, attention_dropout_rate, fast)
-        self.LayerNorm_1 = nn.LayerNorm(dim, eps=1e-6)
-        self.MlpBlock_0 = MlpBlock(dim, mlp_dim, dropout_rate)
+        self.LayerNorm_1 = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.MlpBlock_0 = MlpBlock(dim, mlp_dim, dropout_rate, gelu)
         self.dropout_rate = dropout_rate
         self.DropPath_0, self.DropPath_1 = DropPath(drop_path_rate), DropPath(drop_path_rate)
 
@@ -192,7 +195,8 @@ class Encoder(Module):
     def __init__(self, num_tokens: int, dim: int, num_layers: int, mlp_dim: int, num_heads: int,
                  dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
                  drop_path_rates: tuple[float, ...] = (), fast: bool = False,
-                 posemb: str = 'learn', grid: tuple[int, int] = (0, 0)):
+                 posemb: str = 'learn', grid: tuple[int, int] = (0, 0), gelu: str = 'tanh',
+                 layer_norm_eps: float = 1e-6):
         super().__init__()
         self.posembed_input = AddPositionEmbs(num_tokens, dim, posemb, grid)
         self.num_layers = num_layers
@@ -200,8 +204,9 @@ class Encoder(Module):
         for i in range(num_layers):
             rate = drop_path_rates[i] if drop_path_rates else 0.0
             self.add_module(f'encoderblock_{i}', EncoderBlock(dim, mlp_dim, num_heads, dropout_rate,
-                                                              attention_dropout_rate, rate, fast))
-        self.encoder_norm = nn.LayerNorm(dim, eps=1e-6)
+                                                              attention_dropout_rate, rate, fast, gelu,
+                                                              layer_norm_eps))
+        self.encoder_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
 
     def forward(self, x):
         x = self.posembed_input(x)
@@ -217,17 +222,17 @@ class Encoder(Module):
 class MAPHead(Module):
     """Multihead attention pooling, as big_vision's MAPHead: a learned probe attends over the tokens.
 
-    The attention's output gets an MLP with a residual; LayerNorm eps 1e-6 and tanh GELU,
-    as everywhere in the model.
+    The attention's output gets an MLP with a residual; the LayerNorm eps and GELU are the
+    trunk's (1e-6 and tanh in the official numerics).
     """
 
-    def __init__(self, dim: int, mlp_dim: int, num_heads: int):
+    def __init__(self, dim: int, mlp_dim: int, num_heads: int, gelu: str = 'tanh', layer_norm_eps: float = 1e-6):
         super().__init__()
         self.probe = nn.Parameter(torch.empty(1, 1, dim))
         nn.init.xavier_uniform_(self.probe)
         self.MultiHeadDotProductAttention_0 = Attention(dim, num_heads)
-        self.LayerNorm_0 = nn.LayerNorm(dim, eps=1e-6)
-        self.MlpBlock_0 = MlpBlock(dim, mlp_dim)
+        self.LayerNorm_0 = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.MlpBlock_0 = MlpBlock(dim, mlp_dim, gelu=gelu)
 
     def forward(self, x):
         B, N, D = x.shape
@@ -332,9 +337,9 @@ class VisionTransformer(Module):
             self.cls = nn.Parameter(torch.zeros(1, 1, D))
         self.Transformer = Encoder(cfg.num_tokens, D, cfg.num_layers, cfg.mlp_dim, cfg.num_heads,
                                    cfg.dropout_rate, cfg.attention_dropout_rate, cfg.drop_path_rates, fast,
-                                   cfg.posemb, cfg.grid_size)
+                                   cfg.posemb, cfg.grid_size, cfg.gelu, cfg.layer_norm_eps)
         if cfg.classifier == 'map':
-            self.MAPHead_0 = MAPHead(D, cfg.mlp_dim, cfg.num_heads)
+            self.MAPHead_0 = MAPHead(D, cfg.mlp_dim, cfg.num_heads, cfg.gelu, cfg.layer_norm_eps)
         features = D
         if cfg.representation_size is not None:
             self.pre_logits = nn.Linear(D, cfg.representation_size)

@@ -24,18 +24,21 @@ from parity.cli.loading import (
     LoadedCheckpoint,
     add_checkpoint_argument,
     add_config_argument,
+    add_numerics_argument,
     check_inference,
     check_outputs,
     describe_config,
     load_checkpoint,
     load_model,
+    say_config,
 )
 from parity.cli.logits import SHARED, Forward, add_logits_arguments, framework_command, logits_main
 from parity.cli.types import positive_float, positive_int, seed_int
 
 __all__ = [
     'CHECKPOINT_HELP', 'DEBUG_ENV', 'SHARED', 'Forward', 'LoadedCheckpoint', 'add_checkpoint_argument',
-    'add_config_argument', 'add_logits_arguments', 'check_inference', 'check_outputs', 'describe_config', 'dispatch',
-    'framework_command', 'load_checkpoint', 'load_input', 'load_model', 'logits_main',
-    'npy_image_size', 'positive_float', 'positive_int', 'read_npy', 'run', 'save_output', 'say', 'seed_int',
+    'add_config_argument', 'add_logits_arguments', 'add_numerics_argument', 'check_inference', 'check_outputs',
+    'describe_config', 'dispatch', 'framework_command', 'load_checkpoint', 'load_input', 'load_model', 'logits_main',
+    'npy_image_size', 'positive_float', 'positive_int', 'read_npy', 'run', 'save_output', 'say', 'say_config',
+    'seed_int',
 ]

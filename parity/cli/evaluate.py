@@ -75,6 +75,6 @@ def main(framework: str, make_forward: Callable[[ViTConfig, dict], cli.Forward],
     add_arguments(parser)
     args = parser.parse_args(argv)
     cli.check_outputs({'--json': args.json, '--logits': args.logits}, [args.checkpoint], [args.config])
-    cfg, params = cli.load_checkpoint(args.checkpoint, args.config, args.image_size)
+    cfg, params = cli.load_checkpoint(args.checkpoint, args.config, args.image_size, numerics=args.numerics)
     run_eval(args, framework, make_forward(cfg, params), cfg)
     return 0

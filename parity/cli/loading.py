@@ -1,4 +1,5 @@
-"""A checkpoint read for inference: the `CKPT` and `--config` arguments, `load_model`, and the checks around it."""
+"""A checkpoint read for inference: the `CKPT`, `--numerics` and `--config` arguments, `load_model`, and the checks
+around it."""
 
 from __future__ import annotations
 
@@ -10,18 +11,28 @@ import numpy as np
 
 from parity.cli.contract import say
 from parity.core import files, limits, weights
-from parity.core.config import ViTConfig
+from parity.core.config import NUMERICS_MODES, OFFICIAL_NUMERICS, ViTConfig
 
 CHECKPOINT_HELP = ('a checkpoint of any layout: the released or big_vision npz (FILE.npz:SUBTREE for a nested '
                    'tower), a .safetensors/.pt state dict (this project\'s or timm\'s), or a Hugging Face folder')
 
 
+NUMERICS_HELP = ("source (default): the GELU and LayerNorm eps the file's own library runs it with (timm: erf GELU; "
+                 "a Hugging Face folder: its config.json's hidden_act and layer_norm_eps); official: Google's "
+                 "(tanh GELU, LayerNorm eps 1e-6), whatever the file")
+
+
 def add_checkpoint_argument(parser: argparse.ArgumentParser, flag: Optional[str] = None) -> None:
-    """The checkpoint a command reads: positional CKPT, or `flag` (--checkpoint)."""
+    """The checkpoint a command reads: positional CKPT, or `flag` (--checkpoint); and `--numerics` to run it with."""
     if flag:
         parser.add_argument(flag, required=True, metavar='CKPT', help=CHECKPOINT_HELP)
     else:
         parser.add_argument('checkpoint', metavar='CKPT', help=CHECKPOINT_HELP)
+    add_numerics_argument(parser)
+
+
+def add_numerics_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--numerics', choices=NUMERICS_MODES, default='source', help=NUMERICS_HELP)
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -41,19 +52,18 @@ class LoadedCheckpoint:
 
 
 def load_model(path: str, config: Optional[str], image_size: Optional[int],
-               fallback_size: int = 224) -> LoadedCheckpoint:
+               fallback_size: int = 224, numerics: str = 'source') -> LoadedCheckpoint:
     """Reads any checkpoint format, configures it, resizes and strictly checks it for inference (float32).
 
     `fallback_size` is the resolution of a model with no stored grid (sincos2d) when
-    `--image-size` does not say. The file's notes, and the config when it was inferred,
-    go to stderr.
+    `--image-size` does not say; `numerics` is `--numerics`. The file's notes, and the
+    config (when it was inferred) or its numerics (when they are not the official ones), go to stderr.
     """
     ckpt = weights.load(path)
     for note in ckpt.notes:
         say(note)
-    cfg = weights.configure(ckpt, config, image_size, fallback_size)
-    if config is None:
-        say(f'{"inferred config" if ckpt.config is None else "config from the file"}: {describe_config(cfg)}')
+    cfg = weights.configure(ckpt, config, image_size, fallback_size, numerics)
+    say_config(ckpt, cfg, config, numerics)
     check_inference(cfg, 1)
     params = weights.prepare_for_inference(ckpt.params(cfg), cfg, path)
     bad = [k for k, v in params.items() if not np.isfinite(v).all()]
@@ -65,9 +75,9 @@ def load_model(path: str, config: Optional[str], image_size: Optional[int],
 
 
 def load_checkpoint(path: str, config: Optional[str], image_size: Optional[int],
-                    fallback_size: int = 224) -> tuple[ViTConfig, dict]:
+                    fallback_size: int = 224, numerics: str = 'source') -> tuple[ViTConfig, dict]:
     """`load_model`'s config and params."""
-    loaded = load_model(path, config, image_size, fallback_size)
+    loaded = load_model(path, config, image_size, fallback_size, numerics)
     return loaded.cfg, loaded.params
 
 
@@ -82,6 +92,17 @@ def check_inference(cfg: ViTConfig, batch: int) -> None:
     """Refuses a forward pass of `batch` images at `cfg`'s resolution that this machine cannot hold."""
     limits.check_compute(limits.inference_bytes(cfg, batch),
                          f'{describe_config(cfg)} on {batch} image{"s" if batch != 1 else ""}')
+
+
+def say_config(ckpt: weights.Checkpoint, cfg: ViTConfig, config: Optional[str], numerics: str) -> None:
+    """The config line a command prints for a checkpoint: the config when it was not given, and the numerics in use
+    and where they came from (always when not given; with `--config`, only when the file or `--numerics` set them)."""
+    n = weights.numerics_for(ckpt, cfg, numerics, config)
+    if config is None:
+        say(f'{"inferred config" if ckpt.config is None else "config from the file"}: {describe_config(cfg)}; '
+            f'numerics: {n.describe()}')
+    elif n != OFFICIAL_NUMERICS:
+        say(f'numerics: {n.describe()}')
 
 
 def describe_config(cfg: ViTConfig) -> str:

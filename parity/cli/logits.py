@@ -41,7 +41,8 @@ def logits_main(framework: str, make_forward: Callable[[ViTConfig, dict], Forwar
     args = parser.parse_args(argv)
     loading.check_outputs({'--output': args.output}, [args.checkpoint], [args.input, args.config])
     # A model with no stored grid (sincos2d) is built at the input's resolution unless --image-size says.
-    cfg, params = loading.load_checkpoint(args.checkpoint, args.config, args.image_size, npy_image_size(args.input))
+    cfg, params = loading.load_checkpoint(args.checkpoint, args.config, args.image_size, npy_image_size(args.input),
+                                          args.numerics)
     x = load_input(args.input, cfg)
     loading.check_inference(cfg, len(x))
     y = make_forward(cfg, params)(x)

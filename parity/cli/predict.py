@@ -89,7 +89,7 @@ def load(args: argparse.Namespace, images: Sequence[str]) -> tuple[ViTConfig, di
     for path in images:
         if not os.path.isfile(path):  # before the checkpoint is read: fail fast on a typo
             raise UserError(f'{path}: no such image file')
-    model = cli.load_model(args.checkpoint, args.config, args.image_size)
+    model = cli.load_model(args.checkpoint, args.config, args.image_size, numerics=args.numerics)
     cfg, params = model.cfg, model.params
     check_head(params, cfg, args.checkpoint)
     own = model.checkpoint.labels

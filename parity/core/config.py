@@ -26,6 +26,36 @@ from parity.core.files import read_json_object
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled', 'map', 'first', 'token_distilled')
 OFFICIAL_CLASSIFIERS = CLASSIFIERS[:4]
 POSEMBS = ('learn', 'sincos2d')  # learned (stored), or big_vision's fixed 2-D sine-cosine table (computed)
+# The GELU forms: the official model's (flax's default, the tanh approximation), and the exact erf one that
+# nn.GELU (timm) and transformers' `hidden_act: "gelu"` compute.
+GELUS = ('tanh', 'erf')
+OFFICIAL_GELU, OFFICIAL_LAYER_NORM_EPS = 'tanh', 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """The GELU form and LayerNorm eps a model computes with, and where they came from (for messages)."""
+
+    gelu: str
+    layer_norm_eps: float
+    source: str
+
+    def describe(self) -> str:
+        """`erf GELU, LayerNorm eps 1e-12 (config.json)`."""
+        return f'{describe_numerics(self.gelu, self.layer_norm_eps)} ({self.source})'
+
+
+OFFICIAL_NUMERICS = Numerics(OFFICIAL_GELU, OFFICIAL_LAYER_NORM_EPS, "the official model's")
+NUMERICS_MODES = ('source', 'official')  # --numerics: what the file's library runs, or Google's official numerics
+
+
+def describe_numerics(gelu: str, layer_norm_eps: float) -> str:
+    return f'{gelu} GELU, LayerNorm eps {format_eps(layer_norm_eps)}'
+
+
+def format_eps(eps: float) -> str:
+    """An eps as people write it: 1e-6, 1e-12, 0.001."""
+    return f'{eps:g}'.replace('e-0', 'e-')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +89,8 @@ class ViTConfig:
     num_classes: int = 1000
     image_size: int = 224
     posemb: str = 'learn'
+    gelu: str = OFFICIAL_GELU  # the MLPs' GELU (encoder blocks, MAP head): 'tanh' (official) or 'erf'
+    layer_norm_eps: float = OFFICIAL_LAYER_NORM_EPS  # every LayerNorm's (the ResNet stem's GroupNorm keeps 1e-6)
 
     def __post_init__(self):
         where = f'config {self.name or "(unnamed)"}'
@@ -66,6 +98,11 @@ class ViTConfig:
             raise UserError(f'{where}: classifier {self.classifier!r} is not one of {", ".join(CLASSIFIERS)}')
         if self.posemb not in POSEMBS:
             raise UserError(f'{where}: posemb {self.posemb!r} is not one of {", ".join(POSEMBS)}')
+        if self.gelu not in GELUS:
+            raise UserError(f'{where}: gelu {self.gelu!r} is not one of {", ".join(GELUS)}')
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < 1):
+            raise UserError(f'{where}: layer_norm_eps {eps!r} must be a number in (0, 1)')
         if self.posemb == 'sincos2d' and (self.hidden_size % 4 or self.hidden_size < 8):
             raise UserError(f'{where}: sincos2d position embeddings need a width of 8 or more, divisible by 4, '
                             f'not {self.hidden_size}')
@@ -131,6 +168,15 @@ class ViTConfig:
         return int(self.has_cls_token) + int(self.has_dist_token)
 
     @property
+    def numerics(self) -> Numerics:
+        """The config's GELU form and LayerNorm eps (`source` says only whether they are the official ones)."""
+        official = (self.gelu, self.layer_norm_eps) == (OFFICIAL_GELU, OFFICIAL_LAYER_NORM_EPS)
+        return Numerics(self.gelu, self.layer_norm_eps, "the official model's" if official else 'the config')
+
+    def with_numerics(self, numerics: Numerics) -> 'ViTConfig':
+        return self.replace(gelu=numerics.gelu, layer_norm_eps=float(numerics.layer_norm_eps))
+
+    @property
     def is_official(self) -> bool:
         """Whether the official model (and so its released npz layout) can express this config."""
         return self.classifier in OFFICIAL_CLASSIFIERS and self.posemb == 'learn'
@@ -168,7 +214,8 @@ class ViTConfig:
 
     # The official JSON layout.
     def to_official_dict(self) -> dict:
-        """The config as the official code's ConfigDict would print it; `posemb` only when not `learn`."""
+        """The config as the official code's ConfigDict would print it; `posemb`, `gelu` and
+        `layer_norm_eps` only when not the official values."""
         d = {
             'model_name': self.name,
             'hidden_size': self.hidden_size,
@@ -192,6 +239,10 @@ class ViTConfig:
             d['transformer']['stochastic_depth_rate'] = self.stochastic_depth_rate
         if self.posemb != 'learn':
             d['posemb'] = self.posemb
+        if self.gelu != OFFICIAL_GELU:
+            d['gelu'] = self.gelu
+        if self.layer_norm_eps != OFFICIAL_LAYER_NORM_EPS:
+            d['layer_norm_eps'] = self.layer_norm_eps
         return d
 
     @classmethod
@@ -225,6 +276,9 @@ class ViTConfig:
                 num_classes=n(d.get('num_classes') or 0, 'num_classes'),
                 image_size=n(d.get('image_size', 224), 'image_size'),
                 posemb=str(d.get('posemb', 'learn')),
+                gelu=str(d.get('gelu', OFFICIAL_GELU)),
+                layer_norm_eps=_finite_float(d.get('layer_norm_eps', OFFICIAL_LAYER_NORM_EPS),
+                                             f'{where}: layer_norm_eps'),
             )
         except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
             if isinstance(e, UserError):

@@ -84,8 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         run.candidate = f'transformers ViTForImageClassification, {args.precision} ({device})'
         counterparts.check_hf_expressible(cfg)
-        run.notes += counterparts.hf_notes(cfg)
-        candidate = counterparts.run_hf(cfg, params, x, args.precision, args.attention)
+        own = model.checkpoint.hub_config  # a Hugging Face folder: transformers as it runs that folder
+        run.notes += counterparts.hf_notes(cfg, own)
+        candidate = counterparts.run_hf(cfg, params, x, args.precision, args.attention, own)
     reference = verdict.run_reference(cfg, params, x, args.attention)
     if args.precision != 'fp32':
         run.yardstick = yardstick(run, reference)

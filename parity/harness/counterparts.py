@@ -10,7 +10,9 @@ resolution, pooling) and loads the checkpoint with timm's own npz loader
 (`_load_weights`); numerics stay timm's defaults (erf GELU). `--against hf` converts
 the canonical params to transformers' ViT with the tables of `parity.core.weights.formats.hf`
 (the weight layer's own, which reads and writes Hugging Face folders) and runs
-transformers' own model with its defaults (LayerNorm eps 1e-12, erf GELU).
+transformers' own model: built from a Hugging Face folder's own config.json when the
+checkpoint is one (so its `hidden_act` and `layer_norm_eps`, as transformers runs it),
+else with transformers' defaults (LayerNorm eps 1e-12, erf GELU).
 
 Shapes: B batch, N tokens, D width, H heads; images NHWC here, NCHW inside torch models.
 """
@@ -266,14 +268,24 @@ def to_hf(params: Mapping[str, np.ndarray], cfg: ViTConfig, generation: Optional
     return {k if k.startswith('classifier.') else hf_format.PREFIX + k: v for k, v in state.items()}
 
 
-def build_hf(cfg: ViTConfig, params: Mapping[str, np.ndarray]):
+def _hf_config(cfg: ViTConfig, hub_config: Optional[Mapping]):
+    """transformers' config: the folder's own config.json as transformers reads it (at the resolution the command
+    runs), or transformers' defaults around `cfg`'s shapes."""
+    from transformers import ViTConfig as HFConfig
+
+    if hub_config is not None:
+        return HFConfig.from_dict(dict(hub_config, image_size=cfg.image_size), attn_implementation='eager')
+    return HFConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                    num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim, image_size=cfg.image_size,
+                    patch_size=cfg.patch_size[0], num_labels=cfg.num_classes, attn_implementation='eager')
+
+
+def build_hf(cfg: ViTConfig, params: Mapping[str, np.ndarray], hub_config: Optional[Mapping] = None):
     import torch
-    from transformers import ViTConfig as HFConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     state = to_hf(params, cfg)
-    hf_cfg = HFConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                      num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim, image_size=cfg.image_size,
-                      patch_size=cfg.patch_size[0], num_labels=cfg.num_classes, attn_implementation='eager')
+    hf_cfg = _hf_config(cfg, hub_config)
     model = ViTForImageClassification(hf_cfg)
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
     if missing or unexpected:
@@ -284,22 +296,24 @@ def build_hf(cfg: ViTConfig, params: Mapping[str, np.ndarray]):
 
 
 def run_hf(cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, precision: str = 'fp32',
-           attention: bool = False) -> Intermediates:
+           attention: bool = False, hub_config: Optional[Mapping] = None) -> Intermediates:
+    """transformers' ViTForImageClassification on `x`; `hub_config`: the checkpoint's own config.json, if it is a
+    Hugging Face folder."""
     from vit_torch import runtime
 
     device = runtime.device()
-    model = build_hf(cfg, params).to(device)
+    model = build_hf(cfg, params, hub_config).to(device)
     taps = [t for t in _expand(hf_taps(_hf_generation()), cfg) if attention or not t[0].startswith('attention_')]
     with runtime.precision(precision, device), tapped(model, taps) as got:
         logits = model(pixel_values=runtime.to_nchw(x, device)).logits
     return _finish(got, cfg, logits, attention)
 
 
-def hf_notes(cfg: ViTConfig) -> list[str]:
-    from transformers import ViTConfig as HFConfig
-
-    d = HFConfig()
-    return [f'transformers ViTForImageClassification defaults: hidden_act={d.hidden_act!r} (exact erf GELU), '
+def hf_notes(cfg: ViTConfig, hub_config: Optional[Mapping] = None) -> list[str]:
+    d = _hf_config(cfg, hub_config)
+    form = 'exact erf GELU' if hf_format.ACTIVATIONS.get(d.hidden_act) == 'erf' else 'tanh GELU'
+    whose = "the folder's config.json" if hub_config is not None else 'defaults'
+    return [f'transformers ViTForImageClassification, {whose}: hidden_act={d.hidden_act!r} ({form}), '
             f'layer_norm_eps={d.layer_norm_eps:g}; the query scaling is applied to the logits']
 
 

@@ -274,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = cfg.replace(dropout_rate=0.0, attention_dropout_rate=0.0, stochastic_depth_rate=0.0)
     # Read at the student's resolution: the PyTorch side runs them on the student's batch.
     teachers = train.load_teachers(settings.teacher_specs(args.teacher or [], args.teacher_config or []),
-                                   cfg.num_classes, 'the student', cfg.image_size)
+                                   cfg.num_classes, 'the student', cfg.image_size, args.numerics)
     s = step_settings(args, len(teachers))
     # Both frameworks' training steps, then a forward comparison.
     x, batch = verdict.load_batch(args, cfg, lambda n: 2 * limits.training_bytes(cfg, n)

@@ -63,7 +63,7 @@ def load_model(args: argparse.Namespace, path: str) -> cli.LoadedCheckpoint:
     inputs = [args.input, args.config, getattr(args, 'labels', None), function and function.rpartition(':')[0]]
     cli.check_outputs({'--json': args.json}, [path], inputs)
     return cli.load_model(path, args.config, args.image_size,
-                          cli.npy_image_size(args.input) if args.input is not None else 224)
+                          cli.npy_image_size(args.input) if args.input is not None else 224, args.numerics)
 
 
 def raw_posemb(model: cli.LoadedCheckpoint) -> Callable[[], Optional[np.ndarray]]:

@@ -289,7 +289,7 @@ def timm_model(cfg: ViTConfig):
     return TimmViT(img_size=cfg.image_size, patch_size=cfg.patch_size[0], embed_dim=cfg.hidden_size,
                    depth=cfg.num_layers, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.hidden_size,
                    num_classes=cfg.num_classes, class_token=class_token,
-                   global_pool=pool, fc_norm=False, act_layer='gelu_tanh',
+                   global_pool=pool, fc_norm=False, act_layer=timm_format.WRITTEN_ACTIVATION[cfg.gelu],
                    drop_rate=cfg.dropout_rate, pos_drop_rate=cfg.dropout_rate, proj_drop_rate=cfg.dropout_rate,
                    attn_drop_rate=cfg.attention_dropout_rate)
 

@@ -20,7 +20,17 @@ module per concern:
 The names below are the ones most callers need; the modules hold the rest.
 """
 
-from parity.core.weights.checkpoints import FORMATS, WRITERS, Checkpoint, configure, format_for, load, save, split_spec
+from parity.core.weights.checkpoints import (
+    FORMATS,
+    WRITERS,
+    Checkpoint,
+    configure,
+    format_for,
+    load,
+    numerics_for,
+    save,
+    split_spec,
+)
 from parity.core.weights.configs import checkpoint_grid, checkpoint_image_size, infer_config, resolve_config
 from parity.core.weights.containers import read_npz
 from parity.core.weights.formats.released import load_npz, save_npz
@@ -29,5 +39,5 @@ from parity.core.weights.surgery import adapt_resolution, prepare_for_finetuning
 
 __all__ = ['FORMATS', 'POSEMB', 'WRITERS', 'Checkpoint', 'Params', 'adapt_resolution', 'check_params',
            'checkpoint_grid', 'checkpoint_image_size', 'configure', 'count_params', 'format_for', 'infer_config',
-           'load', 'load_npz', 'param_shapes', 'prepare_for_finetuning', 'prepare_for_inference', 'read_npz',
-           'resize_posemb', 'resolve_config', 'save', 'save_npz', 'split_spec']
+           'load', 'load_npz', 'numerics_for', 'param_shapes', 'prepare_for_finetuning', 'prepare_for_inference',
+           'read_npz', 'resize_posemb', 'resolve_config', 'save', 'save_npz', 'split_spec']

@@ -8,8 +8,11 @@ this project's PyTorch state dict, timm's and Hugging Face's. Names decide the l
 never the file's extension. `FILE.npz:SUBTREE` picks a nested tower (`siglip.npz:img`).
 
 `load` returns a `Checkpoint`: canonical shapes to infer or resolve a config from
-(`configure`), and `params(cfg)`, the canonical params, strictly checked in the file's
-own names. `save` refuses, by name, a model a format cannot express.
+(`configure`), `params(cfg)`, the canonical params, strictly checked in the file's
+own names, and the numerics the file's own library runs it with (`numerics`: timm's
+erf GELU, a Hugging Face config.json's `hidden_act` and `layer_norm_eps`), which
+`configure` applies unless asked for the official ones (`--numerics official`).
+`save` refuses, by name, a model a format cannot express.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from parity.core import files
-from parity.core.config import ViTConfig, heads_for_width
+from parity.core.config import NUMERICS_MODES, OFFICIAL_NUMERICS, Numerics, ViTConfig, heads_for_width
 from parity.core.errors import UserError
 from parity.core.weights import configs, containers
 from parity.core.weights.formats import big_vision, hf, released, timm, vit_torch
@@ -56,6 +59,11 @@ class Checkpoint:
     heads_from_width: bool = False  # fall back on the official variant of the same width (vit_torch's .pt)
     pool_without_token: Optional[str] = 'gap'  # the pooling of a file with no class token nor MAP head; None: unknown
     spell: Optional[Callable[[str], str]] = None  # a canonical name as the file spells it, for messages
+    # What the file's library runs it with; None: the file records none (the config's, official unless --config
+    # says otherwise: the released and big_vision npz, training checkpoints, a .pt).
+    numerics: Optional[Numerics] = None
+    numerics_error: Optional[str] = None  # why the file's own numerics cannot run (raised only if they are asked for)
+    hub_config: Optional[dict] = None  # a Hugging Face folder's config.json as read (the harness builds from it)
 
     def params(self, cfg: ViTConfig) -> Params:
         """Canonical params for `cfg`, as stored: position embeddings at the file's own grid, not yet resized."""
@@ -174,7 +182,9 @@ def _vit_torch(spec: str, state: dict, meta: dict) -> Checkpoint:
                             'pass --config') from None
     return Checkpoint(spec, 'vit_torch', vit_torch.torch_shapes_as_canonical(state),
                       lambda cfg: vit_torch.from_torch(state, cfg, spec), config=stored, heads_from_width=True,
-                      spell=vit_torch.torch_name)
+                      spell=vit_torch.torch_name,
+                      numerics=None if stored is None else dataclasses.replace(stored.numerics,
+                                                                               source="the file's config metadata"))
 
 
 def _timm(spec: str, path: str, state: dict, d: Optional[object]) -> Checkpoint:
@@ -191,6 +201,7 @@ def _timm(spec: str, path: str, state: dict, d: Optional[object]) -> Checkpoint:
     ckpt = Checkpoint(spec, 'timm', vit_torch.torch_shapes_as_canonical(_stand_ins(ours)),
                       lambda cfg: vit_torch.from_torch(timm.TIMM.import_(state, cfg, spec, _TIMM_ADVICE), cfg, spec),
                       num_heads=hint[0] if hint else None, pool_without_token=None)
+    _own_numerics(ckpt, lambda: timm.numerics_from(d, spec))
     if hint and hint[1] in ('avg', ''):
         ckpt.pool_without_token = {'avg': 'gap', '': 'unpooled'}[hint[1]]
     return ckpt
@@ -223,10 +234,17 @@ def _hf(spec: str, path: str, state: dict, d: Optional[object]) -> Checkpoint:
         ckpt.config = hf.config_from(d, shapes, spec)
         ckpt.num_heads = ckpt.config.num_heads
         ckpt.labels = hf.labels_from(d)
-        note = hf.note_numerics(d)
-        if note:
-            ckpt.notes.append(note)
+        ckpt.hub_config = d
+        _own_numerics(ckpt, lambda: hf.numerics_from(d, os.path.join(beside, 'config.json')))
     return ckpt
+
+
+def _own_numerics(ckpt: Checkpoint, read: Callable[[], Numerics]) -> None:
+    """Sets the file's own numerics; what cannot run is kept as the error `--numerics source` raises."""
+    try:
+        ckpt.numerics = read()
+    except UserError as e:
+        ckpt.numerics_error = str(e)
 
 
 # --------------------------------------------------------------------------- folders
@@ -271,9 +289,28 @@ def _folder_weights(spec: str, folder: str) -> dict:
 
 # --------------------------------------------------------------------------- configs
 
+def numerics_for(ckpt: Checkpoint, cfg: ViTConfig, mode: str = 'source', spec: Optional[str] = None) -> Numerics:
+    """The numerics to run `ckpt` with (`mode`: `--numerics`), and where they came from.
+
+    `source`: what the file's library runs it with; a file that records none keeps `cfg`'s
+    (the official ones unless `--config` `spec` says otherwise). `official`: Google's.
+    """
+    if mode not in NUMERICS_MODES:
+        raise UserError(f'--numerics {mode!r}: expected one of {", ".join(NUMERICS_MODES)}')
+    if mode == 'official':
+        return dataclasses.replace(OFFICIAL_NUMERICS, source='--numerics official')
+    if ckpt.numerics_error:
+        raise UserError(ckpt.numerics_error)
+    if ckpt.numerics is not None:
+        return ckpt.numerics
+    n = cfg.numerics
+    return dataclasses.replace(n, source=f'--config {spec}') if spec and n.source == 'the config' else n
+
+
 def configure(ckpt: Checkpoint, spec: Optional[str], image_size: Optional[int] = None,
-              fallback_size: int = 224) -> ViTConfig:
-    """The config to build for `ckpt`: `--config`, else the file's own, else inferred (`configs.resolve_config`).
+              fallback_size: int = 224, numerics: str = 'source') -> ViTConfig:
+    """The config to build for `ckpt`: `--config`, else the file's own, else inferred (`configs.resolve_config`),
+    computing with the numerics `numerics_for` gives (the file's library's, unless `numerics` is `official`).
 
     Where the layout keeps attention weights flat (PyTorch), the head count comes from the
     file's own config or hint; only this project's state dicts fall back on the official
@@ -294,9 +331,10 @@ def configure(ckpt: Checkpoint, spec: Optional[str], image_size: Optional[int] =
             raise UserError(f'{ckpt.where}: a {ckpt.format} file does not record its number of heads ({why}); '
                             'pass --config: an official name such as ViT-B_16, or a JSON file (the official layout, '
                             'or big_vision\'s {"variant": "B/16", "pool_type": "tok"})')
-    return configs.resolve_config(spec, ckpt.shapes, image_size, fallback_size, stored=ckpt.config,
-                                  num_heads=heads, pool_without_token=ckpt.pool_without_token, where=ckpt.where,
-                                  spell=ckpt.spell)
+    cfg = configs.resolve_config(spec, ckpt.shapes, image_size, fallback_size, stored=ckpt.config,
+                                 num_heads=heads, pool_without_token=ckpt.pool_without_token, where=ckpt.where,
+                                 spell=ckpt.spell)
+    return cfg.with_numerics(numerics_for(ckpt, cfg, numerics, spec))
 
 
 # --------------------------------------------------------------------------- writing
@@ -319,10 +357,11 @@ def format_for(path: str) -> str:
     raise UserError(f'{path}: cannot tell the format from the name; pass --to ({", ".join(WRITERS)})')
 
 
-def save(path: str, params: dict, cfg: ViTConfig, to: str, labels: Optional[list[str]] = None) -> None:
+def save(path: str, params: dict, cfg: ViTConfig, to: str, labels: Optional[list[str]] = None) -> list[str]:
     """Canonical `params` (checked to fit `cfg`) written as format `to`, atomically; may empty `params`.
 
-    A model the format cannot express is one error naming a format that can.
+    A model the format cannot express is one error naming a format that can. Returns notes
+    for the user (a timm file whose numerics timm's defaults do not build), one line each.
     """
     if to == 'npz':
         if not cfg.fits_released_npz:
@@ -348,6 +387,7 @@ def save(path: str, params: dict, cfg: ViTConfig, to: str, labels: Optional[list
             containers.write_pt(path, {k: _whole(v) for k, v in state.items()})
         else:
             raise UserError(f'{path}: a timm state dict is written as .safetensors or .pth')
+        return timm.build_notes(cfg)
     elif to == 'hf':
         why = hf.expressible(cfg)
         if why:
@@ -356,6 +396,7 @@ def save(path: str, params: dict, cfg: ViTConfig, to: str, labels: Optional[list
         _save_hf(path, params, cfg, labels)
     else:
         raise UserError(f'--to {to!r}: expected one of {", ".join(WRITERS)}')
+    return []
 
 
 def _whole(v):

@@ -5,12 +5,13 @@
 hub and what `save_pretrained` writes use the names of transformers 4 (`HUB`);
 transformers 5 renamed the modules in memory (`V5`) and converts on load, so both are
 read. The layouts are the PyTorch mirror's. `config.json` gives the shapes, the head
-count and the class names (`id2label`); its numerics are not used: Google's hub configs
-say `hidden_act: "gelu"` (erf) and `layer_norm_eps: 1e-12`, while the weights were
-trained with the official tanh GELU and 1e-6, which is what runs (`note_numerics`).
-Written folders say `gelu_pytorch_tanh` and 1e-6, so transformers itself then computes
-the official function, and carry a `preprocessor_config.json` with the official [-1, 1]
-input scaling.
+count, the class names (`id2label`) and the numerics transformers runs the folder with
+(`numerics_from`: `hidden_act` and `layer_norm_eps`, transformers' defaults `gelu`, the
+exact erf form, and 1e-12, which Google's hub configs also say); those run by default, and
+`--numerics official` runs the official tanh GELU and 1e-6 instead. Written folders say
+the config's numerics (`gelu_pytorch_tanh` and 1e-6 for the official ones), so
+transformers itself computes the same function, and carry a `preprocessor_config.json`
+with the official [-1, 1] input scaling.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from parity.core.config import ViTConfig, official_name_for, whole_number
+from parity.core.config import Numerics, ViTConfig, format_eps, official_name_for, whole_number
 from parity.core.errors import UserError
 from parity.core.weights.formats.tables import Table
 
@@ -58,7 +59,10 @@ V5 = Table('Hugging Face (transformers 5)', _rows('layers.{i}.', {
 PREFIX = 'vit.'  # ViTForImageClassification's trunk; its head `classifier` sits outside it
 SIGNATURE = 'embeddings.patch_embeddings.projection.weight'
 WEIGHTS = ('model.safetensors', 'pytorch_model.bin')
-OFFICIAL_NUMERICS = {'hidden_act': 'gelu_pytorch_tanh', 'layer_norm_eps': 1e-6}
+# transformers' `hidden_act` names of the GELU forms this model computes; what it writes for each.
+ACTIVATIONS = {'gelu': 'erf', 'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh', 'gelu_fast': 'tanh'}
+WRITTEN_ACTIVATION = {'erf': 'gelu', 'tanh': 'gelu_pytorch_tanh'}
+DEFAULT_ACTIVATION, DEFAULT_LAYER_NORM_EPS = 'gelu', 1e-12  # transformers' ViTConfig defaults
 
 
 def detect(keys) -> bool:
@@ -122,24 +126,28 @@ def labels_from(d: dict) -> Optional[list[str]]:
     return names
 
 
-def note_numerics(d: dict) -> Optional[str]:
-    """One line when config.json's numerics are not the official ones, else None."""
-    act, eps = d.get('hidden_act', 'gelu'), d.get('layer_norm_eps', 1e-12)
-    if act in ('gelu_pytorch_tanh', 'gelu_new') and eps == 1e-6:
-        return None
-    return (f'note: config.json says hidden_act {act!r} and layer_norm_eps {eps:g}; these weights run with the '
-            'official numerics they were trained with (tanh GELU, LayerNorm eps 1e-6); '
-            '`python -m parity compare --against hf` shows the difference')
+def numerics_from(d: dict, where: str) -> Numerics:
+    """The numerics transformers runs a folder with: config.json's `hidden_act` and `layer_norm_eps`
+    (transformers' defaults where it says nothing); another activation is refused by name (`where`: config.json)."""
+    act, eps = d.get('hidden_act', DEFAULT_ACTIVATION), d.get('layer_norm_eps', DEFAULT_LAYER_NORM_EPS)
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise UserError(f'{where}: hidden_act {act!r} is not a GELU this model computes '
+                        f'({", ".join(ACTIVATIONS)}); pass --numerics official to run the official tanh GELU')
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise UserError(f'{where}: layer_norm_eps {eps!r} is not a number in (0, 1); '
+                        'pass --numerics official to run the official 1e-6')
+    return Numerics(ACTIVATIONS[act], float(eps), f'config.json hidden_act {act!r}, layer_norm_eps {format_eps(eps)}')
 
 
 def config_json(cfg: ViTConfig, labels: Optional[list[str]] = None) -> dict:
-    """A transformers config.json for `cfg` with the official numerics."""
+    """A transformers config.json for `cfg`, with its numerics (so transformers computes the same function)."""
     names = labels or [f'LABEL_{i}' for i in range(cfg.num_classes)]
     d = {
         'architectures': ['ViTForImageClassification' if cfg.num_classes else 'ViTModel'],
         'model_type': 'vit', 'hidden_size': cfg.hidden_size, 'num_hidden_layers': cfg.num_layers,
         'num_attention_heads': cfg.num_heads, 'intermediate_size': cfg.mlp_dim, 'image_size': cfg.image_size,
-        'patch_size': cfg.patch_size[0], 'num_channels': 3, 'qkv_bias': True, **OFFICIAL_NUMERICS,
+        'patch_size': cfg.patch_size[0], 'num_channels': 3, 'qkv_bias': True,
+        'hidden_act': WRITTEN_ACTIVATION[cfg.gelu], 'layer_norm_eps': cfg.layer_norm_eps,
         'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0, 'encoder_stride': cfg.patch_size[0],
     }
     if cfg.num_classes:

@@ -12,6 +12,10 @@ A timm file records neither the head count nor the pooling: they come from `--co
 or from the `config.json` timm writes beside a hub checkpoint (its `architecture`
 names the variant). Position embeddings with no class-token row (`no_embed_class`, as
 deit3 and big_vision) get a zero row in the canonical form.
+
+timm builds every ViT with `nn.GELU` (the exact erf form) and LayerNorm eps 1e-6, not the
+official tanh GELU; that is what such a file runs by default (`numerics_from`), unless
+the hub `config.json`'s `model_args` name another `act_layer` or `norm_layer`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from parity.core.config import BIG_VISION_VARIANTS, ViTConfig
+from parity.core.config import BIG_VISION_VARIANTS, Numerics, ViTConfig, format_eps
 from parity.core.errors import UserError
 from parity.core.weights.formats.tables import Table
 
@@ -101,6 +105,42 @@ def heads_from_config(d: Optional[object]) -> Optional[tuple[int, Optional[str]]
         return None
     pool = d.get('global_pool') or (d.get('pretrained_cfg') or {}).get('global_pool')
     return BIG_VISION_VARIANTS[size][3], pool if isinstance(pool, str) else None
+
+
+# timm's names (`get_act_layer`) of the GELU forms this model computes, and what it is given for each.
+ACTIVATIONS = {'gelu': 'erf', 'gelu_tanh': 'tanh'}
+WRITTEN_ACTIVATION = {'erf': 'gelu', 'tanh': 'gelu_tanh'}
+NORMS = ('layernorm', 'layer_norm', 'LayerNorm')  # timm's LayerNorm, eps 1e-6 unless a partial says otherwise
+DEFAULTS = Numerics('erf', 1e-6, "timm's ViT defaults: nn.GELU, LayerNorm eps 1e-6")
+
+
+def numerics_from(d: Optional[object], where: str) -> Numerics:
+    """The numerics timm builds a file's model with: its defaults, or what the hub config.json's `model_args` say
+    (`d`, as read; None for none). Another activation or norm is refused by name."""
+    args = d.get('model_args') if isinstance(d, dict) and isinstance(d.get('architecture'), str) else None
+    if not isinstance(args, dict) or (args.get('act_layer') is None and args.get('norm_layer') is None):
+        return DEFAULTS
+    act, norm = args.get('act_layer'), args.get('norm_layer')
+    if act is not None and act not in ACTIVATIONS:
+        raise UserError(f'{where}: config.json model_args act_layer {act!r} is not a GELU this model computes '
+                        f'({", ".join(ACTIVATIONS)}); pass --numerics official to run the official tanh GELU')
+    if norm is not None and norm not in NORMS:
+        raise UserError(f'{where}: config.json model_args norm_layer {norm!r} is not a LayerNorm; '
+                        'pass --numerics official to run the official LayerNorm')
+    said = ', '.join(f'{k} {v!r}' for k, v in (('act_layer', act), ('norm_layer', norm)) if v is not None)
+    return Numerics(ACTIVATIONS.get(act, 'erf'), 1e-6, f'config.json model_args {said}')
+
+
+def build_notes(cfg: ViTConfig) -> list[str]:
+    """How timm must be told to build `cfg`'s function, where its defaults (nn.GELU, eps 1e-6) differ; [] if not."""
+    args = []
+    if cfg.gelu != 'erf':
+        args.append(f"act_layer='{WRITTEN_ACTIVATION[cfg.gelu]}'")
+    if cfg.layer_norm_eps != 1e-6:
+        args.append(f'norm_layer=partial(LayerNorm, eps={format_eps(cfg.layer_norm_eps)})')
+    return [f'note: timm builds ViTs with nn.GELU (erf) and LayerNorm eps 1e-6; this model computes '
+            f'{cfg.gelu} GELU with eps {format_eps(cfg.layer_norm_eps)}: pass {", ".join(args)} to timm.create_model'] \
+        if args else []
 
 
 def zero_class_row(state: dict) -> dict:
