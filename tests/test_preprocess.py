@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -166,3 +167,12 @@ def test_exif_rotation_and_alpha_per_mode(tmp_path):
     assert np.allclose(official, 1.0)  # transparent on white
     hf = pp.load_image(path, pp.pipeline_for('hf', 'released', str(tmp_path / 'none.npz'), 8))
     assert np.allclose(hf[..., 0], 200 / 127.5 - 1) and np.allclose(hf[..., 1:], -1)  # alpha dropped
+
+
+def test_to_unit_undoes_each_normalisation(tmp_path):
+    path = _png(tmp_path, 'x.png', (32, 32, 3))
+    pixels = np.asarray(Image.open(path), dtype=np.float32) / 255
+    for p in [pp.Pipeline('official', 32), pp.pipeline_for('timm', 'timm', str(tmp_path), 32, distilled=True),
+              pp.Pipeline('hf', 32, mean=None, std=None, rescale=None, alpha='drop')]:
+        p = dataclasses.replace(p, crop_pct=1.0) if p.mode == 'timm' else p
+        assert np.abs(p.to_unit(pp.load_image(path, p)) - pixels).max() < 1e-6

@@ -83,6 +83,14 @@ class Pipeline:
     def hw(self) -> tuple:
         return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
 
+    def to_unit(self, x: np.ndarray) -> np.ndarray:
+        """This pipeline's output back on the [0, 1] scale, for showing the image as the model saw it."""
+        if self.mean is not None:
+            x = x * np.asarray(self.std) + np.asarray(self.mean)
+        if self.mode == 'hf':  # pixels times rescale_factor (or 1 when do_rescale is off)
+            x = x / ((self.rescale or 1.0) * 255)
+        return np.clip(x, 0, 1)
+
     def as_dict(self) -> dict:
         """The fields a JSON report records."""
         return {'mode': self.mode, 'resample': self.resample, 'antialias': self.antialias,
