@@ -9,9 +9,13 @@ Three pipelines, one per source of checkpoints (`MODES`):
   composited on white (as a viewer shows them); EXIF rotation is applied.
 - `hf`: transformers' `ViTImageProcessor` settings from the folder's
   `preprocessor_config.json` (defaults: bilinear to 224x224, x/255, mean/std 0.5),
-  applied as its PIL backend does (`ViTImageProcessorPil`: `PIL.Image.resize`, which
-  antialiases when shrinking). Images are opened as `transformers.image_utils.load_image`
-  opens them: EXIF rotation applied, alpha dropped (`convert('RGB')`).
+  applied as transformers 5's default (torchvision) backend does, which is what
+  `AutoImageProcessor.from_pretrained` returns: torch's antialiased resize of uint8
+  pixels (reimplemented here in NumPy, bit for bit), then rescale and normalise fused in
+  float32. `backend='pil'` is its PIL backend instead (`ViTImageProcessorPil`:
+  `PIL.Image.resize`), one grey level apart at most when both sides shrink. Images are
+  opened as `transformers.image_utils.load_image` opens them: EXIF rotation applied,
+  alpha dropped (`convert('RGB')`).
 - `timm`: `timm.data.create_transform(**resolve_data_config({}, model=model))` for
   evaluation: the short side resized to `size / crop_pct` (PIL, bicubic by default), a
   centre crop of `size`, /255, mean/std. Images are opened as timm's `ImageDataset`
@@ -41,6 +45,10 @@ MODES = ('official', 'hf', 'timm')
 # PIL's resampling enum, as preprocessor_config.json stores it.
 _PIL_RESAMPLE = {0: 'nearest', 1: 'lanczos', 2: 'bilinear', 3: 'bicubic', 4: 'box', 5: 'hamming'}
 _FILTERS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
+# torchvision resizes uint8 tensors natively on the CPU for these (bilinear: where the CPU has AVX2, or is
+# ARM; the rest fall back to float32, see docs/preprocessing.md), through ATen's separable antialiased
+# kernels; nearest goes to 'nearest-exact'. Box and hamming are not filters torch has: transformers fails.
+TORCH_FILTERS = ('nearest', 'bilinear', 'bicubic', 'lanczos')
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
@@ -63,6 +71,7 @@ class Pipeline:
     shortest_edge: bool = False  # hf's {"shortest_edge": N}: size is the short side, the aspect ratio kept
     exif: bool = True  # apply the EXIF orientation tag before anything else
     resize: bool = True  # hf's do_resize
+    backend: str = 'torchvision'  # hf's: transformers' default 'torchvision' backend, or its 'pil' one
 
     def describe(self) -> str:
         """One phrase for a command's first line."""
@@ -71,7 +80,8 @@ class Pipeline:
         if self.mode == 'official':
             return f'preprocess: official (tf.image.resize bilinear, no antialias, {shape}, [-1, 1])'
         if self.mode == 'hf':
-            resize = f'PIL {self.resample}, {shape}' if self.resize else 'no resize'
+            lib = 'PIL' if self.backend == 'pil' else 'torchvision uint8'
+            resize = f'{lib} {self.resample}, {shape}' if self.resize else 'no resize'
         else:
             crop = f'{self.crop_mode} crop {h}x{w}' if self.crop_pct else f'{h}x{w}'
             resize = f'PIL {self.resample}, crop_pct {self.crop_pct}, {crop}'
@@ -95,7 +105,7 @@ class Pipeline:
         """The fields a JSON report records."""
         return {'mode': self.mode, 'resample': self.resample, 'antialias': self.antialias,
                 'size': list(self.hw), 'crop_pct': self.crop_pct, 'mean': _list(self.mean), 'std': _list(self.std),
-                'source': self.source}
+                'source': self.source, **({'backend': self.backend} if self.mode == 'hf' else {})}
 
 
 def _fmt(t) -> str:
@@ -177,6 +187,9 @@ def _hf_pipeline(folder: Optional[str], image_size: int) -> Pipeline:
                         'int; fix it or pass --preprocess')
     if not shortest and size[0] == size[1]:
         size = size[0]
+    if _PIL_RESAMPLE[code] not in TORCH_FILTERS and d.get('do_resize', True):
+        raise UserError(f'{where}: resample {code} ({_PIL_RESAMPLE[code]}) is a filter torchvision lacks, so '
+                        "transformers' ViTImageProcessor fails on it; fix it or pass --preprocess official or timm")
     normalize = bool(d.get('do_normalize', True))
     rescale = float(d.get('rescale_factor', 1 / 255)) if d.get('do_rescale', True) else None
     return Pipeline('hf', size, _PIL_RESAMPLE[code], True,
@@ -298,6 +311,8 @@ def _prepare(rgb, p: Pipeline) -> np.ndarray:
         x = tf_resize_bilinear(np.asarray(rgb, dtype=np.float32), h, w)
         return ((x - np.float32(127.5)) / np.float32(127.5)).astype(np.float32)
     pil_filter = getattr(Image.Resampling, p.resample.upper())
+    if p.mode == 'hf' and p.backend != 'pil':
+        return _hf_torchvision(rgb, p)
     if p.mode == 'hf':
         if p.resize:
             size = _short_side(rgb.size, p.size) if p.shortest_edge else (w, h)
@@ -324,6 +339,30 @@ def _prepare(rgb, p: Pipeline) -> np.ndarray:
     if p.mean is not None:
         x = (x - np.asarray(p.mean)) / np.asarray(p.std)
     return x.astype(np.float32)
+
+
+def _hf_torchvision(rgb, p: Pipeline) -> np.ndarray:
+    """transformers 5's torchvision backend: uint8 resize, then rescale and normalise in float32, its way.
+
+    With both on, it folds the rescale into the statistics (mean / rescale_factor,
+    std / rescale_factor, in float32) and normalises the 0..255 values once: the same
+    float32 operations here give the same bits.
+    """
+    h, w = p.hw
+    pixels = np.asarray(rgb, dtype=np.uint8)
+    if p.resize:
+        nw, nh = _short_side(rgb.size, p.size) if p.shortest_edge else (w, h)
+        pixels = torch_resize_uint8(pixels, nh, nw, p.resample)
+    x = pixels.astype(np.float32)
+    if p.mean is not None:
+        mean, std = np.asarray(p.mean, np.float32), np.asarray(p.std, np.float32)
+        if p.rescale is not None:
+            inverse = np.float32(1.0 / p.rescale)
+            mean, std = mean * inverse, std * inverse
+        return (x - mean) / std
+    if p.rescale is not None:
+        return x * np.float32(p.rescale)
+    return x
 
 
 def _short_side(size: tuple, short: int) -> tuple:
@@ -357,3 +396,88 @@ def _taps(size_in: int, size_out: int) -> tuple:
     lo = np.maximum(floor, 0).astype(np.int64)
     hi = np.minimum(np.ceil(where), size_in - 1).astype(np.int64)
     return lo, hi, (where - floor).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- torchvision's uint8 resize
+
+_SUPPORT = {'bilinear': 1.0, 'bicubic': 2.0, 'lanczos': 3.0}  # half the filter's width at scale 1
+
+
+def _filter(name: str, x: np.ndarray) -> np.ndarray:
+    """ATen's aa_filter for `name` (PIL's, from Resample.c), in double, on |x|."""
+    x = np.abs(x)
+    if name == 'bilinear':
+        return np.where(x < 1.0, 1.0 - x, 0.0)
+    if name == 'bicubic':  # Keys' cubic convolution, a = -0.5, in ATen's operation order
+        a = -0.5
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+    with np.errstate(invalid='ignore', divide='ignore'):  # lanczos, a = 3: sinc(x) sinc(x / 3)
+        px, px3 = x * np.pi, x / 3 * np.pi
+        s = np.where(x == 0, 1.0, np.sin(px) / px) * np.where(x == 0, 1.0, np.sin(px3) / px3)
+    return np.where(x < 3.0, s, 0.0)
+
+
+def _int16_weights(size_in: int, size_out: int, name: str) -> tuple:
+    """ATen's `_compute_indices_int16_weights_aa`: an (out, in) int64 matrix of int16 weights and their precision.
+
+    Weights are PIL's (support widened by the downscale factor, normalised per output pixel),
+    computed in double, then scaled by 2**precision with the precision the largest weight
+    allows in int16, and rounded half away from zero.
+    """
+    scale = size_in / size_out
+    support = _SUPPORT[name] * scale if scale >= 1.0 else _SUPPORT[name]
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    center = scale * (np.arange(size_out) + 0.5)
+    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)  # C's cast truncates toward zero
+    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), size_in)
+    j = np.arange(size_in)
+    inside = (j[None] >= xmin[:, None]) & (j[None] < xmax[:, None])
+    w = np.where(inside, _filter(name, (j[None] - center[:, None] + 0.5) * invscale), 0.0)
+    total = w.sum(axis=1, keepdims=True)  # ATen sums left to right; a row holds few non-zero taps
+    w = np.where(total != 0.0, w / np.where(total != 0.0, total, 1.0), w)
+    w_max = w.max()
+    precision = 0
+    while precision < 22 and int(0.5 + w_max * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    q = w * (1 << precision)
+    return np.trunc(np.where(q < 0, q - 0.5, q + 0.5)).astype(np.int64), precision
+
+
+def _convolve(pixels: np.ndarray, weights: np.ndarray, precision: int, axis: int) -> np.ndarray:
+    """One separable pass on uint8 pixels: integer sums from 1 << (precision - 1), shifted, clamped to uint8."""
+    x = np.moveaxis(pixels.astype(np.int64), axis, -1)
+    acc = (x @ weights.T + (1 << (precision - 1))) >> precision
+    return np.moveaxis(np.clip(acc, 0, 255).astype(np.uint8), -1, axis)
+
+
+def torch_resize_uint8(pixels: np.ndarray, height: int, width: int, name: str = 'bilinear') -> np.ndarray:
+    """`torchvision.transforms.v2.functional.resize(antialias=True)` on a uint8 HWC array, bit for bit.
+
+    ATen's uint8 kernels (`upsample_avx_bilinear_bicubic_uint8` and its generic fallback):
+    the horizontal pass first, rounded to uint8, then the vertical one; an axis whose size
+    does not change is not touched. 'nearest' is torchvision's NEAREST_EXACT, which is what
+    transformers maps PIL's NEAREST to.
+    """
+    pixels = np.asarray(pixels, dtype=np.uint8)
+    h, w = pixels.shape[:2]
+    if name == 'nearest':
+        rows = _nearest_exact(h, height)
+        cols = _nearest_exact(w, width)
+        return pixels[rows][:, cols]
+    if name not in _SUPPORT:
+        raise UserError(f'resample {name}: torchvision has no {name} filter for tensors, so transformers\' '
+                        'ViTImageProcessor fails on it; use bilinear, bicubic, lanczos or nearest')
+    if w != width:
+        pixels = _convolve(pixels, *_int16_weights(w, width, name), axis=1)
+    if h != height:
+        pixels = _convolve(pixels, *_int16_weights(h, height, name), axis=0)
+    return pixels
+
+
+def _nearest_exact(size_in: int, size_out: int) -> np.ndarray:
+    # ATen: min(floorf((i + 0.5) * scale), in - 1), scale = in / out in float32
+    scale = np.float32(size_in) / np.float32(size_out)
+    where = ((np.arange(size_out) + 0.5) * np.float64(scale)).astype(np.float32)
+    return np.minimum(np.floor(where).astype(np.int64), size_in - 1)
