@@ -140,14 +140,27 @@ def hf_folder(tmp_path_factory):
     return folder
 
 
-def test_against_hf_pixels_row_comes_first(hf_folder, photos, tmp_path):
+def test_against_hf_pixels_row_comes_first_and_passes(hf_folder, photos, tmp_path):
     code, report = run(compare.main, [hf_folder, '--against', 'hf', '--images', photos], tmp_path)
-    assert report['activations'][0]['name'] == 'pixels'
-    assert [a['name'] for a in report['activations']].count('pixels') == 1
-    # transformers 5's ViTImageProcessor resizes 8-bit torch tensors; the hf pipeline follows its PIL backend
-    # (ViTImageProcessorPil): one 8-bit level apart, and named so.
-    assert report['activations'][0]['max_abs_diff'] <= 2 / 255 + 1e-6
-    assert set(causes(report)) <= {'resize_rounding'}
+    row = report['activations'][0]
+    assert row['name'] == 'pixels' and [a['name'] for a in report['activations']].count('pixels') == 1
+    # the hf pipeline is transformers 5's default (torchvision) ViTImageProcessor, bit for bit
+    assert row['ok'] and row['max_abs_diff'] <= 1e-6 and not causes(report), report['diagnosis']
+
+
+def test_against_hf_names_the_pil_backend_as_resize_rounding(hf_folder, photos, tmp_path):
+    import dataclasses
+
+    from parity.data import preprocess
+    from parity.harness import pixels
+
+    paths = sorted(str(p) for p in photos.iterdir())
+    ours = dataclasses.replace(preprocess.pipeline_for(None, 'hf', str(hf_folder), 32), backend='pil')
+    x = preprocess.load_images(paths, ours)
+    theirs, _ = pixels.hf_processor_pixels(paths, str(hf_folder), 32)
+    row, findings = pixels.compare(paths, ours, x, theirs)
+    assert not row['ok'] and {f['cause'] for f in findings} == {'resize_rounding'}, findings
+    assert all(f['reproduced_to'] <= 1e-6 for f in findings)
 
 
 def test_against_hf_names_official_preprocessing_antialias(hf_folder, photos, tmp_path):
@@ -178,3 +191,27 @@ def test_against_timm_pixels_row(timm_small, photos, tmp_path):
     code, report = run(compare.main, [timm_small, '--against', 'timm:test_vit', '--images', photos], tmp_path)
     assert report['activations'][0]['name'] == 'pixels' and not report['activations'][0]['ok']
     assert {'crop', 'resample'} <= set(causes(report)), report['diagnosis']
+
+
+@pytest.fixture(scope='module')
+def timm_tiny(tmp_path_factory):
+    """timm's own vit_tiny_patch16_224 (random, 32x32) saved as timm saves it, with the hub's config.json naming it."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=5, img_size=32)
+    folder = tmp_path_factory.mktemp('timm_tiny')
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / 'model.safetensors'))
+    (folder / 'config.json').write_text(json.dumps({'architecture': 'vit_tiny_patch16_224', 'num_classes': 5}))
+    return folder / 'model.safetensors'
+
+
+def test_against_timm_pixels_row_passes_when_the_crop_is_timms(timm_tiny, photos, tmp_path):
+    # vit_tiny_patch16_224's pretrained_cfg: bicubic, crop_pct 0.9, mean/std 0.5, what the timm pipeline assumes
+    code, report = run(compare.main, [timm_tiny, '--against', 'timm:vit_tiny_patch16_224', '--images', photos],
+                       tmp_path)
+    row = report['activations'][0]
+    assert row['name'] == 'pixels' and row['ok'] and row['max_abs_diff'] <= 1e-6, report['diagnosis']
+    assert not causes(report)

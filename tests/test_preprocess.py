@@ -81,25 +81,61 @@ def _hf_folder(tmp_path, **kwargs):
     return str(folder)
 
 
-@pytest.mark.parametrize('kwargs', [{}, dict(size={'height': 32, 'width': 48}, resample=3,
-                                             image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4])])
-def test_hf_is_vit_image_processor(tmp_path, kwargs):
+HF_IMAGES = [((200, 300, 3), 'RGB'), ((480, 640, 3), 'RGB'), ((7, 10, 3), 'RGB'), ((300, 20, 3), 'RGB'),
+             ((20, 300), 'L'), ((45, 33, 4), 'RGBA'), ((50, 60, 3), 'P')]  # down, down, up, mixed, grey, alpha, palette
+
+
+@pytest.mark.parametrize('kwargs', [dict(size={'height': 32, 'width': 32}), {},
+                                    dict(size={'height': 24, 'width': 40}, resample=3,
+                                         image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]),
+                                    dict(size={'height': 32, 'width': 32}, resample=0, do_normalize=False)])
+def test_hf_is_what_auto_image_processor_gives(tmp_path, kwargs):
     folder = _hf_folder(tmp_path, **kwargs)
     pipeline = pp.pipeline_for(None, 'hf', folder, 224)
     assert pipeline.mode == 'hf' and pipeline.source == 'preprocessor_config.json'
-    with open(os.path.join(folder, 'preprocessor_config.json')) as f:
-        settings = {k: v for k, v in json.load(f).items() if k != 'image_processor_type'}
-    pil, auto = ViTImageProcessorPil(**settings), AutoImageProcessor.from_pretrained(folder)
-    std = min(kwargs.get('image_std', [0.5]))
-    for i, (shape, mode) in enumerate([((200, 300, 3), 'RGB'), ((20, 14), 'L'), ((300, 260, 4), 'RGBA')]):
+    assert pipeline.backend == 'torchvision' and 'torchvision uint8' in pipeline.describe()
+    auto = AutoImageProcessor.from_pretrained(folder)  # transformers 5's default: the torchvision backend
+    for i, (shape, mode) in enumerate(HF_IMAGES):
         path = _png(tmp_path, f'{i}.png', shape, mode, seed=i)
         x = pp.load_image(path, pipeline)
         image = hf_load_image(path)  # transformers' own: EXIF rotation, convert('RGB')
-        exact = pil(image, return_tensors='np')['pixel_values'][0].transpose(1, 2, 0)
-        assert np.abs(x - exact).max() <= 1e-6
-        # transformers 5's default (AutoImageProcessor) resizes uint8 tensors with torchvision: one grey level off
         default = auto(image, return_tensors='np')['pixel_values'][0].transpose(1, 2, 0)
-        assert np.abs(x - default).max() <= 1 / 255 / std + 1e-6
+        assert x.shape == default.shape and np.abs(x - default).max() <= 1e-6, (shape, mode)
+
+
+@pytest.mark.parametrize('name, mode', [('bilinear', 'BILINEAR'), ('bicubic', 'BICUBIC'), ('lanczos', 'LANCZOS'),
+                                        ('nearest', 'NEAREST_EXACT')])
+def test_torch_resize_uint8_is_torchvisions_bit_for_bit(name, mode):
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    rng = np.random.default_rng(0)
+    for (h, w), (oh, ow) in [((200, 300), (32, 32)), ((7, 10), (32, 32)), ((20, 300), (32, 32)), ((33, 45), (33, 20)),
+                             ((33, 45), (10, 45)), ((1, 1), (5, 5)), ((50, 60), (24, 40))]:
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        t = torch.from_numpy(a).permute(2, 0, 1).contiguous()
+        want = F.resize(t, [oh, ow], interpolation=getattr(InterpolationMode, mode), antialias=True).permute(1, 2, 0)
+        np.testing.assert_array_equal(pp.torch_resize_uint8(a, oh, ow, name), want.numpy())
+
+
+def test_hf_pil_backend_is_vit_image_processor_pil(tmp_path):
+    folder = _hf_folder(tmp_path, size={'height': 32, 'width': 48}, resample=3)
+    pipeline = dataclasses.replace(pp.pipeline_for(None, 'hf', folder, 224), backend='pil')
+    with open(os.path.join(folder, 'preprocessor_config.json')) as f:
+        settings = {k: v for k, v in json.load(f).items() if k != 'image_processor_type'}
+    pil = ViTImageProcessorPil(**settings)
+    for i, (shape, mode) in enumerate(HF_IMAGES[:1] + HF_IMAGES[4:6]):
+        path = _png(tmp_path, f'{i}.png', shape, mode, seed=i)
+        exact = pil(hf_load_image(path), return_tensors='np')['pixel_values'][0].transpose(1, 2, 0)
+        assert np.abs(pp.load_image(path, pipeline) - exact).max() <= 1e-6
+
+
+def test_hf_refuses_filters_torchvision_lacks(tmp_path):
+    folder = _hf_folder(tmp_path, resample=4)
+    with pytest.raises(UserError, match='resample 4 \\(box\\)') as e:
+        pp.pipeline_for(None, 'hf', folder, 32)
+    assert '\n' not in str(e.value)
 
 
 def test_hf_defaults_without_preprocessor_config(tmp_path):

@@ -6,7 +6,7 @@ files; `verify --preprocess FILE.py:NAME --images DIR` compares a user's own
 `NAME(path, size)` with the reference pipeline. Either way the row is held to
 `tolerance.PIXELS_RTOL` and, when it fails, the cause is found by search, not guessed:
 every combination of the known alternatives (the resize: tf.image.resize without
-antialiasing or PIL's antialiased filters; a centre crop or none; the normalisation:
+antialiasing, PIL's antialiased filters or torchvision's on uint8 tensors; a centre crop or none; the normalisation:
 0.5, ImageNet's mean/std, [0, 1], [0, 255]; RGB or BGR) is computed from the same
 decoded files, and the one that reproduces the other side, with the fewest changes from
 ours, is named, one line per setting that differs.
@@ -132,13 +132,14 @@ def load_user_function(spec: str) -> Callable:
 class Resize:
     """One way to bring a file to the model's square: who resizes, with which filter, cropped or not."""
 
-    kind: str  # 'tf' (tf.image.resize, no antialiasing), 'pil' (PIL, antialiased, 8-bit) or 'tv' (torch, 8-bit tensors)
+    kind: str  # 'tf' (tf.image.resize, no antialiasing), 'pil' (PIL, antialiased, 8-bit) or 'tv' (torchvision, uint8)
     filter: str
     crop_pct: Optional[float]  # centre crop after resizing the short side to size / crop_pct; None: squash
 
     def how(self) -> str:
         return {'tf': f'tf.image.resize {self.filter}', 'pil': f'PIL {self.filter} on 8-bit pixels',
-                'tv': f'torch {self.filter} with antialiasing on 8-bit tensors'}[self.kind]
+                'tv': f'torchvision {self.filter} with antialiasing on uint8 tensors (transformers 5\'s default '
+                      'backend)'}[self.kind]
 
     def crop_words(self) -> str:
         return 'no crop' if self.crop_pct is None else f'centre crop (crop_pct {self.crop_pct:g})'
@@ -169,7 +170,8 @@ def decompose(p: Pipeline) -> Optional[tuple[Resize, Norm]]:
         return Resize('tf', 'bilinear', None), NORMS[0]
     if p.shortest_edge or not p.resize or p.crop_mode != 'center' or p.hw[0] != p.hw[1]:
         return None
-    resize = Resize('pil', p.resample, p.crop_pct if p.mode == 'timm' else None)
+    kind = 'tv' if p.mode == 'hf' and p.backend != 'pil' else 'pil'
+    resize = Resize(kind, p.resample, p.crop_pct if p.mode == 'timm' else None)
     if p.mean is None:
         norm = Norm('raw' if p.rescale is None else 'custom', (0.0,) * 3, (1.0,) * 3, p.rescale or 1.0)
     else:
@@ -182,22 +184,16 @@ def decompose(p: Pipeline) -> Optional[tuple[Resize, Norm]]:
 def _resized(paths: Sequence[str], p: Pipeline, r: Resize) -> np.ndarray:
     """The files through one resize, as pixel values 0..255 (float64, NHWC)."""
     size = p.hw[0]
-    if r.kind == 'pil':
-        alt = Pipeline('timm' if r.crop_pct else 'hf', size, r.filter, True, r.crop_pct, None, None, 1.0,
-                       alpha=p.alpha, exif=p.exif)
+    if r.kind in ('pil', 'tv'):  # tv: transformers 5's default backend, torch's own uint8 rounding
+        backend = 'torchvision' if r.kind == 'tv' else 'pil'
+        alt = Pipeline('timm' if r.crop_pct else 'hf', size, r.filter, True, r.crop_pct, None, None,
+                       None if r.kind == 'tv' else 1.0, alpha=p.alpha, exif=p.exif, backend=backend)
         got = preprocess.load_images(paths, alt).astype(np.float64)
         return got * 255 if r.crop_pct else got  # timm's branch always divides by 255
     raw = Pipeline('hf', size, mean=None, std=None, rescale=None, alpha=p.alpha, exif=p.exif, resize=False)
     out = []
     for path in paths:
         img = preprocess.load_image(path, raw)
-        if r.kind == 'tv':  # transformers 5's default (torchvision) processors: its own 8-bit rounding
-            import torch
-
-            t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)[None].astype(np.uint8)))
-            t = torch.nn.functional.interpolate(t, (size, size), mode=r.filter, antialias=True, align_corners=False)
-            out.append(t[0].numpy().transpose(1, 2, 0).astype(np.float32))
-            continue
         if r.crop_pct is None:
             out.append(preprocess.tf_resize_bilinear(img, size, size))
             continue
@@ -218,7 +214,7 @@ def _normalised(pixels: np.ndarray, n: Norm, bgr: bool) -> np.ndarray:
 def _resizes(ours: Resize) -> list[Resize]:
     tf = [Resize('tf', 'bilinear', c) for c in CROPS]
     pil = [Resize('pil', f, c) for f in FILTERS for c in CROPS]
-    tv = [Resize('tv', f, None) for f in ('bilinear', 'bicubic')]
+    tv = [Resize('tv', f, None) for f in preprocess.TORCH_FILTERS]
     return [ours] + [r for r in tf + pil + tv if r != ours]
 
 
@@ -275,8 +271,10 @@ def _name(ours: tuple[Resize, Norm], theirs: tuple[Resize, Norm, bool], w: Words
         out.append(finding('cause', ROW, f'{ROW}: {w.theirs} resize {r.filter}{aa} ({r.how()}), '
                            f'{w.ours} {r0.filter}{aa0} ({r0.how()})', 'resample', theirs=r.filter, ours=r0.filter))
     elif r.kind != r0.kind and 'tf' not in (r.kind, r0.kind):
-        out.append(finding('cause', ROW, f'{ROW}: {w.theirs} resize {r.how()}, {w.ours} {r0.how()} (one 8-bit level '
-                           'apart at most)', 'resize_rounding', theirs=r.kind, ours=r0.kind))
+        # Both are PIL's filters in fixed point, with different precisions: transformers' PIL and torchvision
+        # backends differ this way and no other
+        out.append(finding('cause', ROW, f'{ROW}: {w.theirs} resize {r.how()}, {w.ours} {r0.how()} (fixed-point '
+                           'rounding apart)', 'resize_rounding', theirs=r.kind, ours=r0.kind))
     elif r.kind != r0.kind:
         with_, without = (w.ours, w.theirs) if r.kind == 'tf' else (w.theirs, w.ours)
         out.append(finding('cause', ROW, f'{ROW}: {with_} resize with antialiasing, {without} without '
