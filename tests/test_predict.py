@@ -173,3 +173,51 @@ def test_bad_inputs(tmp_path, case, needle):
         assert 'imagenet21k+imagenet2012' in message and 'python -m vit_jax train --checkpoint' in message
     if case == 'zero head':
         assert 'raw ImageNet-21k checkpoints' in str(info.value)
+
+
+# --------------------------------------------------------------------------- preprocessing and --json
+
+@pytest.mark.parametrize('to, mode', [('npz', 'official'), ('hf', 'hf'), ('timm', 'timm')])
+def test_the_default_pipeline_follows_the_checkpoints_source(tmp_path, capsys, to, mode):
+    cfg = imagenet_tiny()
+    path = str(tmp_path / {'npz': 'c.npz', 'hf': 'hf', 'timm': 'c.safetensors'}[to])
+    weights.save(path, random_params(weights.param_shapes(cfg), seed=0), cfg, to)
+    image, extra = str(PHOTOS / 'chelsea.png'), []
+    if to == 'timm':  # a timm file does not record its heads
+        (tmp_path / 'model.json').write_text(json.dumps(dict(cfg.to_official_dict(), image_size=32)))
+        extra = ['--config', str(tmp_path / 'model.json')]
+    assert jax_cli.predict_main([image, '--checkpoint', path, *extra]) == 0
+    first = capsys.readouterr().err.strip().splitlines()[-1]
+    assert first.startswith('vit_jax: ') and f'preprocess: {mode} (' in first
+    torch_cli.predict_main([image, '--checkpoint', path, '--preprocess', 'official', *extra])
+    assert 'preprocess: official (tf.image.resize bilinear, no antialias, 32x32' in capsys.readouterr().err
+
+
+def test_predict_json_writes_the_contract(tmp_path, capsys):
+    ckpt = checkpoint(tmp_path)
+    out = tmp_path / 'out.json'
+    images = [str(IMAGES[0]), str(IMAGES[1])]
+    assert jax_cli.predict_main([*images, '--checkpoint', str(ckpt), '--top', '3', '--json', str(out)]) == 0
+    table = parse(capsys.readouterr().out)
+    d = json.loads(out.read_text())
+    assert set(d) == {'checkpoint', 'numerics', 'preprocess', 'images'}
+    assert d['checkpoint'] == str(ckpt) and d['numerics'] == 'tanh GELU, LayerNorm eps 1e-06'
+    assert d['preprocess']['mode'] == 'official' and d['preprocess']['size'] == [32, 32]
+    assert [im['file'] for im in d['images']] == images
+    for im, (_, rows) in zip(d['images'], table):
+        assert len(im['logits']) == 1000 and len(im['top']) == 3
+        probs = predict.softmax(np.array(im['logits']))
+        for top, (p, c, name) in zip(im['top'], rows):
+            assert (top['index'], top['name']) == (c, name)
+            assert abs(top['probability'] - probs[c]) < 1e-9 and abs(top['probability'] - p) < 1e-6
+
+
+def test_predict_json_refused_before_work_and_unreadable_image_exits_2(tmp_path):
+    ckpt = checkpoint(tmp_path)
+    proc = run_cli('vit_jax', 'predict', str(IMAGES[0]), '--checkpoint', ckpt, '--json', ckpt)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    bad = tmp_path / 'bad.png'
+    bad.write_text('not a png')
+    proc = run_cli('vit_torch', 'predict', bad, '--checkpoint', ckpt, '--json', tmp_path / 'o.json')
+    assert proc.returncode == 2 and 'not a readable image' in proc.stderr and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'o.json').exists()

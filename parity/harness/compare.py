@@ -12,7 +12,8 @@ import numpy as np
 
 from parity import cli
 from parity.core.errors import UserError
-from parity.harness import counterparts, tolerance, verdict
+from parity.data import images, preprocess
+from parity.harness import counterparts, pixels, tolerance, verdict
 from parity.harness.verdict import REFERENCE
 
 HELP = f"""\
@@ -26,6 +27,12 @@ by timm's own npz loader (timm:MODEL_NAME) or transformers' ViT after conversion
 each with its library's default numerics. The reference stays float32 at highest
 precision, so a tf32/bf16 run measures what the reduced precision costs; vit_jax at
 the same reduced precision is shown as a yardstick.
+
+With --images DIR, the files go through --preprocess (default: the checkpoint's source's
+pipeline, named on stderr); with --against, a first row, pixels, compares that with the
+counterpart library's own processor on the same files (transformers' ViTImageProcessor, timm's
+create_transform), within 1e-6, and names the setting that differs (antialiasing, the resize
+filter, a centre crop, mean/std, the range, the channel order).
 
 Tolerance (parity.harness.tolerance): fp32 within 1e-5 x max(1, max |reference|) per tensor;
 tf32 1e-2 and bf16 1e-1 of the same, where the verdict rests on top-1 agreement.
@@ -50,6 +57,24 @@ def yardstick(run: verdict.Comparison, reference: dict) -> dict:
             'top1_agreement': tolerance.topk_agreement(reference['logits'], got, 1)}
 
 
+def hf_pixels(run: verdict.Comparison, folder: str, pipeline: preprocess.Pipeline, x: np.ndarray, checkpoint: str,
+              fmt: str) -> tuple[dict, list[dict]]:
+    """The pixels row against transformers' own ViTImageProcessor (the checkpoint folder's, when it is one)."""
+    paths = images.images_in(folder)
+    theirs, what = pixels.hf_processor_pixels(paths, checkpoint if fmt == 'hf' else None, run.cfg.image_size)
+    run.notes.append(f'pixels: ours {pipeline.describe()}; theirs {what}')
+    return pixels.compare(paths, pipeline, x, theirs)
+
+
+def timm_pixels(run: verdict.Comparison, folder: str, pipeline: preprocess.Pipeline, x: np.ndarray, model
+                ) -> tuple[dict, list[dict]]:
+    """The pixels row against timm's own eval transform for the model it built."""
+    paths = images.images_in(folder)
+    theirs, what, notes = pixels.timm_transform_pixels(paths, model, run.cfg.image_size)
+    run.notes += [f'pixels: ours {pipeline.describe()}; theirs {what}'] + notes
+    return pixels.compare(paths, pipeline, x, theirs)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """One checkpoint through vit_jax and vit_torch (or timm, transformers), layer by layer."""
     from vit_jax import runtime as jax_runtime
@@ -62,13 +87,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--against', metavar='timm:MODEL|hf',
                         help='compare against timm (its own npz loader) or transformers instead of vit_torch')
     parser.add_argument('--attention', action='store_true', help='also compare the softmax weights of every block')
+    preprocess.add_preprocess_argument(parser)
     args = parser.parse_args(argv)
     against = _against(args.against)
     jax_runtime.strict_float32()
 
     model = verdict.load_model(args, args.checkpoint)
     cfg, params = model.cfg, model.params
-    x, batch = verdict.load_batch(args, cfg)
+    pipeline = verdict.pipeline_for(args, model, args.preprocess) if args.images is not None else None
+    x, batch = verdict.load_batch(args, cfg, pipeline=pipeline)
     run = verdict.Comparison(cfg, params, x, batch, '', args.precision, raw_posemb=verdict.raw_posemb(model))
     device = torch_runtime.device()
     if args.precision == 'tf32' and device == 'cpu':
@@ -79,13 +106,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif against[0] == 'timm':
         run.candidate = f'timm {against[1]}, {args.precision} ({device})'
         run.notes += counterparts.timm_notes(against[1])
-        candidate = counterparts.run_timm(against[1], cfg, model.checkpoint.params(cfg), x, args.precision,
-                                          args.attention)
+        timm_model = counterparts.build_timm(against[1], cfg, model.checkpoint.params(cfg))
+        if pipeline is not None:
+            run.pixels = timm_pixels(run, args.images, pipeline, x, timm_model)
+        candidate = counterparts.run_timm(against[1], cfg, None, x, args.precision, args.attention, timm_model)
     else:
         run.candidate = f'transformers ViTForImageClassification, {args.precision} ({device})'
         counterparts.check_hf_expressible(cfg)
         own = model.checkpoint.hub_config  # a Hugging Face folder: transformers as it runs that folder
         run.notes += counterparts.hf_notes(cfg, own)
+        if pipeline is not None:
+            run.pixels = hf_pixels(run, args.images, pipeline, x, args.checkpoint, model.checkpoint.format)
         candidate = counterparts.run_hf(cfg, params, x, args.precision, args.attention, own)
     reference = verdict.run_reference(cfg, params, x, args.attention)
     if args.precision != 'fp32':

@@ -191,12 +191,13 @@ def build_timm(name: str, cfg: ViTConfig, raw: Mapping[str, np.ndarray]):
     return model.eval()
 
 
-def run_timm(name: str, cfg: ViTConfig, raw: Mapping[str, np.ndarray], x: np.ndarray, precision: str = 'fp32',
-             attention: bool = False) -> Intermediates:
+def run_timm(name: str, cfg: ViTConfig, raw: Optional[Mapping[str, np.ndarray]], x: np.ndarray,
+             precision: str = 'fp32', attention: bool = False, model=None) -> Intermediates:
+    """timm's model (`model` when already built by `build_timm`, else built from `raw`) on x."""
     from vit_torch import runtime
 
     device = runtime.device()
-    model = build_timm(name, cfg, raw).to(device)
+    model = (model if model is not None else build_timm(name, cfg, raw)).to(device)
     taps = _expand(TIMM_TAPS, cfg)
     if cfg.is_hybrid:
         taps.append(('stem', 'patch_embed.proj', 'input'))

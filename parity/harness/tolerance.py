@@ -46,6 +46,10 @@ POLICIES = {
 }
 PRECISIONS = tuple(POLICIES)
 
+# Preprocessed pixels (the `pixels` row): the same resize and normalisation in float32 differ only by
+# float32 rounding (~1e-7); one uint8 level apart is ~8e-3 in [-1, 1], so 1e-6 separates the two cleanly.
+PIXELS_RTOL = 1e-6
+
 
 def policy(precision: str = 'fp32') -> Policy:
     """The policy of one precision: 'fp32', 'tf32' or 'bf16'."""

@@ -22,7 +22,7 @@ from parity.core import files, limits
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.core.weights import POSEMB
-from parity.data import images
+from parity.data import images, preprocess
 from parity.harness import counterparts, diagnosis, tolerance
 
 REFERENCE = 'vit_jax, float32 at highest matmul precision'
@@ -40,8 +40,8 @@ def add_common(parser: argparse.ArgumentParser, images: bool = True) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument('--input', metavar='X.npy', help='float32 images, NHWC, in [-1, 1]')
     if images:
-        source.add_argument('--images', metavar='DIR', help='a folder of .jpg/.jpeg/.png images, resized (bilinear) '
-                            'to the model resolution and scaled to [-1, 1]')
+        source.add_argument('--images', metavar='DIR', help='a folder of .jpg/.jpeg/.png images, prepared by the '
+                            "checkpoint's source's pipeline (--preprocess)")
     source.add_argument('--random', type=int, metavar='N', help='N seeded uniform [-1, 1] images (the default: 2)')
     parser.add_argument('--seed', type=cli.seed_int, default=0, help='seed for --random (default 0)')
     parser.add_argument('--image-size', type=cli.positive_int, metavar='N',
@@ -71,12 +71,21 @@ def raw_posemb(model: cli.LoadedCheckpoint) -> Callable[[], Optional[np.ndarray]
     return lambda: model.checkpoint.params(model.cfg).get(POSEMB)
 
 
-def load_batch(args: argparse.Namespace, cfg: ViTConfig, need: Optional[Callable[[int], int]] = None
-               ) -> tuple[np.ndarray, str]:
+def pipeline_for(args: argparse.Namespace, model: cli.LoadedCheckpoint, mode: Optional[str]
+                 ) -> preprocess.Pipeline:
+    """The preprocessing of `--images`: `mode`, else the one of the checkpoint's source; named on stderr."""
+    p = preprocess.pipeline_for(mode, model.checkpoint.format, args.checkpoint, model.cfg.image_size)
+    cli.say(p.describe())
+    return p
+
+
+def load_batch(args: argparse.Namespace, cfg: ViTConfig, need: Optional[Callable[[int], int]] = None,
+               pipeline: Optional[preprocess.Pipeline] = None) -> tuple[np.ndarray, str]:
     """The batch the command runs on, and how to describe it.
 
     `need(n)` is the memory the command takes for n images (default: a forward comparison,
     `limits.comparison_bytes`); a batch past the machine's budget is refused before it is made.
+    `--images` go through `pipeline` (default: the official one at the model's resolution).
     """
     attention = getattr(args, 'attention', False)
     need = need or (lambda n: limits.comparison_bytes(cfg, n, attention))
@@ -91,7 +100,11 @@ def load_batch(args: argparse.Namespace, cfg: ViTConfig, need: Optional[Callable
     if getattr(args, 'images', None) is not None:
         found = images.images_in(args.images)
         check(len(found))
-        x = images.load_images(found, cfg.image_size)
+        x = preprocess.load_images(found, pipeline or preprocess.Pipeline('official', cfg.image_size))
+        if x.shape[1:3] != (cfg.image_size, cfg.image_size):
+            raise UserError(f'--images {args.images}: the pipeline gives {x.shape[1]}x{x.shape[2]} pixels but the '
+                            f'model is built at {cfg.image_size}x{cfg.image_size}; pass --image-size {x.shape[1]} '
+                            'or another --preprocess')
         return x, f'{len(x)} images from {args.images}'
     n = 2 if args.random is None else args.random
     if n < 1:
@@ -195,6 +208,8 @@ def fmt_number(v, fmt: str = '.2e') -> str:
 
 def print_table(rows: list[dict], first: Optional[str]) -> None:
     width = max([len(r['name']) for r in rows] + [4])
+    if not rows:
+        return
     shape_w = max([len(_shape(r)) for r in rows] + [5])
     print(f'{"name":<{width}}  {"shape":<{shape_w}}  {"max-abs":>9}  {"relative":>9}  {"cosine":>10}  {"bound":>9}')
     for r in rows:
@@ -281,6 +296,7 @@ class Comparison:
     notes: list[str] = dataclasses.field(default_factory=list)
     raw_posemb: Optional[Callable[[], np.ndarray]] = None
     yardstick: Optional[dict] = None
+    pixels: Optional[tuple[dict, list[dict]]] = None  # the `pixels` row and its findings (`parity.harness.pixels`)
 
 
 def conclude(run: Comparison, reference: dict, candidate: dict, json_path: Optional[str]) -> int:
@@ -295,6 +311,10 @@ def conclude(run: Comparison, reference: dict, candidate: dict, json_path: Optio
         subs = {k: v for k, v in candidate.items() if k not in reference and k.startswith('Transformer/')}
         raw = run.raw_posemb() if run.raw_posemb and first == 'with_posemb' else None
         findings = diagnosis.diagnose(cfg, run.params, x, reference, {**aligned, **subs}, first, precision, raw)
+    if run.pixels:
+        rows, findings = [run.pixels[0]] + rows, run.pixels[1] + findings
+        if not run.pixels[0]['ok']:  # the files were prepared differently: that comes before any layer
+            summary.update(ok=False, first_divergence='pixels', first_divergent_tensor='pixels')
     print_header(run.candidate, cfg, run.batch, notes)
     print_table(rows, summary['first_divergent_tensor'])
     for s in skipped:

@@ -1,5 +1,10 @@
 """`python -m parity verify FILE.py:FUNCTION --checkpoint CKPT`: your own implementation against vit_jax.
 
+`--preprocess FILE.py:PREPROCESS --images DIR` adds (or, without FILE.py:FUNCTION, is) a
+`pixels` row: your PREPROCESS(path, size) on the files against the reference pipeline
+(`parity.harness.pixels`), run before the model. PREPROCESS is called in this process,
+once per file: it reads images, it does not run a model.
+
 Your function runs in a child process (`child.run_isolated`, which loads and calls it
 with `counterparts.load_function` / `run_function`), so an exit, a crash or a hang of it
 is reported as such, never taken for a verdict; what it returns is compared with the
@@ -9,10 +14,12 @@ reference like any other candidate.
 from __future__ import annotations
 
 import difflib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from parity import cli
-from parity.harness import child, counterparts, verdict
+from parity.core.errors import UserError
+from parity.data import images, preprocess
+from parity.harness import child, counterparts, pixels, verdict
 from parity.harness.verdict import REFERENCE
 
 HELP = f"""\
@@ -32,6 +39,15 @@ branch before its residual), .../LayerNorm_1, .../MlpBlock_0 (the MLP branch).
 FILE.py is imported and FUNCTION called in a child process: if it exits (sys.exit,
 os._exit), crashes, raises or runs past --timeout, verify says so and exits 2.
 
+--preprocess FILE.py:PREPROCESS with --images DIR: PREPROCESS(path, size) returns one image
+file as float HWC pixels at size x size; it is compared on every file with the reference
+pipeline (--reference-preprocess official|hf|timm; default: the checkpoint's source's, official
+without a checkpoint), within 1e-6, as a first row named pixels, and a difference is named:
+antialiasing, the resize filter, a centre crop, mean/std, the range, BGR channel order. The
+model (when FILE.py:FUNCTION is given too) runs on the reference's pixels. Without
+FILE.py:FUNCTION only the pixels are compared, at --checkpoint's resolution or --image-size
+(default 224). --preprocess official|hf|timm instead picks the pipeline --images go through.
+
 Example: python -m parity verify examples/numpy_vit.py:vit --checkpoint ckpt.npz --input x.npy
 Exit 0 when everything returned is within tolerance, 1 when not, 2 for a user error."""
 
@@ -41,8 +57,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from vit_jax import runtime
 
     parser = verdict.parser('verify', HELP)
-    parser.add_argument('function', metavar='FILE.py:FUNCTION', help='your forward pass: FUNCTION(params, x) -> dict')
-    cli.add_checkpoint_argument(parser, '--checkpoint')
+    parser.add_argument('function', metavar='FILE.py:FUNCTION', nargs='?',
+                        help='your forward pass: FUNCTION(params, x) -> dict (omitted: only --preprocess is checked)')
+    parser.add_argument('--checkpoint', metavar='CKPT', help=cli.CHECKPOINT_HELP + ' (required with FILE.py:FUNCTION)')
+    parser.add_argument('--preprocess', metavar='FILE.py:PREPROCESS|MODE',
+                        help='your preprocessing, PREPROCESS(path, size) -> HWC float pixels, compared with the '
+                             'reference pipeline on --images; or a mode (official, hf, timm): the pipeline --images '
+                             'go through')
+    parser.add_argument('--reference-preprocess', choices=preprocess.MODES, metavar='MODE',
+                        help='the pipeline your PREPROCESS is compared with and the model runs on: official, hf or '
+                             "timm (default: the checkpoint's source's; official without a checkpoint)")
     verdict.add_common(parser)
     verdict.add_precision(parser, 'the precision your implementation computes in, which picks the tolerance '
                              '(default fp32)')
@@ -51,10 +75,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     runtime.strict_float32()
 
+    user = _user_preprocess(args)
+    if args.function is None:
+        if user is None:
+            raise UserError('verify: give FILE.py:FUNCTION (your forward pass) or --preprocess FILE.py:PREPROCESS '
+                            '--images DIR (your preprocessing), or both')
+        return pixels_only(args, user)
+    if args.checkpoint is None:
+        raise UserError(f'verify {args.function}: --checkpoint CKPT is required to run your forward pass')
     child.check_spec(args.function)  # fail fast, before the checkpoint is read; nothing of it runs here
     model = verdict.load_model(args, args.checkpoint)
     cfg, params = model.cfg, model.params
-    x, batch = verdict.load_batch(args, cfg)
+    mode = args.reference_preprocess if user else args.preprocess
+    pipeline = verdict.pipeline_for(args, model, mode) if args.images is not None else None
+    pixel_row = _pixels(user, args.images, pipeline, cfg.image_size) if user else None
+    x, batch = verdict.load_batch(args, cfg, pipeline=pipeline)
     candidate, notes = child.run_isolated(args.function, params, x, args.timeout)
     known = set(counterparts.known_names(cfg))
     for name in [k for k in candidate if k not in known]:
@@ -64,5 +99,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         del candidate[name]
     reference = verdict.run_reference(cfg, params, x, attention=any(k.startswith('attention_') for k in candidate))
     run = verdict.Comparison(cfg, params, x, batch, args.function, args.precision, notes,
-                             raw_posemb=verdict.raw_posemb(model))
+                             raw_posemb=verdict.raw_posemb(model), pixels=pixel_row)
+    if user:
+        run.notes.append(f'pixels: {user[0]} against the reference {pipeline.describe()}')
     return verdict.conclude(run, reference, candidate, args.json)
+
+
+def _user_preprocess(args) -> Optional[tuple[str, Callable]]:
+    """(spec, function) when --preprocess names FILE.py:PREPROCESS, loaded now; None for a mode or nothing.
+
+    A mode given to --preprocess means what it means on compare: the pipeline --images go through.
+    """
+    spec = args.preprocess
+    if spec is None or spec in preprocess.MODES:
+        return None
+    if ':' not in spec:
+        raise UserError(f'--preprocess {spec}: expected FILE.py:PREPROCESS (your function) or a mode: '
+                        f'{", ".join(preprocess.MODES)}')
+    if args.images is None:
+        raise UserError(f'--preprocess {spec}: your preprocessing is compared on image files; give --images DIR')
+    child.check_spec(spec)
+    return spec, counterparts.load_function(spec)
+
+
+def _pixels(user: tuple[str, Callable], folder: str, pipeline: preprocess.Pipeline, size: int
+            ) -> tuple[dict, list[dict]]:
+    """The pixels row: the reference pipeline's pixels against the user's, with the cause named."""
+    paths = images.images_in(folder)
+    ours = preprocess.load_images(paths, pipeline)
+    theirs = pixels.user_pixels(user[1], user[0], paths, size)
+    return pixels.compare(paths, pipeline, ours, theirs, pixels.VERIFY)
+
+
+def pixels_only(args, user: tuple[str, Callable]) -> int:
+    """`verify --preprocess FILE.py:PREPROCESS --images DIR` without a forward pass: the pixels row alone."""
+    if args.checkpoint is not None:
+        model = verdict.load_model(args, args.checkpoint)
+        pipeline = verdict.pipeline_for(args, model, args.reference_preprocess)
+    else:
+        cli.check_outputs({'--json': args.json}, [], [args.config, user[0].rpartition(':')[0]])
+        pipeline = preprocess.pipeline_for(args.reference_preprocess, 'released', '.', args.image_size or 224)
+        cli.say(pipeline.describe())
+    if args.images is None:
+        raise UserError(f'--preprocess {user[0]}: your preprocessing is compared on image files; give --images DIR')
+    row, findings = _pixels(user, args.images, pipeline, pipeline.hw[0])
+    summary = {'ok': row['ok'], 'first_divergence': None if row['ok'] else 'pixels'}
+    print(f'reference  {pipeline.describe()}')
+    print(f'candidate  {user[0]}')
+    print(f'images     {row["shape"][0]} from {args.images}, {pipeline.hw[0]}x{pipeline.hw[1]}')
+    print()
+    verdict.print_table([row], summary['first_divergence'])
+    print(f'verdict: {"PASS" if row["ok"] else "FAIL"}: pixels {"within" if row["ok"] else "beyond"} '
+          f'{row["bound"]:.1e} of the reference')
+    verdict.print_diagnosis(findings)
+    verdict.write_json_report(args.json, {
+        **summary, 'activations': [row], 'diagnosis': findings, 'first_divergent_tensor': summary['first_divergence'],
+        'reference': pipeline.describe(), 'preprocess': pipeline.as_dict(), 'candidate': user[0],
+        'batch': f'{row["shape"][0]} images from {args.images}', 'notes': []})
+    return 0 if row['ok'] else 1

@@ -23,7 +23,7 @@ from parity.cli import predict
 from parity.core import files, posemb
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
-from parity.data.images import load_image
+from parity.data import preprocess
 from parity.harness import tolerance
 from parity.tools import figures
 
@@ -213,16 +213,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f'--out {args.out}: exists and is not a folder')
-    cfg, params, labels, _ = predict.load(args, [args.image])
+    cfg, params, labels, _, pipeline = predict.load(args, [args.image])
     bad = [k for k, v in params.items() if not np.isfinite(v).all()]
     if bad:
         raise UserError(f'{args.checkpoint}: {", ".join(bad[:3])}{" and more" if len(bad) > 3 else ""} hold NaN or '
                         'Inf; attention maps and filter components of numbers that are not numbers mean nothing')
     sel = select(args, cfg)
-    image = load_image(args.image, cfg.image_size)
+    image = preprocess.load_image(args.image, pipeline)
     created = files.make_dirs(args.out, '--out')
     try:
-        return _explain(args, cfg, params, labels, sel, image)
+        return _explain(args, cfg, params, labels, sel, image, pipeline)
     except BaseException:
         if created and not os.listdir(args.out):  # a folder this run made stays only with its files in it
             os.rmdir(args.out)
@@ -230,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _explain(args: argparse.Namespace, cfg: ViTConfig, params: dict, labels: Sequence[str], sel: Selection,
-             image: np.ndarray) -> int:
+             image: np.ndarray, pipeline: preprocess.Pipeline) -> int:
     """Runs the chosen frameworks, compares them, and writes the figures and arrays into `args.out`."""
     names = FRAMEWORKS[args.framework]
     results = {fw: arrays(cfg, RUN[fw](cfg, params, image), sel) for fw in names}
@@ -239,6 +239,7 @@ def _explain(args: argparse.Namespace, cfg: ViTConfig, params: dict, labels: Seq
     best = int(probs.argmax())
     title = f'{cfg.name or "ViT"} on {os.path.basename(args.image)}: top-1 {labels[best]} ({probs[best]:.1%})'
     print(f'explain: {cli.describe_config(cfg)} on {args.image}, with {" and ".join("vit_" + n for n in names)}')
+    cli.say(pipeline.describe())
     print(f'top-1: {best} {labels[best]} ({probs[best]:.6f})')
     if cfg.is_hybrid:
         print('filter_pca: skipped, the patch embedding of a hybrid reads ResNet features, not RGB pixels')
@@ -250,7 +251,8 @@ def _explain(args: argparse.Namespace, cfg: ViTConfig, params: dict, labels: Seq
     if nonfinite:
         raise UserError(f'{args.image}: the model\'s {", ".join(nonfinite)} came out NaN or Inf (an overflow in '
                         'float32); nothing was written')
-    written = write(args.out, cfg, image, first, sel, title, [args.image, args.checkpoint, args.labels])
+    shown = pipeline.to_unit(image) * 2 - 1  # the figures draw [-1, 1] pixels; hf and timm normalise otherwise
+    written = write(args.out, cfg, shown, first, sel, title, [args.image, args.checkpoint, args.labels])
     print(f'wrote {len(written)} files to {args.out} (from vit_{names[0]}): '
           + ' '.join(os.path.basename(p) for p in written if p.endswith('.png')))
     return 0 if ok else 1
