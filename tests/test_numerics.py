@@ -208,3 +208,56 @@ def test_fine_tuning_a_hf_folder_keeps_its_numerics(tmp_path):
     # the final weights with their config.json run with those numerics
     ckpt = weights.load(str(work / 'final.npz'))
     assert weights.configure(ckpt, str(work / 'config.json')).gelu == 'erf'
+
+
+# --------------------------------------------------------------------------- from the image file to the logits
+
+PHOTO = str(Path(__import__('skimage.data').data.__file__).parent / 'chelsea.png')
+
+
+def predicted_logits(tmp_path, *args) -> dict[str, np.ndarray]:
+    """`predict --json` of the photo in both frameworks: each one's raw logits."""
+    from vit_jax import cli as jax_cli
+    from vit_torch import cli as torch_cli
+
+    got = {}
+    for fw, main in (('vit_jax', jax_cli.predict_main), ('vit_torch', torch_cli.predict_main)):
+        out = tmp_path / f'{fw}.json'
+        assert main([PHOTO, '--top', '3', '--json', str(out), *map(str, args)]) == 0
+        got[fw] = np.array([json.loads(out.read_text())['images'][0]['logits']], np.float32)
+    return got
+
+
+def test_a_hf_fine_tune_predicts_what_transformers_predicts_from_the_image_file(tmp_path, capsys):
+    """The acceptance: transformers' own processor and model on a photo, against `predict` with its defaults."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, ViTForImageClassification, ViTImageProcessor
+
+    folder, _ = hf_folder(tmp_path, hidden_act='gelu', layer_norm_eps=1e-12)
+    ViTImageProcessor(size={'height': S, 'width': S}).save_pretrained(folder)
+    pixels = AutoImageProcessor.from_pretrained(folder)(Image.open(PHOTO), return_tensors='pt')['pixel_values']
+    with torch.no_grad():
+        want = ViTForImageClassification.from_pretrained(folder).eval()(pixel_values=pixels).logits.numpy()
+    assert max_diff(predicted_logits(tmp_path, '--checkpoint', folder), want) <= 1
+    err = capsys.readouterr().err
+    assert 'preprocess: hf (' in err and 'numerics: erf GELU, LayerNorm eps 1e-12' in err
+
+
+def test_a_timm_deit_file_predicts_what_timm_predicts_from_the_image_file(tmp_path, capsys):
+    import timm
+    from PIL import Image
+
+    model = timm.create_model('deit_tiny_distilled_patch16_224', pretrained=False, img_size=S, patch_size=8,
+                              num_classes=5, embed_dim=32, depth=2, num_heads=2).eval()
+    enlarge(model)
+    save_file(model.state_dict(), str(tmp_path / 'deit.safetensors'))
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({'input_size': (3, S, S)}, model=model))
+    with torch.no_grad():
+        want = model(transform(Image.open(PHOTO).convert('RGB'))[None]).numpy()
+    (tmp_path / 'c.json').write_text(json.dumps({
+        'hidden_size': 32, 'patches': {'size': [8, 8]}, 'transformer': {'mlp_dim': 128, 'num_heads': 2,
+                                                                         'num_layers': 2},
+        'classifier': 'token_distilled', 'num_classes': 5, 'image_size': S}))
+    assert max_diff(predicted_logits(tmp_path, '--checkpoint', tmp_path / 'deit.safetensors', '--config',
+                                     tmp_path / 'c.json'), want) <= 1
+    assert 'preprocess: timm (' in capsys.readouterr().err
