@@ -60,6 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('function', metavar='FILE.py:FUNCTION', nargs='?',
                         help='your forward pass: FUNCTION(params, x) -> dict (omitted: only --preprocess is checked)')
     parser.add_argument('--checkpoint', metavar='CKPT', help=cli.CHECKPOINT_HELP + ' (required with FILE.py:FUNCTION)')
+    cli.add_numerics_argument(parser)
     parser.add_argument('--preprocess', metavar='FILE.py:PREPROCESS|MODE',
                         help='your preprocessing, PREPROCESS(path, size) -> HWC float pixels, compared with the '
                              'reference pipeline on --images; or a mode (official, hf, timm): the pipeline --images '
