@@ -205,9 +205,17 @@ def test_fine_tuning_a_hf_folder_keeps_its_numerics(tmp_path):
     assert (run['config']['gelu'], run['config']['layer_norm_eps']) == ('erf', 1e-12)
     saved = json.loads((work / 'config.json').read_text())
     assert (saved['gelu'], saved['layer_norm_eps']) == ('erf', 1e-12)
-    # the final weights with their config.json run with those numerics
-    ckpt = weights.load(str(work / 'final.npz'))
-    assert weights.configure(ckpt, str(work / 'config.json')).gelu == 'erf'
+    # the final weights (the released layout, with no room for numerics) run with those of the run that wrote
+    # them, as does a checkpoint of its checkpoints/; copied elsewhere, the npz alone runs the official ones
+    for path in (work / 'final.npz', *sorted((work / 'checkpoints').glob('ckpt-*.npz'))):
+        ckpt = weights.load(str(path))
+        cfg = weights.configure(ckpt, None, 8)
+        assert (cfg.gelu, cfg.layer_norm_eps) == ('erf', 1e-12), path
+        assert ckpt.numerics.source.endswith('config.json, of the run that wrote it')
+        assert weights.configure(ckpt, None, 8, numerics='official').gelu == 'tanh'
+    (tmp_path / 'alone').mkdir()
+    (tmp_path / 'alone' / 'final.npz').write_bytes((work / 'final.npz').read_bytes())
+    assert weights.configure(weights.load(str(tmp_path / 'alone' / 'final.npz')), None, 8).gelu == 'tanh'
 
 
 # --------------------------------------------------------------------------- from the image file to the logits

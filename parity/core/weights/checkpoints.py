@@ -94,7 +94,30 @@ def load(spec: str) -> Checkpoint:
         arrays, meta = containers.read_safetensors(path)
     else:
         arrays = containers.read_pt(path)
-    return _from_arrays(spec, path, arrays, subtree, meta)
+    ckpt = _from_arrays(spec, path, arrays, subtree, meta)
+    if ckpt.format == 'released' and not subtree:
+        ckpt.numerics = _run_numerics(path)
+    return ckpt
+
+
+def _run_numerics(path: str) -> Optional[Numerics]:
+    """The numerics of the `train` run that wrote a released npz (DIR/final.npz, DIR/checkpoints/ckpt-N.npz):
+    the layout has no room for them, so the run's DIR/config.json, beside its DIR/run.json, says them. None
+    (the config's) for any other npz, and for a run with the official numerics."""
+    run = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(run) == 'checkpoints':
+        run = os.path.dirname(run)
+    config, record = os.path.join(run, 'config.json'), os.path.join(run, 'run.json')
+    if not (os.path.isfile(config) and os.path.isfile(record)):
+        return None
+    try:
+        cfg = ViTConfig.from_official_dict(files.read_json_object(config, config, 'the run\'s config'), config)
+    except UserError:
+        return None  # not a config this run wrote: the npz alone decides, as for any other
+    n = cfg.numerics
+    if (n.gelu, n.layer_norm_eps) == (OFFICIAL_NUMERICS.gelu, OFFICIAL_NUMERICS.layer_norm_eps):
+        return None
+    return dataclasses.replace(n, source=f'{config}, of the run that wrote it')
 
 
 def _from_arrays(spec: str, path: str, arrays: dict, subtree: Optional[str], meta: dict,
