@@ -1,12 +1,18 @@
-"""`python -m vit_torch convert`: npz to PyTorch state dicts and back, bit for bit."""
+"""`python -m vit_torch convert`: npz to PyTorch state dicts and back, bit for bit.
+
+Through the command's own entry point, in this process; tests/test_bad_inputs.py runs it as a new process."""
 
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import run_cli
 from parity.core import weights
+from vit_torch import cli as torch_cli
+
+
+def convert(*args) -> None:
+    assert torch_cli.main(['convert', *map(str, args)]) == 0
 
 
 @pytest.mark.slow
@@ -15,10 +21,10 @@ from parity.core import weights
 def test_convert_round_trip_is_bit_exact(reference, tmp_path, case, suffix, config):
     src = reference / case / 'ckpt.npz'
     mid, back = tmp_path / f'ckpt{suffix}', tmp_path / 'back.npz'
-    run_cli('vit_torch', 'convert', src, mid, check=True)
+    convert(src, mid)
     # .pt holds tensors only, so its way back needs the config; .safetensors carries it as metadata.
     extra = ['--config', reference / case / config] if config else []
-    run_cli('vit_torch', 'convert', mid, back, *extra, check=True)
+    convert(mid, back, *extra)
     original, again = np.load(src), np.load(back)
     assert sorted(original.files) == sorted(again.files)
     for k in original.files:
@@ -30,8 +36,8 @@ def test_convert_round_trip_is_bit_exact(reference, tmp_path, case, suffix, conf
 def test_converted_state_dict_loads_into_the_torch_model(reference, tmp_path):
     from vit_torch.model import VisionTransformer
 
-    run_cli('vit_torch', 'convert', reference / 'tiny_token' / 'ckpt.npz', tmp_path / 'c.safetensors', check=True)
-    run_cli('vit_torch', 'convert', reference / 'tiny_token' / 'ckpt.npz', tmp_path / 'c.pt', check=True)
+    convert(reference / 'tiny_token' / 'ckpt.npz', tmp_path / 'c.safetensors')
+    convert(reference / 'tiny_token' / 'ckpt.npz', tmp_path / 'c.pt')
     params = weights.load_npz(str(reference / 'tiny_token' / 'ckpt.npz'))
     cfg = weights.resolve_config(str(reference / 'tiny_token' / 'model.json'), params)
     sd = {k: torch.from_numpy(v) for k, v in load_file(tmp_path / 'c.safetensors').items()}

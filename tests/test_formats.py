@@ -28,8 +28,8 @@ from parity.core.config import BIG_VISION_VARIANTS, ViTConfig
 from parity.core.errors import UserError
 from parity.core.weights.formats import timm as timm_format
 from parity.harness import counterparts
-from vit_jax import runtime as jax_runtime
-from vit_torch import runtime as torch_runtime
+from vit_jax import cli as jax_cli, runtime as jax_runtime
+from vit_torch import cli as torch_cli, runtime as torch_runtime
 
 S = 32  # images are 32x32: a 4x4 grid of 8x8 patches
 X = np.random.default_rng(7).uniform(-1, 1, (2, S, S, 3)).astype(np.float32)
@@ -489,19 +489,19 @@ def test_every_format_through_the_logits_and_convert_commands(reference, tmp_pat
     src, cfg_json, x = (reference / 'tiny_token' / n for n in ('ckpt.npz', 'model.json', 'x.npy'))
     want = np.load(reference / 'tiny_token' / 'logits.npy')
     made = {}
+    # The commands' own entry points, in this process (a new interpreter per command is what the last lines,
+    # and tests/test_fuzz.py, check).
     for to, out in (('big_vision', 'bv.npz'), ('timm', 'timm.safetensors'), ('hf', 'hf'), ('torch', 'ours.pt')):
-        proc = run_cli('vit_torch', 'convert', src, tmp_path / out, '--to', to, '--config', cfg_json)
-        assert proc.returncode == 0, proc.stderr
+        assert torch_cli.main(['convert', str(src), str(tmp_path / out), '--to', to, '--config', str(cfg_json)]) == 0
         made[to] = tmp_path / out
     for to, path in made.items():
-        for fw in ('vit_jax', 'vit_torch'):
+        for fw, main in (('vit_jax', jax_cli.main), ('vit_torch', torch_cli.main)):
             out = tmp_path / f'{to}-{fw}.npy'
             # timm's file alone runs as timm builds it (erf GELU); the official model's weights need the official
-            proc = run_cli(fw, 'logits', path, '--config', cfg_json, '--input', x, '--output', out,
-                           *(['--numerics', 'official'] if to == 'timm' else []))
-            assert proc.returncode == 0, (to, fw, proc.stderr)
+            assert main(['logits', str(path), '--config', str(cfg_json), '--input', str(x), '--output', str(out),
+                         *(['--numerics', 'official'] if to == 'timm' else [])]) == 0, (to, fw)
             assert np.abs(np.load(out) - want).max() < 1e-5, (to, fw)
-    # a bad input: one line, exit 2, nothing written
+    # a bad input, from the command line: one line, exit 2, nothing written
     proc = run_cli('vit_torch', 'convert', f'{made["big_vision"]}:nope', tmp_path / 'x.npz')
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith('error: ')
     assert 'Traceback' not in proc.stderr and not (tmp_path / 'x.npz').exists()
