@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity.core import files
+from parity.core import files, weights
 from parity.core.config import ViTConfig
 from parity.harness.tolerance import bound as tolerance  # noqa: F401  the written policy: 1e-5 x max(1, max |ref|)
 from vit_jax import runtime as jax_runtime
@@ -193,3 +193,14 @@ def killed_writer_leftover(directory: Path) -> str:
     left = [n for n in os.listdir(directory) if files.TEMPORARY.match(n)]
     assert left == [f'.tmp-{writer.pid}-ckpt-0000005.npz'], os.listdir(directory)
     return left[0]
+
+
+@pytest.fixture(scope='module')
+def timm_small(tmp_path_factory):
+    """A random checkpoint shaped like timm's `test_vit` (width 64, depth 6, 2 heads, MLP 192, patch 16), 64x64:
+    test_harness's and test_pixels' timm counterpart."""
+    cfg = ViTConfig(name=None, patch_size=(16, 16), hidden_size=64, num_layers=6, mlp_dim=192, num_heads=2,
+                    num_classes=10, image_size=64)
+    path = tmp_path_factory.mktemp('timm') / 'test_vit.npz'
+    weights.save_npz(str(path), random_params(weights.param_shapes(cfg), seed=3, scale=0.1))
+    return path

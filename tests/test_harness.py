@@ -341,16 +341,6 @@ def test_hf_conversion_table_is_complete(small):
             counterparts.check_hf_expressible(bad)
 
 
-@pytest.fixture(scope='module')
-def timm_small(tmp_path_factory):
-    """A random checkpoint shaped like timm's `test_vit` (width 64, depth 6, 2 heads, MLP 192, patch 16), 64x64."""
-    cfg = ViTConfig(name=None, patch_size=(16, 16), hidden_size=64, num_layers=6, mlp_dim=192, num_heads=2,
-                    num_classes=10, image_size=64)
-    path = tmp_path_factory.mktemp('timm') / 'test_vit.npz'
-    weights.save_npz(str(path), random_params(weights.param_shapes(cfg), seed=3, scale=0.1))
-    return path
-
-
 def test_against_timm_names_erf_gelu(timm_small, tmp_path):
     code, report = run(compare.main, [timm_small, '--against', 'timm:test_vit', '--attention'], tmp_path)
     assert code == 1 and report['first_divergence'] == 'encoderblock_0'

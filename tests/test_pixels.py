@@ -12,9 +12,6 @@ import json
 import numpy as np
 import pytest
 
-from conftest import random_params
-from parity.core import weights
-from parity.core.config import ViTConfig
 from parity.core.errors import UserError
 from parity.harness import compare, verify
 
@@ -169,16 +166,6 @@ def test_against_hf_names_official_preprocessing_antialias(hf_folder, photos, tm
     assert code == 1 and report['first_divergence'] == 'pixels' and not report['activations'][0]['ok']
     assert set(causes(report)) == {'antialias'}
     assert causes(report)['antialias'].startswith('pixels: theirs resize with antialiasing, ours without')
-
-
-@pytest.fixture(scope='module')
-def timm_small(tmp_path_factory):
-    """A random checkpoint shaped like timm's `test_vit` (width 64, depth 6, 2 heads, MLP 192, patch 16), 64x64."""
-    cfg = ViTConfig(name=None, patch_size=(16, 16), hidden_size=64, num_layers=6, mlp_dim=192, num_heads=2,
-                    num_classes=10, image_size=64)
-    path = tmp_path_factory.mktemp('timm') / 'test_vit.npz'
-    weights.save_npz(str(path), random_params(weights.param_shapes(cfg), seed=3, scale=0.1))
-    return path
 
 
 def test_against_timm_pixels_row(timm_small, photos, tmp_path):
