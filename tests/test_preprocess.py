@@ -160,6 +160,20 @@ def test_timm_is_timms_eval_transform(tmp_path, model_name, distilled):
         assert np.abs(pp.load_image(path, pipeline) - _timm_reference(path, model_name, 32)).max() <= 1e-6
 
 
+def test_a_timm_file_at_384_gets_the_crop_of_timms_384_fine_tunes(tmp_path):
+    """Google's 384 px fine-tunes in timm (augreg, orig, DeiT's) evaluate with crop_pct 1.0, not _cfg's 0.9."""
+    from timm.models import get_pretrained_cfg
+
+    path = _png(tmp_path, 'x.png', (500, 420, 3))
+    for name, distilled in (('vit_base_patch16_384.augreg_in21k_ft_in1k', False),
+                            ('deit_base_distilled_patch16_384.fb_in1k', True)):
+        pipeline = pp.pipeline_for(None, 'timm', str(tmp_path / 'm.safetensors'), 384, distilled=distilled)
+        own = resolve_data_config({}, pretrained_cfg=get_pretrained_cfg(name).to_dict())
+        with Image.open(path) as im:
+            want = create_transform(**own)(im.convert('RGB')).numpy().transpose(1, 2, 0)
+        assert np.abs(pp.load_image(path, pipeline) - want).max() <= 1e-6, name
+
+
 def test_timm_reads_a_hub_folders_pretrained_cfg(tmp_path):
     cfg = {'interpolation': 'bilinear', 'crop_pct': 0.95, 'crop_mode': 'center', 'mean': [0.1, 0.2, 0.3],
            'std': [0.3, 0.2, 0.1], 'input_size': [3, 32, 32]}

@@ -211,7 +211,8 @@ def _timm_pipeline(folder: Optional[str], image_size: int, distilled: bool) -> P
         cfg, source = {'mean': IMAGENET_MEAN, 'std': IMAGENET_STD,
                        'crop_pct': 1.0 if image_size >= 384 else 0.9}, "timm's DeiT distilled defaults"
     else:
-        cfg, source = {'crop_pct': 0.9}, "timm's ViT defaults"  # vision_transformer.py's _cfg
+        # vision_transformer.py's _cfg (crop 0.9); Google's 384 fine-tunes there (augreg, orig) say crop 1.0.
+        cfg, source = {'crop_pct': 1.0 if image_size >= 384 else 0.9}, "timm's ViT defaults"
     where = f'{path} pretrained_cfg' if source.startswith('config') else source
     size = image_size
     shape = cfg.get('input_size')
