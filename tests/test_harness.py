@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REFERENCE, REPO, random_params, run_cli, tolerance
+from conftest import REFERENCE, REPO, kill_once_written, popen, random_params, run_cli, tolerance
 from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
@@ -178,7 +178,8 @@ def test_verify_user_errors_are_one_line(tmp_path):
     ('os._exit(3)', 'it exited with code 3'),
     ('ctypes.string_at(0)', 'killed by SIGSEGV (a crash in native code)'),
     ('os.kill(os.getpid(), signal.SIGKILL)', 'killed by SIGKILL (out of memory, or killed from outside)'),
-], ids=['sys.exit(0)', 'os._exit(3)', 'segfault', 'SIGKILL'])
+    ('raise KeyboardInterrupt', 'your code raised KeyboardInterrupt (an exception raised by Python code'),
+], ids=['sys.exit(0)', 'os._exit(3)', 'segfault', 'SIGKILL', 'KeyboardInterrupt'])
 def test_verify_reports_how_a_function_ended_never_as_a_pass(tmp_path, body, needle):
     """The user's function runs in a child process: an exit or a crash there is exit 2 here, with a verdict of none."""
     path = tmp_path / 'ends.py'
@@ -198,6 +199,35 @@ def test_verify_stops_a_function_that_never_returns(tmp_path):
     with pytest.raises(UserError, match=r'did not return within 1 s and was stopped \(--timeout SECONDS'):
         verify.main([f'{path}:vit', '--checkpoint', ckpt, *rest, '--timeout', '1'])
     assert time.monotonic() - start < 30
+
+
+def test_a_killed_verify_takes_the_function_and_what_it_started_with_it(tmp_path):
+    """`kill -9` of verify (a scheduler's time limit): the child running the function, and the process that function
+    started, go too, instead of running on with the caller's pipes."""
+    pids = tmp_path / 'pids'
+    path = tmp_path / 'hangs.py'
+    path.write_text('import os, subprocess, time\n\ndef vit(params, x):\n'
+                    '    sleep = subprocess.Popen(["sleep", "600"])\n'
+                    f'    open({str(pids)!r} + ".tmp", "w").write(f"{{os.getpid()}} {{sleep.pid}}")\n'
+                    f'    os.rename({str(pids)!r} + ".tmp", {str(pids)!r})\n'
+                    '    while True:\n        time.sleep(1)\n')
+    ckpt, *rest = case_args(TINY)
+    proc = popen('parity', 'verify', f'{path}:vit', '--checkpoint', ckpt, *rest, out=tmp_path / 'verify')
+    kill_once_written(proc, pids, tmp_path / 'verify')
+    left = [int(p) for p in pids.read_text().split()]
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in left) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in left if _alive(p)], 'still running after verify was killed'
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
 
 
 def test_verify_runs_nothing_of_the_users_file_in_its_own_process(tmp_path):

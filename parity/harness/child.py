@@ -8,7 +8,8 @@ Here the parent writes the params and the batch to a private folder, starts
 `timeout` seconds. The child imports FILE.py, calls FUNCTION(params, x) through
 `counterparts.run_function` and writes what it returned (`result.npz`, `result.json`,
 each atomically). Any other ending (an exit, a signal, the timeout) is one `UserError`
-saying which; the child and anything it started are killed on a timeout.
+saying which; the child and anything it started are killed on a timeout, and die with `verify`
+when it is killed itself.
 
 The user's prints go to our stderr, so stdout stays the report.
 """
@@ -20,6 +21,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -102,6 +105,7 @@ def _child(folder: str, spec: str) -> int:
     def report(**fields) -> None:
         files.write_json(os.path.join(folder, 'result.json'), fields)
 
+    _die_with_parent()
     try:
         params = containers.read_npz(os.path.join(folder, 'params.npz'))
         x = np.load(os.path.join(folder, 'x.npy'))
@@ -115,11 +119,29 @@ def _child(folder: str, spec: str) -> int:
         report(error=f'{spec}: your code called sys.exit({e.code!r}) instead of returning a result; return a '
                      'dict of intermediates')
         return 0
+    except KeyboardInterrupt:  # no Ctrl-C reaches this process (its own session): Python code raised it
+        report(error=f'{spec}: your code raised KeyboardInterrupt (an exception raised by Python code: no Ctrl-C '
+                     'reaches the process running it) instead of returning a result; return a dict of intermediates')
+        return 0
     keys = list(out)
     if keys:
         containers.write_npz(os.path.join(folder, 'result.npz'), {f'{i}': out[k] for i, k in enumerate(keys)})
     report(keys=keys, notes=notes)
     return 0
+
+
+def _die_with_parent() -> None:
+    """When `verify` is gone (even SIGKILLed, as a scheduler's time limit does), this process and all it started
+    go too, instead of running on and holding the caller's pipes open. A thread, not PR_SET_PDEATHSIG: the kernel's
+    signal would kill this process alone and leave what it started, which shares its process group, running."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os.killpg(0, signal.SIGKILL)  # this process leads its group (start_new_session): the group is its own
+
+    threading.Thread(target=watch, name='parity-verify-parent-watch', daemon=True).start()
 
 
 def _strict_float32() -> None:
