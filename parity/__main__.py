@@ -1,6 +1,11 @@
 """`python -m parity COMMAND ...`: compare, verify, grad, bench, explain."""
 
-from parity.cli import dispatch, run
+from parity.core import jax_memory
+
+# Every command here puts JAX and PyTorch on one GPU; JAX reads its memory options when it starts.
+jax_memory.share_gpu_with_torch()
+
+from parity.cli import dispatch, run  # noqa: E402  (after the memory options, should the CLI ever import jax)
 
 COMMANDS = {
     'compare': ('parity.harness.compare:main', 'one checkpoint through vit_jax and vit_torch, layer by layer'),

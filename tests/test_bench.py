@@ -6,6 +6,7 @@ against computes the same function as ours.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -28,7 +29,10 @@ def test_bench_runs_end_to_end_and_writes_the_contract(tmp_path):
     proc = run_cli('parity', 'bench', '--models', 'testing', '--batch-size', '2', '--repeats', '2', '--warmup', '1',
                    '--json', out, check=True)
     doc = json.loads(out.read_text())
-    assert set(doc) == {'device', 'results'} and doc['device'].startswith('cpu')
+    assert set(doc) == {'device', 'jax_memory', 'results'} and doc['device'].startswith('cpu')
+    if 'XLA_PYTHON_CLIENT_PREALLOCATE' not in os.environ:
+        assert doc['jax_memory']['XLA_PYTHON_CLIENT_PREALLOCATE'] == {'value': 'false', 'set_by': 'parity'}
+    assert all(v['set_by'] in ('parity', 'user') for v in doc['jax_memory'].values()), doc['jax_memory']
     rows = doc['results']
     assert {(r['impl'], r['mode']) for r in rows} == {(i, m) for i in bench.IMPLS for m in bench.MODES}
     for r in rows:

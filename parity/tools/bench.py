@@ -49,7 +49,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from parity import cli
-from parity.core import files, limits
+from parity.core import files, jax_memory, limits
 from parity.core.config import OFFICIAL_CONFIGS, ViTConfig
 from parity.core.errors import UserError
 
@@ -459,6 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         files.check_outputs({'--json': args.json})
     reuse_freed_memory()  # before timm, torch or jax start a thread
+    jax_memory.share_gpu_with_torch()  # for a caller that skipped `python -m parity`, if jax is not yet imported
     impls = list(args.impls)
     if REFERENCE in impls:
         try:
@@ -484,6 +485,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             args.repeats)
     print(format_table(described, rows))
     if args.json:
-        report = {'device': described, 'results': [r.to_json() for r in rows]}
+        report = {'device': described, 'jax_memory': jax_memory.in_force(), 'results': [r.to_json() for r in rows]}
         files.write_json(args.json, report, '--json')
     return 0
