@@ -28,7 +28,8 @@ def test_bench_runs_end_to_end_and_writes_the_contract(tmp_path):
     proc = run_cli('parity', 'bench', '--models', 'testing', '--batch-size', '2', '--repeats', '2', '--warmup', '1',
                    '--json', out, check=True)
     doc = json.loads(out.read_text())
-    assert set(doc) == {'device', 'results'} and doc['device'].startswith('cpu')
+    assert set(doc) == {'device', 'device_resident', 'results'} and doc['device'].startswith('cpu')
+    assert doc['device_resident'] is False  # the default: each timed step puts the host batch on the device
     rows = doc['results']
     assert {(r['impl'], r['mode']) for r in rows} == {(i, m) for i in bench.IMPLS for m in bench.MODES}
     for r in rows:
