@@ -29,7 +29,8 @@ def test_bench_runs_end_to_end_and_writes_the_contract(tmp_path):
     proc = run_cli('parity', 'bench', '--models', 'testing', '--batch-size', '2', '--repeats', '2', '--warmup', '1',
                    '--json', out, check=True)
     doc = json.loads(out.read_text())
-    assert set(doc) == {'device', 'jax_memory', 'results'} and doc['device'].startswith('cpu')
+    assert set(doc) == {'device', 'device_resident', 'jax_memory', 'results'} and doc['device'].startswith('cpu')
+    assert doc['device_resident'] is False  # the default: each timed step puts the host batch on the device
     if 'XLA_PYTHON_CLIENT_PREALLOCATE' not in os.environ:
         assert doc['jax_memory']['XLA_PYTHON_CLIENT_PREALLOCATE'] == {'value': 'false', 'set_by': 'parity'}
     assert all(v['set_by'] in ('parity', 'user') for v in doc['jax_memory'].values()), doc['jax_memory']

@@ -218,6 +218,9 @@ FLAGS: dict[str, Flag] = {
     'keep_checkpoints': Flag('newest checkpoints kept (default 3)', int, 3, POSITIVE, metavar='N'),
     'log_every': Flag('metrics line every N steps (default 10)', int, 10, POSITIVE, metavar='N'),
     'data_dir': Flag('tensorflow-datasets data directory', metavar='DIR'),
+    # An output place like --workdir, not a setting: a profiled run is the same run (not in run.json).
+    'profile': Flag('write a jax.profiler trace of 3 steps after the first (compiling) one to DIR (process 0; '
+                    'open it in TensorBoard\'s profile plugin or Perfetto)', metavar='DIR'),
     'coordinator': Flag('multi-host: address of process 0 (or JAX_COORDINATOR_ADDRESS)', metavar='HOST:PORT'),
     'num_processes': Flag('multi-host: number of processes (or JAX_NUM_PROCESSES)', int, metavar='N'),
     'process_id': Flag('multi-host: this process, 0..N-1 (or JAX_PROCESS_ID)', int, metavar='I'),

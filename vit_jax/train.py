@@ -22,9 +22,10 @@ Shapes: B global batch, Bl per-process rows, A accumulation steps, S image size,
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,23 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """This process's rows of a global batch (NumPy) to global arrays sharded over `data`."""
     _, sharded = _shardings(mesh)
     return {k: jax.make_array_from_process_local_data(sharded, v) for k, v in batch.items()}
+
+
+def prefetch(batches: Iterator[dict], mesh: Mesh, count: int, size: int = 2) -> Iterator[dict]:
+    """`count` batches of `batches` (NumPy, this process's rows), each put on the devices by `shard_batch` up to
+    `size` steps ahead.
+
+    The host pipeline then reads and transfers the next batches while the step dispatched before
+    runs, instead of between two steps; the stream is the same batches in the same order, and no
+    more than `count` are read (a resumed or finished run reads nothing past its last step).
+    """
+    queue: collections.deque = collections.deque()
+    fetched = 0
+    for _ in range(count):
+        while len(queue) < size and fetched < count:
+            queue.append(shard_batch(next(batches), mesh))
+            fetched += 1
+        yield queue.popleft()
 
 
 def to_host(tree):

@@ -37,6 +37,7 @@ from vit_jax.settings import TrainSettings
 
 RUN_JSON = 'run.json'
 METRICS = 'metrics.jsonl'
+PROFILE_STEPS = 3  # traced after the first (compiling) step: enough to see a steady step and the gaps between
 
 
 # --------------------------------------------------------------------------- the command line
@@ -157,15 +158,15 @@ def check_memory(s: TrainSettings, devices: int, procs: int, teachers: Sequence[
                          device_bytes, f'one {where}')
 
 
-def _check_workdir(workdir: str) -> None:
+def _check_workdir(workdir: str, flag: str = '--workdir') -> None:
     """A directory that is or can be made writable; created only once every other check has passed."""
     path = os.path.abspath(workdir)
     while not os.path.exists(path):
         path = os.path.dirname(path)
     if not os.path.isdir(path):
-        raise UserError(f'--workdir {workdir}: {path} exists and is not a directory; pick another path')
+        raise UserError(f'{flag} {workdir}: {path} exists and is not a directory; pick another path')
     if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f'--workdir {workdir}: {path} is not writable; pick a writable path')
+        raise UserError(f'{flag} {workdir}: {path} is not writable; pick a writable path')
 
 
 def _check_resume(workdir: str, s: TrainSettings) -> None:
@@ -219,6 +220,32 @@ class MetricsLog:
 
 # --------------------------------------------------------------------------- the run
 
+class Profile:
+    """--profile DIR: a `jax.profiler` trace of `PROFILE_STEPS` steps after the first, which compiles."""
+
+    def __init__(self, directory: Optional[str], say=cli.say, steps: int = PROFILE_STEPS):
+        self.directory, self.say, self.steps, self.tracing = directory, say, steps, False
+
+    def after_step(self, done: int, metrics) -> None:
+        """Called after the `done`-th step of this run was dispatched."""
+        if self.directory is None:
+            return
+        if done == 1:
+            jax.block_until_ready(metrics)  # the compile stays out of the trace
+            jax.profiler.start_trace(self.directory)
+            self.tracing = True
+        elif done == 1 + self.steps:
+            self.stop(metrics)
+
+    def stop(self, metrics=None) -> None:
+        if self.tracing:
+            jax.block_until_ready(metrics)  # the traced steps' device work inside the trace
+            jax.profiler.stop_trace()
+            self.tracing = False
+            self.say(f'vit_jax train: profile trace of up to {self.steps} steps written to {self.directory} '
+                     f'(tensorboard --logdir {self.directory}, Profile tab; or its .trace.json.gz in Perfetto)')
+
+
 @dataclasses.dataclass
 class Run:
     """One training run in its workdir: the settings, the data, the compiled steps and the log."""
@@ -231,6 +258,7 @@ class Run:
     eval_step: object
     log: MetricsLog
     writer: bool  # this process writes the workdir (process 0)
+    profile: Optional[str] = None  # --profile DIR: process 0 traces a few steps there
 
     def evaluate(self, state) -> dict:
         s = self.settings
@@ -245,9 +273,11 @@ class Run:
         s = self.settings
         steps, B, S = s.steps, s.batch_size, s.image_size
         pid, procs = jax.process_index(), jax.process_count()
-        batches = self.dataset.train_batches(B, S, s.seed, start, pid, procs, s.augmentation)
+        batches = train.prefetch(self.dataset.train_batches(B, S, s.seed, start, pid, procs, s.augmentation),
+                                 self.mesh, steps - start)
         bar = tqdm(total=steps, initial=start, unit='step', disable=not self.writer, dynamic_ncols=True,
                    file=sys.stderr, desc='train')
+        trace = Profile(self.profile if self.writer else None, lambda line: bar.write(line, file=sys.stderr))
         pending: list[tuple[int, dict]] = []
         found = checkpoint.list_checkpoints(self.workdir)
         last_good = found[-1][1] if found else None
@@ -256,7 +286,8 @@ class Run:
         ev = None
         try:
             for step in range(start + 1, steps + 1):
-                state, metrics = self.train_step(state, train.shard_batch(next(batches), self.mesh))
+                state, metrics = self.train_step(state, next(batches))
+                trace.after_step(step - start, metrics)
                 pending.append((step, metrics))
                 bar.update(1)
                 if step == start + 1:  # the first step compiles: leave it out of the throughput
@@ -311,6 +342,7 @@ class Run:
                                         'to resume from it') from None
                 tick, ticked = time.perf_counter(), step
         finally:
+            trace.stop()
             bar.close()
         return state, ev
 
@@ -351,6 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     settings.check_ranges(args)  # before anything is read or created
     _check_workdir(args.workdir)
+    if args.profile is not None:
+        _check_workdir(args.profile, '--profile')
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     writer = jax.process_index() == 0  # process 0 writes the workdir and holds its lock
     if not writer:
@@ -416,7 +450,7 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
               train.make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=A, dtype=s.dtype, fast=True,
                                     objective=objective.Objective.from_settings(s), teachers=teachers),
               train.make_eval_step(cfg, mesh=mesh, dtype=s.dtype, fast=True, teachers=teachers),
-              MetricsLog(os.path.join(args.workdir, METRICS), start, writer), writer)
+              MetricsLog(os.path.join(args.workdir, METRICS), start, writer), writer, args.profile)
     if writer:
         cli.say(f'vit_jax train: {cli.describe_config(cfg)}, {weights.count_params(cfg):,} params, on {args.dataset} '
                 f'({dataset.num_examples(dataset.preset.train):,} train images); {devices} device(s) in {procs} '

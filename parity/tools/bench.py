@@ -30,6 +30,13 @@ CPU the peak resident set above the resident set before (Linux VmHWM, reset thro
 /proc/self/clear_refs, after handing freed heap back with malloc_trim): the
 implementation's own copy of the weights, activations, gradients, optimizer state and
 compilation, everything the process held for it at its peak. null where not measurable.
+
+Input: each timed step puts the host batch (NumPy) on the device first, as a training loop
+without prefetching does (`jax.device_put` / `shard_batch`, `tensor.to(device)`; on the CPU
+the host is the device and PyTorch's copy is none). `--device-resident` keeps the batch on
+the device from the start: the step alone. The JSON says which (`device_resident`).
+`--profile DIR` then runs `PROFILE_STEPS` more steps of every row under `jax.profiler`
+(vit_jax) or `torch.profiler` (the PyTorch rows), one trace folder per row under DIR.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ MOMENTUM = 0.9
 # PyTorch's OpenMP team) spin-wait a while after their work; on a small machine they
 # would steal cycles from the next implementation's run.
 PAUSE = 0.05
+PROFILE_STEPS = 3
 FIELDS = ('model', 'impl', 'mode', 'precision', 'batch_size', 'img_per_s', 'peak_mem_bytes', 'ratio_to_reference')
 
 
@@ -124,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--warmup', type=int, default=2, metavar='W',
                         help='untimed runs per row first, compilation included (default: 2)')
     parser.add_argument('--json', metavar='OUT.json', help='also write the results as JSON')
+    parser.add_argument('--device-resident', action='store_true',
+                        help='keep the batch on the device: time the step alone, without putting a host batch there')
+    parser.add_argument('--profile', metavar='DIR',
+                        help=f'after the timings, trace {PROFILE_STEPS} steps of each row into DIR/MODEL-MODE-'
+                             'PRECISION-IMPL (jax.profiler, torch.profiler; TensorBoard or Perfetto)')
     return parser
 
 
@@ -294,8 +307,9 @@ def timm_model(cfg: ViTConfig):
                    attn_drop_rate=cfg.attention_dropout_rate)
 
 
-def jax_step(inputs: Inputs, mode: str, precision: str) -> Callable[[], None]:
-    """One synchronised vit_jax step, compiled on first call."""
+def jax_step(inputs: Inputs, mode: str, precision: str, device_resident: bool = False) -> Callable[[], None]:
+    """One synchronised vit_jax step, compiled on first call; the host batch put on the device in each step
+    unless `device_resident`."""
     import jax
     import jax.numpy as jnp
 
@@ -307,7 +321,9 @@ def jax_step(inputs: Inputs, mode: str, precision: str) -> Callable[[], None]:
         apply = jax.jit(functools.partial(VisionTransformer(inputs.cfg, dtype=dtype, fast=True).apply, train=False))
         variables = jax.device_put(variables_from_params(inputs.params))
         images = jax.device_put(inputs.images)
-        return lambda: apply(variables, images).block_until_ready()
+        if device_resident:
+            return lambda: apply(variables, images).block_until_ready()
+        return lambda: apply(variables, jax.device_put(inputs.images)).block_until_ready()
 
     from vit_jax import objective, train
     from vit_jax.settings import TrainSettings
@@ -316,28 +332,38 @@ def jax_step(inputs: Inputs, mode: str, precision: str) -> Callable[[], None]:
     tx, _ = objective.make_optimizer(TrainSettings(lr=LEARNING_RATE, steps=10 ** 6, warmup_steps=0))
     step_fn = train.make_train_step(inputs.cfg, tx, mesh=mesh, dtype=jnp.dtype(dtype).name, fast=True)
     state = train.create_train_state(inputs.cfg, inputs.params, tx, mesh=mesh)
-    batch = train.shard_batch({'image': inputs.images, 'label': inputs.labels}, mesh)
+    host = {'image': inputs.images, 'label': inputs.labels}
+    resident = train.shard_batch(host, mesh)
 
     def step():
         nonlocal state
+        batch = resident if device_resident else train.shard_batch(host, mesh)
         state, metrics = step_fn(state, batch)  # the state is donated: its buffers are reused
         jax.block_until_ready((state, metrics))
     return step
 
 
-def torch_step(model, inputs: Inputs, mode: str, precision: str, device: str) -> Callable[[], None]:
-    """One synchronised step of a PyTorch model (vit_torch, compiled or not, or timm)."""
+def torch_step(model, inputs: Inputs, mode: str, precision: str, device: str,
+               device_resident: bool = False) -> Callable[[], None]:
+    """One synchronised step of a PyTorch model (vit_torch, compiled or not, or timm); the host batch put on
+    the device in each step unless `device_resident`."""
     import torch
     import torch.nn.functional as F
 
-    images = torch.from_numpy(inputs.images).permute(0, 3, 1, 2).contiguous().to(device)  # NHWC -> NCHW
-    labels = torch.from_numpy(inputs.labels).long().to(device)
+    # The layout change is the data pipeline's, not the step's: done once on the host either way.
+    host_images = torch.from_numpy(inputs.images).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    host_labels = torch.from_numpy(inputs.labels).long()
+    resident = host_images.to(device), host_labels.to(device)
+
+    def batch():
+        return resident if device_resident else (host_images.to(device), host_labels.to(device))
     autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16, enabled=precision == 'bf16')
     sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
     if mode == 'infer':
         model.eval()
 
         def step():
+            images, _ = batch()
             with torch.inference_mode(), autocast():
                 model(images)
             sync()
@@ -348,6 +374,7 @@ def torch_step(model, inputs: Inputs, mode: str, precision: str, device: str) ->
     opt = torch.optim.SGD(params, lr=LEARNING_RATE, momentum=MOMENTUM)
 
     def step():
+        images, labels = batch()
         opt.zero_grad(set_to_none=True)
         with autocast():
             loss = F.cross_entropy(model(images), labels)
@@ -357,10 +384,11 @@ def torch_step(model, inputs: Inputs, mode: str, precision: str, device: str) ->
     return step
 
 
-def make_step(impl: str, inputs: Inputs, mode: str, precision: str, device: str) -> Optional[Callable[[], None]]:
+def make_step(impl: str, inputs: Inputs, mode: str, precision: str, device: str,
+              device_resident: bool = False) -> Optional[Callable[[], None]]:
     """The step of `impl`, or None when the implementation has no model for this config."""
     if impl == 'vit_jax':
-        return jax_step(inputs, mode, precision)
+        return jax_step(inputs, mode, precision, device_resident)
     import torch
 
     if impl == 'timm':
@@ -374,7 +402,28 @@ def make_step(impl: str, inputs: Inputs, mode: str, precision: str, device: str)
         model = build_model(inputs.cfg, inputs.params, fast=True).to(device)
         if impl == 'vit_torch_compiled':
             model = torch.compile(model)
-    return torch_step(model, inputs, mode, precision, device)
+    return torch_step(model, inputs, mode, precision, device, device_resident)
+
+
+def profile_step(impl: str, step: Callable[[], None], directory: str, device: str, steps: int = PROFILE_STEPS) -> None:
+    """`steps` runs of a warmed-up `step` traced into `directory`: jax.profiler for vit_jax, torch.profiler
+    (a TensorBoard `*.pt.trace.json`, which Perfetto also opens) for the PyTorch rows."""
+    if impl == 'vit_jax':
+        import jax
+
+        with jax.profiler.trace(directory):
+            for _ in range(steps):
+                step()
+        return
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities,
+                                on_trace_ready=torch.profiler.tensorboard_trace_handler(directory)):
+        for _ in range(steps):
+            step()
 
 
 def _reason(e: BaseException) -> str:
@@ -385,7 +434,8 @@ def _reason(e: BaseException) -> str:
 # --------------------------------------------------------------------------- the benchmark
 
 def bench_model(cfg: ViTConfig, modes: Sequence[str], impls: Sequence[str], precision: str, batch_size: int,
-                device: str, warmup: int, repeats: int, log: Callable[[str], None] = cli.say) -> list[Result]:
+                device: str, warmup: int, repeats: int, log: Callable[[str], None] = cli.say,
+                device_resident: bool = False, profile: Optional[str] = None) -> list[Result]:
     """Every (mode, impl) row for one model: build and warm up each, then time them round-robin."""
     inputs = Inputs.random(cfg, batch_size)
     rows = []
@@ -396,7 +446,7 @@ def bench_model(cfg: ViTConfig, modes: Sequence[str], impls: Sequence[str], prec
             log(f'bench: {cfg.name} {mode} {impl}: building and warming up')
             try:
                 with PeakMemory(device, impl) as mem:
-                    step = make_step(impl, inputs, mode, precision, device)
+                    step = make_step(impl, inputs, mode, precision, device, device_resident)
                     if step is not None:
                         for _ in range(max(warmup, 1) + 1):  # the extra run: a steady step inside the peak
                             step()
@@ -419,6 +469,9 @@ def bench_model(cfg: ViTConfig, modes: Sequence[str], impls: Sequence[str], prec
                 times[impl].append(time.perf_counter() - start)
         for impl, ts in times.items():
             results[impl].img_per_s = batch_size / statistics.median(ts)
+        if profile is not None:  # after the timings, so that tracing cannot slow them
+            for impl, step in steps.items():
+                profile_step(impl, step, os.path.join(profile, f'{cfg.name}-{mode}-{precision}-{impl}'), device)
         reference = results.get(REFERENCE)
         for result in results.values():
             if reference is not None and reference.img_per_s and result.img_per_s:
@@ -458,6 +511,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError(f'--warmup {args.warmup}: must be 0 or more')
     if args.json:
         files.check_outputs({'--json': args.json})
+    if args.profile is not None:
+        files.make_dirs(args.profile, '--profile')
     reuse_freed_memory()  # before timm, torch or jax start a thread
     jax_memory.share_gpu_with_torch()  # for a caller that skipped `python -m parity`, if jax is not yet imported
     impls = list(args.impls)
@@ -482,9 +537,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = []
     for cfg in configs:
         rows += bench_model(cfg, args.mode, impls, args.precision, args.batch_size, device, args.warmup,
-                            args.repeats)
+                            args.repeats, device_resident=args.device_resident, profile=args.profile)
+    if args.profile is not None:
+        cli.say(f'bench: profile traces of {PROFILE_STEPS} steps per row written to {args.profile}/MODEL-MODE-'
+                f'PRECISION-IMPL (tensorboard --logdir {args.profile}, Profile tab; or Perfetto)')
     print(format_table(described, rows))
     if args.json:
-        report = {'device': described, 'jax_memory': jax_memory.in_force(), 'results': [r.to_json() for r in rows]}
+        report = {'device': described, 'device_resident': args.device_resident, 'jax_memory': jax_memory.in_force(),
+                  'results': [r.to_json() for r in rows]}
         files.write_json(args.json, report, '--json')
     return 0
