@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from parity.core.config import REMAT_MODES
+
 
 def on_cpu() -> bool:
     """Whether XLA runs on the CPU, where the dense backward and the patch embedding change too."""
@@ -173,3 +175,43 @@ def embed_patches(x, p: dict, patch_size: tuple[int, int], dtype):
     h, w = S1 // ph, S2 // pw
     x = x[:, :h * ph, :w * pw].reshape(B, h, ph, w, pw, C).transpose(0, 1, 3, 2, 4, 5)  # (B, h, w, ph, pw, C)
     return _dense(x, p, 3, dtype)  # (B, h, w, D)
+
+
+# --------------------------------------------------------------------------- rematerialisation
+
+# `--remat`: what each encoder block keeps for the backward pass. 'block' keeps its input only and recomputes
+# the rest (big_vision's 'nothing_saveable'); 'dots' also keeps the dense layers' outputs, recomputing the
+# cheap element-wise work and the attention (big_vision's 'dots_with_no_batch_dims_saveable').
+REMAT_POLICIES = {
+    'block': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_block(block: type, remat: str) -> type:
+    """`block` (an encoder block class), rematerialised as `remat` says ('none': `block` itself).
+
+    Called as `block` is, `deterministic` by keyword, under the module name the caller gives:
+    the parameter tree is the same. `jax.checkpoint` traces keyword arguments, and the dropout
+    layers branch on `deterministic` as a Python bool, so inside, the lifted class takes it
+    positionally, as a static argument.
+    """
+    if remat == 'none':
+        return block
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f'remat {remat!r}: expected one of {", ".join(REMAT_MODES)}')
+
+    class Positional(block):
+        def __call__(self, x, deterministic):
+            return super().__call__(x, deterministic=deterministic)
+
+    # static_argnums counts `self`: 2 is `deterministic`. prevent_cse=False as big_vision: the blocks are not
+    # under a scan here, and CSE protection would only cost speed.
+    lifted = nn.remat(Positional, prevent_cse=False, static_argnums=(2,), policy=REMAT_POLICIES[remat])
+
+    class Rematerialised(lifted):
+        def __call__(self, x, *, deterministic):
+            return super().__call__(x, deterministic)
+
+    Rematerialised.__name__ = Rematerialised.__qualname__ = block.__name__
+    return Rematerialised

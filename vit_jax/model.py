@@ -177,18 +177,20 @@ class Encoder(Module):
     grid: tuple[int, int] = (0, 0)
     gelu: str = 'tanh'
     layer_norm_eps: float = 1e-6
+    remat: str = 'none'  # recompute each block in the backward pass: `vit_jax.fast.remat_block`
 
     @nn.compact
     def __call__(self, x, *, train):
+        block = fast_path.remat_block(EncoderBlock, self.remat)
         x = AddPositionEmbs(self.posemb, self.grid, name='posembed_input')(x)
         self.sow('intermediates', 'with_posemb', x)
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
         for i in range(self.num_layers):
-            x = EncoderBlock(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-                             attention_dropout_rate=self.attention_dropout_rate,
-                             drop_path_rate=self.drop_path_rates[i] if self.drop_path_rates else 0.0,
-                             dtype=self.dtype, fast=self.fast, gelu=self.gelu, layer_norm_eps=self.layer_norm_eps,
-                             name=f'encoderblock_{i}')(x, deterministic=not train)
+            x = block(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+                      attention_dropout_rate=self.attention_dropout_rate,
+                      drop_path_rate=self.drop_path_rates[i] if self.drop_path_rates else 0.0,
+                      dtype=self.dtype, fast=self.fast, gelu=self.gelu, layer_norm_eps=self.layer_norm_eps,
+                      name=f'encoderblock_{i}')(x, deterministic=not train)
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='encoder_norm')(x)
         self.sow('intermediates', 'encoded', x)
         return x
@@ -292,6 +294,7 @@ class VisionTransformer(Module):
     config: ViTConfig
     dtype: Dtype = jnp.float32
     fast: bool = False
+    remat: str = 'none'  # 'block' or 'dots': each encoder block recomputed in the backward (`vit_jax.fast`)
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, both_heads: bool = False):
@@ -321,7 +324,7 @@ class VisionTransformer(Module):
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (B, 1, 1)), x], axis=1)  # (B, N, D)
         x = Encoder(cfg.num_layers, cfg.mlp_dim, cfg.num_heads, cfg.dropout_rate, cfg.attention_dropout_rate,
                     cfg.drop_path_rates, self.dtype, self.fast, cfg.posemb, (h, w), cfg.gelu, cfg.layer_norm_eps,
-                    name='Transformer')(x, train=train)
+                    self.remat, name='Transformer')(x, train=train)
         if cfg.has_dist_token:
             x, x_dist = x[:, 0], x[:, 1]  # (B, D) each
         elif cfg.classifier in ('token', 'first'):

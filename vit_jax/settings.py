@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from parity import cli
 from parity.core import files
-from parity.core.config import NUMERICS_MODES, ViTConfig
+from parity.core.config import NUMERICS_MODES, REMAT_MODES, ViTConfig, big_vision_remat
 from parity.core.errors import UserError
 from parity.data import augment as augmentation, datasets
 from parity.data.augment import Augment
@@ -210,6 +210,9 @@ FLAGS: dict[str, Flag] = {
                                 metavar='T', group='distill'),
     'teacher_weights': Flag('how the distillation term is split between teachers (default equal; normalised)',
                             metavar='W1,W2,...', group='distill'),
+    'remat': Flag('recompute each encoder block in the backward pass, for memory: block keeps only its input, dots '
+                  'also its dense layers\' outputs (default: a big_vision --config\'s remat_policy, else none)',
+                  choices=REMAT_MODES),
     'eval_every': Flag('evaluate on the test split every N steps (0: only at the end)', int,
                        range=Range(0, says='must be 0 (only at the end) or more'), metavar='N'),
     'seed': Flag('initialisation, data order, augmentation, dropout', cli.seed_int, 0, metavar='N'),
@@ -320,6 +323,8 @@ class TrainSettings:
     keep_checkpoints: int = FLAGS['keep_checkpoints'].default
     log_every: int = FLAGS['log_every'].default
     data_dir: Optional[str] = None
+    # Not a run field: the same gradients either way, so a restart may change it (to fit, say).
+    remat: str = 'none'  # `--remat`, else the big_vision config's remat_policy (`big_vision_remat`)
     recipe: str = 'official'  # the preset the unset flags came from (`RECIPE_PRESETS`); the values above decide
 
     @property
@@ -353,8 +358,8 @@ DEFAULTS = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(
 # The settings that are their flag's value as given, else the flag's declared default: a new flag the run keeps
 # is one `Flag` and a field of the same name, and lands here by itself. The others are worked out in `resolve`.
 DIRECT = tuple(f.name for f in dataclasses.fields(TrainSettings) if f.name in FLAGS and f.name not in {
-    'config', 'checkpoint', 'image_size', 'checkpoint_every', 'recipe', 'augment', 'randaug', 'teacher_weights',
-    'distill_alpha', *(r.name for r in dataclasses.fields(Recipe))})
+    'config', 'checkpoint', 'image_size', 'checkpoint_every', 'recipe', 'remat', 'augment', 'randaug',
+    'teacher_weights', 'distill_alpha', *(r.name for r in dataclasses.fields(Recipe))})
 
 
 # --------------------------------------------------------------------------- resolving a command line
@@ -397,7 +402,9 @@ def resolve(args, cfg: ViTConfig) -> TrainSettings:
     s = TrainSettings(
         config=cfg, checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
         image_size=cfg.image_size, checkpoint_every=args.checkpoint_every or pick['eval_every'] or pick['steps'],
-        recipe=args.recipe or 'official', **{name: given(args, name) for name in DIRECT}, **pick, **fields)
+        recipe=args.recipe or 'official',
+        remat=args.remat or (big_vision_remat(args.config) if args.config else None) or 'none',
+        **{name: given(args, name) for name in DIRECT}, **pick, **fields)
     if s.warmup_steps < 0 or s.warmup_steps >= s.steps:
         raise UserError(f'--warmup-steps {s.warmup_steps} must be at least 0 and below --steps {s.steps}')
     if s.batch_size % s.accum_steps:

@@ -225,7 +225,7 @@ MIXUP_STREAM = 0x6D697875  # mixup's random stream, apart from dropout's: fold_i
 
 def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mesh: Optional[Mesh] = None,
                     accum_steps: int = 1, dtype: str = 'float32', fast: bool = False,
-                    objective: Objective = Objective(), teachers: Sequence[Teacher] = ()):
+                    objective: Objective = Objective(), teachers: Sequence[Teacher] = (), remat: str = 'none'):
     """The jitted `train_step(state, batch) -> (state, metrics)` for `cfg` and optimizer `tx`.
 
     `batch` holds 'image' (B, S, S, 3) float32 and 'label' (B,) int32, sharded over `mesh`
@@ -239,10 +239,12 @@ def make_train_step(cfg: ViTConfig, tx, lr_fn: Optional[Callable] = None, *, mes
     their own resolution; with `distill_alpha` 0 they are not run at all. With DeiT's
     `token_distilled` classifier the labels' loss is the class head's and the distillation
     term the distillation head's; accuracy is that of their mean, as evaluation predicts.
+    `remat` ('none', 'block', 'dots') recomputes each encoder block in the backward pass
+    (`vit_jax.fast.remat_block`): less memory, the same gradients.
     """
     mesh = mesh if mesh is not None else make_mesh()
     replicated, sharded = _shardings(mesh)
-    model = VisionTransformer(cfg, dtype=jnp.dtype(dtype), fast=fast)
+    model = VisionTransformer(cfg, dtype=jnp.dtype(dtype), fast=fast, remat=remat)
     A, obj, C = accum_steps, objective, cfg.num_classes
     distilling = bool(teachers) and obj.distill_alpha > 0
     teacher_logits = teachers_forward(teachers, dtype, fast)

@@ -151,10 +151,11 @@ def check_memory(s: TrainSettings, devices: int, procs: int, teachers: Sequence[
     what = f'training {cli.describe_config(cfg)} with --batch-size {B}' + (f' in {A} microbatches' if A > 1 else '')
     device_bytes, where = runtime.device_memory()
     if device_bytes is None:  # CPU: every local device's share lives in host memory
-        limits.check_compute(host + limits.training_bytes(cfg, local // A) + state * (devices // procs), what)
+        activations = limits.training_bytes(cfg, local // A, remat=s.remat)
+        limits.check_compute(host + activations + state * (devices // procs), what)
         return
     limits.check_compute(host, f'{what} (the host\'s copy of each batch)')
-    limits.check_compute(limits.training_bytes(cfg, B // devices // A) + state, f'{what} (per device)',
+    limits.check_compute(limits.training_bytes(cfg, B // devices // A, remat=s.remat) + state, f'{what} (per device)',
                          device_bytes, f'one {where}')
 
 
@@ -448,7 +449,8 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
     # equal to the by-hand path in tests/test_fast_paths.py; it falls back by itself under attention dropout.
     run = Run(s, args.workdir, dataset, mesh,
               train.make_train_step(cfg, tx, lr_fn, mesh=mesh, accum_steps=A, dtype=s.dtype, fast=True,
-                                    objective=objective.Objective.from_settings(s), teachers=teachers),
+                                    objective=objective.Objective.from_settings(s), teachers=teachers,
+                                    remat=s.remat),
               train.make_eval_step(cfg, mesh=mesh, dtype=s.dtype, fast=True, teachers=teachers),
               MetricsLog(os.path.join(args.workdir, METRICS), start, writer), writer, args.profile)
     if writer:

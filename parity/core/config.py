@@ -332,7 +332,13 @@ BIG_VISION_VARIANTS = {
 }
 # big_vision's pool_type values and the classifier each one is.
 BIG_VISION_POOLS = {'tok': 'token', 'gap': 'gap', 'map': 'map', '0': 'first', 'none': 'unpooled'}
-# Keys of big_vision's vit.Model that do not change the function it computes.
+# `vit_jax train --remat`: what each encoder block keeps for the backward pass (`vit_jax.fast.remat_block`).
+REMAT_MODES = ('none', 'block', 'dots')
+# big_vision's remat_policy (a name in jax.checkpoint_policies, or 'none') as the --remat that does the same or
+# saves less: 'dots_saveable' keeps batched matmuls too, 'dots' here keeps the unbatched ones only.
+BIG_VISION_REMAT = {'none': 'none', 'nothing_saveable': 'block', 'dots_with_no_batch_dims_saveable': 'dots',
+                    'dots_saveable': 'dots'}
+# Keys of big_vision's vit.Model that do not change the function it computes (remat_policy: `big_vision_remat`).
 _BIG_VISION_OTHER = {'head_zeroinit', 'scan', 'remat_policy', 'dtype_mm', 'dropout'}
 _BIG_VISION_KEYS = {'num_classes', 'variant', 'patch_size', 'width', 'depth', 'mlp_dim', 'num_heads', 'posemb',
                     'rep_size', 'pool_type', 'image_size'} | _BIG_VISION_OTHER
@@ -349,6 +355,7 @@ def from_big_vision_dict(d: dict, where: str = 'config') -> ViTConfig:
     if unknown:
         raise UserError(f'{where}: {", ".join(unknown)}: not keyword arguments of big_vision\'s vit.Model '
                         f'(expected {", ".join(sorted(_BIG_VISION_KEYS))})')
+    _remat_of(d, where)
     try:
         arch = {}
         variant = d.get('variant')
@@ -384,6 +391,27 @@ def from_big_vision_dict(d: dict, where: str = 'config') -> ViTConfig:
         if isinstance(e, UserError):
             raise
         raise UserError(f'{where}: not a big_vision ViT config ({cause(e)})') from None
+
+
+def _remat_of(d: dict, where: str) -> str:
+    """The --remat of a big_vision config's remat_policy (absent or null: none); an unknown name is one error."""
+    policy = d.get('remat_policy')
+    if policy is None:
+        return 'none'
+    if not isinstance(policy, str) or policy not in BIG_VISION_REMAT:
+        raise UserError(f'{where}: remat_policy {policy!r}: expected one of {", ".join(BIG_VISION_REMAT)}')
+    return BIG_VISION_REMAT[policy]
+
+
+def big_vision_remat(name_or_path: str) -> Optional[str]:
+    """The --remat a big_vision config file asks for with its remat_policy; None for any other config, or one
+    that does not say. A training setting, not architecture: the ViTConfig does not hold it."""
+    if name_or_path in OFFICIAL_CONFIGS or not os.path.isfile(name_or_path):
+        return None
+    d = read_json_object(name_or_path, f'--config {name_or_path}', 'a JSON object in the official config layout')
+    if 'hidden_size' in d or 'remat_policy' not in d:
+        return None
+    return _remat_of(d, f'--config {name_or_path}')
 
 
 def _finite_float(value, where: str) -> float:

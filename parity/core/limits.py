@@ -110,11 +110,18 @@ def inference_bytes(cfg, batch: int, image_size: Optional[int] = None) -> int:
     return 4 * batch * (2 * S * S * 3 + L * H * N * N + 8 * N * D + 2 * N * M)
 
 
-def training_bytes(cfg, batch: int, image_size: Optional[int] = None) -> int:
+def training_bytes(cfg, batch: int, image_size: Optional[int] = None, remat: str = 'none') -> int:
     """A training step: what backpropagation keeps of every block (its inputs, q, k, v, the attention
-    logits and weights, both MLP activations, the norms), float32."""
+    logits and weights, both MLP activations, the norms), float32.
+
+    With `remat` (`vit_jax train --remat`) a block keeps less and is recomputed in the backward pass,
+    one block at a time: 'block' keeps each block's input only, 'dots' its input and its dense layers'
+    outputs (q, k, v, the attention's output projection, both MLP layers); either way one block's full
+    activations are live again while it is recomputed."""
     S, N, D, H, M, L = _sizes(cfg, image_size)
-    return 4 * batch * (S * S * 3 + L * (10 * N * D + 2 * H * N * N + 2 * N * M))
+    full = 10 * N * D + 2 * H * N * N + 2 * N * M
+    kept = {'none': full, 'block': N * D, 'dots': 6 * N * D + N * M}[remat]
+    return 4 * batch * (S * S * 3 + L * kept + (full if remat != 'none' else 0))
 
 
 def comparison_bytes(cfg, batch: int, attention: bool = False, image_size: Optional[int] = None) -> int:
