@@ -119,13 +119,6 @@ def user_pixels(fn: Callable, spec: str, paths: Sequence[str], size: int) -> np.
     return np.stack(out)
 
 
-def load_user_function(spec: str) -> Callable:
-    """`FILE.py:NAME` loaded as verify loads a model function; its errors are one line naming it."""
-    from parity.harness.counterparts import load_function
-
-    return load_function(spec)
-
-
 # --------------------------------------------------------------------------- the search
 
 @dataclasses.dataclass(frozen=True)
