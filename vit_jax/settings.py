@@ -100,6 +100,7 @@ class Flag:
     group: Optional[str] = None  # a key of GROUPS; None: the parser's own
     repeat: bool = False  # action='append': one value per use
     required: bool = False
+    switch: bool = False  # takes no value: True when given (action='store_true'), None when not
 
     @staticmethod
     def option(name: str) -> str:
@@ -108,6 +109,7 @@ class Flag:
 
 
 GROUPS = {
+    'data': 'your own images (--dataset PATH)',
     'recipe': 'recipe (each default is the official fine-tuning recipe\'s)',
     'distill': 'knowledge distillation (DeiT)',
 }
@@ -151,7 +153,20 @@ RECIPE_PRESETS: dict[str, dict] = {
 FLAGS: dict[str, Flag] = {
     'config': Flag('official config name or JSON file (default: inferred from --checkpoint; for digits '
                    'vit_jax/configs/digits.json)', metavar='NAME_OR_JSON'),
-    'dataset': Flag('digits, or a tensorflow-datasets name', metavar='NAME', required=True),
+    'dataset': Flag('digits, a tensorflow-datasets name, or your own images: a folder of class folders (or of split '
+                    'folders of class folders), or a .csv/.jsonl file of path,label rows', metavar='NAME_OR_PATH',
+                    required=True),
+    'train_split': Flag('an image folder\'s split folder to train on (default: train)', metavar='NAME',
+                        group='data'),
+    'test_split': Flag('an image folder\'s split folder to evaluate on (default: val with --val-fraction or a val/ '
+                       'folder, else test)', metavar='NAME', group='data'),
+    'val_fraction': Flag('hold out this fraction of each class of an image folder as the split val (chosen by a hash '
+                         'of each file\'s path: adding files never moves the others)', float,
+                         range=Range(0, 1, low_open=True, high_open=True, says='must lie in (0, 1)'), metavar='F',
+                         group='data'),
+    'skip_bad_images': Flag('train without the files of an image folder that are not readable images (or too big, '
+                            'or missing), listed in DIR/skipped.txt, instead of refusing them', default=False,
+                            switch=True, group='data'),
     'workdir': Flag('metrics, checkpoints, final.npz, config.json', metavar='DIR', required=True),
     'checkpoint': Flag('fine-tune from this checkpoint (position embeddings resized, head re-initialised)',
                        metavar='PRETRAINED.npz'),
@@ -240,6 +255,9 @@ def add_flags(parser: argparse.ArgumentParser, names: Optional[Iterable[str]] = 
         where = parser if flag.group is None else groups.get(flag.group)
         if where is None:
             where = groups[flag.group] = parser.add_argument_group(GROUPS[flag.group])
+        if flag.switch:
+            where.add_argument(Flag.option(name), action='store_true', default=None, help=flag.help)
+            continue
         kw = dict(help=flag.help, metavar=flag.metavar, choices=flag.choices, required=flag.required)
         if flag.type is not None:
             kw['type'] = flag.type
@@ -287,7 +305,11 @@ class TrainSettings:
     """
 
     config: Optional[ViTConfig] = _run(default=None)  # the model trained, at its training resolution and classes
-    dataset: Optional[str] = _run(default=None)
+    dataset: Optional[str] = _run(default=None)  # a name, or the absolute path of an image folder or list
+    # An image folder's splits (`parity.data.folders`); None for other datasets, and for a folder's defaults.
+    train_split: Optional[str] = _run('train_split')
+    test_split: Optional[str] = _run('test_split')
+    val_fraction: Optional[float] = _run('val_fraction')
     checkpoint: Optional[str] = _run('checkpoint')  # the absolute path fine-tuned from, or None (from scratch)
     numerics: str = _run('numerics')  # the checkpoints' (`NUMERICS_MODES`); the trained model's are in `config`
     image_size: Optional[int] = _run('image_size')
@@ -323,6 +345,10 @@ class TrainSettings:
     keep_checkpoints: int = FLAGS['keep_checkpoints'].default
     log_every: int = FLAGS['log_every'].default
     data_dir: Optional[str] = None
+    skip_bad_images: bool = False  # not a run field: the files it leaves out are in DIR/skipped.txt
+    # The classes in logit order, as the dataset names them (DIR/labels.txt); None when it names none. Checked
+    # on a restart by `train_cli` itself, to name the classes added and missing.
+    class_names: Optional[tuple[str, ...]] = None
     # Not a run field: the same gradients either way, so a restart may change it (to fit, say).
     remat: str = 'none'  # `--remat`, else the big_vision config's remat_policy (`big_vision_remat`)
     recipe: str = 'official'  # the preset the unset flags came from (`RECIPE_PRESETS`); the values above decide
@@ -358,7 +384,7 @@ DEFAULTS = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(
 # The settings that are their flag's value as given, else the flag's declared default: a new flag the run keeps
 # is one `Flag` and a field of the same name, and lands here by itself. The others are worked out in `resolve`.
 DIRECT = tuple(f.name for f in dataclasses.fields(TrainSettings) if f.name in FLAGS and f.name not in {
-    'config', 'checkpoint', 'image_size', 'checkpoint_every', 'recipe', 'remat', 'augment', 'randaug',
+    'config', 'dataset', 'checkpoint', 'image_size', 'checkpoint_every', 'recipe', 'remat', 'augment', 'randaug',
     'teacher_weights', 'distill_alpha', *(r.name for r in dataclasses.fields(Recipe))})
 
 
@@ -400,7 +426,8 @@ def resolve(args, cfg: ViTConfig) -> TrainSettings:
     pick = {f.name: getattr(args, f.name) if getattr(args, f.name) is not None else getattr(recipe, f.name)
             for f in dataclasses.fields(Recipe)}
     s = TrainSettings(
-        config=cfg, checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
+        config=cfg, dataset=dataset_record(args.dataset),
+        checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
         image_size=cfg.image_size, checkpoint_every=args.checkpoint_every or pick['eval_every'] or pick['steps'],
         recipe=args.recipe or 'official',
         remat=args.remat or (big_vision_remat(args.config) if args.config else None) or 'none',
@@ -410,6 +437,12 @@ def resolve(args, cfg: ViTConfig) -> TrainSettings:
     if s.batch_size % s.accum_steps:
         raise UserError(f'--batch-size {s.batch_size} is not divisible by --accum-steps {s.accum_steps}')
     return s
+
+
+def dataset_record(name: str) -> str:
+    """`--dataset` as run.json keeps it: an image folder or list by its absolute path (a restart from another
+    directory is the same run), a dataset name as given."""
+    return os.path.abspath(name) if datasets.is_local(name) else name
 
 
 def recipe_settings(args, cfg: ViTConfig) -> tuple[ViTConfig, dict]:

@@ -38,6 +38,7 @@ from parity import cli
 from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
+from parity.data import class_names as names
 from parity.data.datasets import Dataset
 from vit_jax.model import VisionTransformer
 from vit_jax.objective import Objective, cross_entropy, mixup, objective_loss, targets
@@ -160,16 +161,21 @@ class Teacher:
 
 
 def load_teachers(teachers: Sequence[tuple[str, Optional[str]]], num_classes: int, student: str,
-                  image_size: Optional[int] = None, numerics: str = 'source') -> list[Teacher]:
+                  image_size: Optional[int] = None, numerics: str = 'source',
+                  class_names: Optional[Sequence[str]] = None) -> list[Teacher]:
     """Each (checkpoint, config or None) of `teachers` read for inference (at `image_size`, default its own
     resolution, with `--numerics` `numerics`), checked to predict the `num_classes` classes of `student` (what the
-    error names)."""
+    error names), and the same `class_names` where both the teacher and the student's dataset name them."""
     out = []
     for path, config in teachers:
         model = cli.load_model(path, config, image_size, numerics=numerics)
         if model.cfg.num_classes != num_classes:
             raise UserError(f'--teacher {path}: it predicts {model.cfg.num_classes} classes and {student} has '
                             f'{num_classes}; a teacher must be trained on the same classes')
+        own = model.checkpoint.labels
+        if own and class_names and tuple(own) != tuple(class_names):
+            raise UserError(f'--teacher {path}: it was trained on other classes than {student}: '
+                            f'{names.change(own, class_names)}; a teacher must be trained on the same classes')
         out.append(Teacher(model.cfg, model.params))
     return out
 

@@ -31,12 +31,14 @@ from parity.core.config import ViTConfig, load_config
 from parity.core.errors import UserError
 from parity.core.lock import WorkdirLock, describe_holder
 from parity.core.weights import configs
-from parity.data import datasets
+from parity.data import class_names, datasets
 from vit_jax import checkpoint, objective, runtime, settings, train
 from vit_jax.settings import TrainSettings
 
 RUN_JSON = 'run.json'
 METRICS = 'metrics.jsonl'
+LABELS = 'labels.txt'  # the class names in logit order, one per line (`predict` reads them for the run's files)
+SKIPPED = 'skipped.txt'  # with --skip-bad-images: each file left out, `PATH<TAB>REASON`
 PROFILE_STEPS = 3  # traced after the first (compiling) step: enough to see a steady step and the gaps between
 
 
@@ -69,6 +71,8 @@ def check_flags(argv: Sequence[str]) -> None:
     for flag, path in [('--checkpoint', args.checkpoint), *(('--teacher', t) for t in args.teacher or ())]:
         if path is not None and not os.path.exists(path):
             raise UserError(f'{flag} {path}: no such file')
+    if datasets.is_local(args.dataset) and not os.path.exists(args.dataset):
+        raise UserError(f'--dataset {args.dataset}: no such folder or file')
     cfg = load_config(args.config or settings.DIGITS_CONFIG)
     # The model and the dataset are not read here: a stand-in class count, the config at its own size.
     settings.resolve(settings.apply_recipe(args, num_classes=cfg.num_classes or 10), cfg)
@@ -101,6 +105,12 @@ def init_distributed(coordinator: Optional[str], num_processes: Optional[int], p
                         'check --coordinator HOST:PORT, --num-processes and --process-id') from None
 
 
+def load_dataset(args, say=None) -> datasets.Dataset:
+    """`--dataset` with the image-folder flags; `say` (None: quiet) gets the scan's summary line."""
+    return datasets.load(args.dataset, args.data_dir, train_split=args.train_split, test_split=args.test_split,
+                         val_fraction=args.val_fraction, skip_bad_images=bool(args.skip_bad_images), say=say)
+
+
 def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig, Optional[dict]]:
     """The config to train, and the fine-tuning params (None: initialise from scratch)."""
     if args.checkpoint is None:
@@ -127,6 +137,12 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
     # the model keeps the numerics it computed with.
     cfg = load_config(args.config).with_numerics(own.numerics) if args.config else own.replace(representation_size=None)
     cfg = cfg.replace(num_classes=dataset.num_classes, image_size=image_size)
+    if ckpt.labels and dataset.class_names and own.num_classes == cfg.num_classes \
+            and tuple(ckpt.labels) != tuple(dataset.class_names):
+        # The head is kept when the class count matches: its logits must still mean the same classes.
+        raise UserError(f'--checkpoint {args.checkpoint} was trained on other classes than --dataset '
+                        f'{args.dataset}: {class_names.change(ckpt.labels, dataset.class_names)}; make the dataset\'s '
+                        'classes match, or fine-tune a checkpoint without its head')
     cfg.grid_for(image_size)
     # Before the surgery allocates position embeddings for the new grid: one image must fit at all.
     limits.check_compute(limits.training_bytes(cfg, 1), f'training {cli.describe_config(cfg)}')
@@ -176,6 +192,11 @@ def _check_resume(workdir: str, s: TrainSettings) -> None:
     if os.path.exists(path):
         theirs = files.read_json_object(path, f'--workdir {workdir}: {RUN_JSON}', 'the record of a run',
                                         'use a new --workdir')
+        recorded = theirs.get('class_names')
+        if isinstance(recorded, list) and s.class_names is not None and tuple(recorded) != s.class_names:
+            raise UserError(f'--workdir {workdir} holds a run trained on other classes: '
+                            f'{class_names.change(recorded, s.class_names)}; restore the dataset\'s classes to '
+                            'resume it, or use a new --workdir')
         differ = s.differences(theirs)
         if differ:
             raise UserError(f'--workdir {workdir} holds a run with other settings ({", ".join(differ)}: '
@@ -185,11 +206,16 @@ def _check_resume(workdir: str, s: TrainSettings) -> None:
         raise UserError(f'--workdir {workdir} holds checkpoints of an unknown run; use a new --workdir')
 
 
-def _record_run(workdir: str, s: TrainSettings) -> None:
-    """DIR/run.json, once the run has really started (its first step ran): a run that never started leaves none."""
+def _record_run(workdir: str, s: TrainSettings, dataset: datasets.Dataset) -> None:
+    """DIR/run.json, DIR/labels.txt and DIR/skipped.txt, once the run has really started (its first step ran): a run
+    that never started leaves none."""
     path = os.path.join(workdir, RUN_JSON)
     if not os.path.exists(path):
         files.write_json(path, s.record())
+    if s.class_names is not None:
+        files.write_text(os.path.join(workdir, LABELS), ''.join(f'{name}\n' for name in s.class_names))
+    if dataset.skipped:
+        files.write_text(os.path.join(workdir, SKIPPED), ''.join(f'{p}\t{why}\n' for p, why in dataset.skipped))
 
 
 def _step_of(line: str) -> Optional[int]:
@@ -295,7 +321,7 @@ class Run:
                     jax.block_until_ready(metrics)
                     tick, ticked = time.perf_counter(), step
                     if self.writer:  # the config, the data and the compile all worked: the run has started
-                        _record_run(self.workdir, s)
+                        _record_run(self.workdir, s, self.dataset)
                 due_eval = s.eval_every and step % s.eval_every == 0 or step == steps
                 due_ckpt = step % s.checkpoint_every == 0 or step == steps
                 if step % s.log_every and not (due_eval or due_ckpt):
@@ -407,16 +433,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _train(args: argparse.Namespace, writer: bool) -> int:
     """The run itself, the workdir held (by process 0)."""
     settings.recipe_preset(args.recipe)  # an unknown --recipe fails before anything is read
-    dataset = datasets.load(args.dataset, args.data_dir)
+    dataset = load_dataset(args, say=cli.say if writer else None)
     args = settings.apply_recipe(args, dataset.num_classes)  # its resolution decides the model's grid
     cfg, finetune = _model(args, dataset, args.image_size or dataset.preset.image_size)
-    s = settings.resolve(args, cfg)
+    s = dataclasses.replace(settings.resolve(args, cfg), class_names=dataset.class_names)
     B, A = s.batch_size, s.accum_steps
     devices, procs = jax.device_count(), jax.process_count()
     if B % devices or (B // devices) % A:
         raise UserError(f'--batch-size {B} does not split over {devices} devices with --accum-steps {A}; '
                         f'pick a multiple of {devices * A}')
-    teachers = train.load_teachers(s.teachers, dataset.num_classes, dataset.name, numerics=s.numerics)
+    teachers = train.load_teachers(s.teachers, dataset.num_classes, dataset.name, numerics=s.numerics,
+                                   class_names=dataset.class_names)
     check_memory(s, devices, procs, [t.cfg for t in teachers])
     _check_resume(args.workdir, s)
     if writer:

@@ -80,8 +80,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     cli.add_config_argument(parser)
     parser.add_argument('--labels', metavar='FILE',
                         help='class names, one per line in logit order, or a bundled list (imagenet2012, '
-                             'imagenet21k); default: the checkpoint\'s own (a Hugging Face id2label), else chosen by '
-                             'the head size (1000, 21843), else class indices')
+                             'imagenet21k); default: the checkpoint\'s own (a train run\'s labels.txt, a Hugging Face '
+                             'id2label, a timm hub folder\'s label_names), else chosen by the head size (1000, 21843), '
+                             'else class indices')
     parser.add_argument('--image-size', type=cli.positive_int, metavar='N',
                         help="resize images to NxN and build the model there, resizing the position embeddings "
                              "(default: the checkpoint's own resolution; 224 for sincos2d models, which store none)")
@@ -100,7 +101,7 @@ def load(args: argparse.Namespace,
     pipeline = pipeline_for(args, model, cfg)
     own = model.checkpoint.labels
     if args.labels is None and own is not None and len(own) == cfg.num_classes:
-        return cfg, params, own, f'{args.checkpoint} (its id2label)', pipeline
+        return cfg, params, own, f'{args.checkpoint} ({model.checkpoint.labels_source or "its own"})', pipeline
     labels, source = labels_for(cfg.num_classes, args.labels)
     return cfg, params, labels, source, pipeline
 

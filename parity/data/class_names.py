@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from importlib import resources
-from typing import Optional
+from typing import Optional, Sequence
 
 from parity.core.errors import UserError
 from parity.core.limits import check_text
@@ -55,3 +55,16 @@ def labels_for(num_classes: int, spec: Optional[str] = None) -> tuple[list[str],
         raise UserError(f'--labels {spec}: {len(names)} names for a head of {num_classes} classes; '
                         'pass a list with one name per line for every class, in logit order')
     return names, source
+
+
+def change(before: Sequence[str], now: Sequence[str]) -> str:
+    """The classes added and missing between two lists of names, in words (or that only their order moved)."""
+    added, missing = [c for c in now if c not in set(before)], [c for c in before if c not in set(now)]
+    if not added and not missing:
+        return 'the same classes in another order, so every logit would mean another class'
+
+    def some(names):
+        return ', '.join(names[:5]) + (f' and {len(names) - 5} more' if len(names) > 5 else '')
+
+    return '; '.join(part for part in (f'added {some(added)}' if added else '',
+                                       f'missing {some(missing)}' if missing else '') if part)

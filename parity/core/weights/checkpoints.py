@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from parity.core import files
+from parity.core import files, limits
 from parity.core.config import NUMERICS_MODES, OFFICIAL_NUMERICS, Numerics, ViTConfig, heads_for_width
 from parity.core.errors import UserError
 from parity.core.weights import configs, containers
@@ -53,7 +53,8 @@ class Checkpoint:
     shapes: Params  # canonical names -> arrays, or zero-memory stand-ins of the right shape
     convert: Callable[[ViTConfig], Params]  # canonical params for a config, strictly checked
     config: Optional[ViTConfig] = None  # what the file itself says (config.json, safetensors metadata)
-    labels: Optional[list[str]] = None  # class names the file carries (Hugging Face's id2label)
+    labels: Optional[list[str]] = None  # class names the file carries (Hugging Face's id2label, timm's label_names)
+    labels_source: Optional[str] = None  # where `labels` came from, in words
     notes: list[str] = dataclasses.field(default_factory=list)
     num_heads: Optional[int] = None  # where the shapes cannot tell it
     heads_from_width: bool = False  # fall back on the official variant of the same width (vit_torch's .pt)
@@ -95,21 +96,54 @@ def load(spec: str) -> Checkpoint:
     else:
         arrays = containers.read_pt(path)
     ckpt = _from_arrays(spec, path, arrays, subtree, meta)
-    if ckpt.format == 'released' and not subtree:
-        ckpt.numerics = _run_numerics(path)
+    run = _run_of(path) if kind == 'npz' and not subtree else None
+    if run is not None:
+        if ckpt.format == 'released':
+            ckpt.numerics = _run_numerics(run)
+        _run_labels(ckpt, run)
     return ckpt
 
 
-def _run_numerics(path: str) -> Optional[Numerics]:
-    """The numerics of the `train` run that wrote a released npz (DIR/final.npz, DIR/checkpoints/ckpt-N.npz):
-    the layout has no room for them, so the run's DIR/config.json, beside its DIR/run.json, says them. None
-    (the config's) for any other npz, and for a run with the official numerics."""
+RUN_LABELS = 'labels.txt'  # what `vit_jax train` writes beside its config.json: the class names in logit order
+
+
+def _run_of(path: str) -> Optional[str]:
+    """The workdir of the `train` run that wrote an npz (DIR/final.npz, DIR/checkpoints/ckpt-N.npz): the folder
+    holding its DIR/run.json and DIR/config.json; None for any other npz."""
     run = os.path.dirname(os.path.abspath(path))
     if os.path.basename(run) == 'checkpoints':
         run = os.path.dirname(run)
-    config, record = os.path.join(run, 'config.json'), os.path.join(run, 'run.json')
-    if not (os.path.isfile(config) and os.path.isfile(record)):
-        return None
+    ok = all(os.path.isfile(os.path.join(run, name)) for name in ('config.json', 'run.json'))
+    return run if ok else None
+
+
+def _run_labels(ckpt: Checkpoint, run: str) -> None:
+    """The class names the run recorded (DIR/labels.txt), when they fit the file's head: a list of another
+    length is not this head's, and is said and left unused."""
+    path = os.path.join(run, RUN_LABELS)
+    if not os.path.isfile(path):
+        return
+    try:
+        limits.check_text(path, path)
+        with open(path, encoding='utf-8') as f:
+            names = [line.rstrip('\n') for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        ckpt.notes.append(f'note: {path}: not read ({e}); the classes go by index')
+        return
+    head = ckpt.shapes.get('head/bias')
+    classes = None if head is None else int(head.shape[0])
+    if classes != len(names):
+        ckpt.notes.append(f'note: {path} names {len(names)} classes and this file\'s head has '
+                          f'{classes or "none"}; the classes go by index')
+        return
+    ckpt.labels, ckpt.labels_source = names, path
+
+
+def _run_numerics(run: str) -> Optional[Numerics]:
+    """The numerics of the `train` run in `run` that wrote a released npz: the layout has no room for them, so the
+    run's DIR/config.json, beside its DIR/run.json, says them. None (the config's) for a run with the official
+    numerics."""
+    config = os.path.join(run, 'config.json')
     try:
         cfg = ViTConfig.from_official_dict(files.read_json_object(config, config, 'the run\'s config'), config)
     except UserError:
@@ -225,6 +259,9 @@ def _timm(spec: str, path: str, state: dict, d: Optional[object]) -> Checkpoint:
                       lambda cfg: vit_torch.from_torch(timm.TIMM.import_(state, cfg, spec, _TIMM_ADVICE), cfg, spec),
                       num_heads=hint[0] if hint else None, pool_without_token=None)
     _own_numerics(ckpt, lambda: timm.numerics_from(d, spec))
+    ckpt.labels = timm.labels_from(d)
+    if ckpt.labels:
+        ckpt.labels_source = "its hub config.json's label_names"
     if hint and hint[1] in ('avg', ''):
         ckpt.pool_without_token = {'avg': 'gap', '': 'unpooled'}[hint[1]]
     return ckpt
@@ -257,6 +294,8 @@ def _hf(spec: str, path: str, state: dict, d: Optional[object]) -> Checkpoint:
         ckpt.config = hf.config_from(d, shapes, spec)
         ckpt.num_heads = ckpt.config.num_heads
         ckpt.labels = hf.labels_from(d)
+        if ckpt.labels:
+            ckpt.labels_source = "its config.json's id2label"
         ckpt.hub_config = d
         _own_numerics(ckpt, lambda: hf.numerics_from(d, os.path.join(beside, 'config.json')))
     return ckpt
@@ -403,20 +442,26 @@ def save(path: str, params: dict, cfg: ViTConfig, to: str, labels: Optional[list
         if why:
             raise UserError(f'{path}: timm\'s VisionTransformer cannot express {why}; write --to npz, '
                             '--to big_vision or --to torch')
+        if is_folder_output(path):  # a hub folder: the weights and the config.json that says how to build them
+            _save_folder(path, lambda tmp: _write_timm_folder(tmp, params, cfg, labels))
+            return timm.build_notes(cfg) if cfg.layer_norm_eps != 1e-6 else []
         state = timm.TIMM.export(vit_torch.torch_views(params, cfg, consume=True), cfg, consume=True)
+        notes = [f'note: {path}: a timm state dict has no room for the {len(labels)} class names; write a hub '
+                 'folder (OUT without an extension) to keep them in its config.json'] if labels else []
         if path.endswith('.safetensors'):
             containers.write_safetensors(path, state, {'format': 'pt'}, consume=True)
         elif path.endswith(('.pth', '.pt', '.bin')):
             containers.write_pt(path, {k: _whole(v) for k, v in state.items()})
         else:
-            raise UserError(f'{path}: a timm state dict is written as .safetensors or .pth')
-        return timm.build_notes(cfg)
+            raise UserError(f'{path}: a timm state dict is written as .safetensors or .pth, or a hub folder '
+                            'as a path without an extension')
+        return notes + timm.build_notes(cfg)
     elif to == 'hf':
         why = hf.expressible(cfg)
         if why:
             raise UserError(f'{path}: transformers\' ViT cannot express {why}; write --to npz, --to big_vision '
                             'or --to torch')
-        _save_hf(path, params, cfg, labels)
+        _save_folder(path, lambda tmp: _write_hf_folder(tmp, params, cfg, labels))
     else:
         raise UserError(f'--to {to!r}: expected one of {", ".join(WRITERS)}')
     return []
@@ -427,10 +472,16 @@ def _whole(v):
     return v if isinstance(v, containers.Lazy) else containers.contiguous_copy(v)
 
 
-def _save_hf(folder: str, params: dict, cfg: ViTConfig, labels: Optional[list[str]]) -> None:
-    """A transformers ViT folder: config.json, preprocessor_config.json, model.safetensors; all or nothing."""
+def is_folder_output(path: str) -> bool:
+    """Whether `convert --to timm` writes `path` as a hub folder: an existing folder, or a name without an
+    extension."""
+    return os.path.isdir(path) or path.endswith(os.sep) or not os.path.splitext(os.path.basename(path))[1]
+
+
+def _save_folder(folder: str, write: Callable[[str], None]) -> None:
+    """A new folder written by `write(tmp)` into a temporary one beside it, then renamed: all or nothing."""
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise UserError(f'{folder}: exists and is not an empty folder; a Hugging Face export is a new folder')
+        raise UserError(f'{folder}: exists and is not an empty folder; a folder export is a new folder')
     parent = os.path.dirname(os.path.abspath(folder))
     files.check_directory(folder)
     tmp = os.path.join(parent, f'.tmp-{os.getpid()}-{os.path.basename(os.path.abspath(folder))}')
@@ -439,12 +490,7 @@ def _save_hf(folder: str, params: dict, cfg: ViTConfig, labels: Optional[list[st
     except OSError as e:
         raise files.write_error(folder, e) from None
     try:
-        state = hf.HUB.export(vit_torch.torch_views(params, cfg, consume=True), cfg, consume=True)
-        if cfg.num_classes:  # ViTForImageClassification: the trunk under vit., the head outside it
-            state = {k if k.startswith('classifier.') else hf.PREFIX + k: v for k, v in state.items()}
-        containers.write_safetensors(os.path.join(tmp, 'model.safetensors'), state, {'format': 'pt'}, consume=True)
-        files.write_json(os.path.join(tmp, 'config.json'), hf.config_json(cfg, labels))
-        files.write_json(os.path.join(tmp, 'preprocessor_config.json'), hf.preprocessor_json(cfg))
+        write(tmp)
         if os.path.isdir(folder):
             os.rmdir(folder)  # empty, checked above
         os.replace(tmp, folder)
@@ -455,3 +501,20 @@ def _save_hf(folder: str, params: dict, cfg: ViTConfig, labels: Optional[list[st
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
+
+
+def _write_hf_folder(tmp: str, params: dict, cfg: ViTConfig, labels: Optional[list[str]]) -> None:
+    """A transformers ViT folder: config.json, preprocessor_config.json, model.safetensors."""
+    state = hf.HUB.export(vit_torch.torch_views(params, cfg, consume=True), cfg, consume=True)
+    if cfg.num_classes:  # ViTForImageClassification: the trunk under vit., the head outside it
+        state = {k if k.startswith('classifier.') else hf.PREFIX + k: v for k, v in state.items()}
+    containers.write_safetensors(os.path.join(tmp, 'model.safetensors'), state, {'format': 'pt'}, consume=True)
+    files.write_json(os.path.join(tmp, 'config.json'), hf.config_json(cfg, labels))
+    files.write_json(os.path.join(tmp, 'preprocessor_config.json'), hf.preprocessor_json(cfg))
+
+
+def _write_timm_folder(tmp: str, params: dict, cfg: ViTConfig, labels: Optional[list[str]]) -> None:
+    """A timm hub folder (as `timm.models.push_to_hf_hub` uploads): model.safetensors and config.json."""
+    state = timm.TIMM.export(vit_torch.torch_views(params, cfg, consume=True), cfg, consume=True)
+    containers.write_safetensors(os.path.join(tmp, 'model.safetensors'), state, {'format': 'pt'}, consume=True)
+    files.write_json(os.path.join(tmp, 'config.json'), timm.hub_config(cfg, labels))

@@ -96,15 +96,68 @@ def refuse_unsupported(keys, where: str) -> None:
 
 
 def heads_from_config(d: Optional[object]) -> Optional[tuple[int, Optional[str]]]:
-    """(heads, global_pool) from the `config.json` timm writes beside a hub checkpoint (`d`, as read), if it says."""
+    """(heads, global_pool) from the `config.json` timm writes beside a hub checkpoint (`d`, as read), if it says:
+    its `model_args`' `num_heads`, else the variant its `architecture` names."""
     if not isinstance(d, dict) or not isinstance(d.get('architecture'), str):
         return None
+    pool = d.get('global_pool') or (d.get('pretrained_cfg') or {}).get('global_pool')
+    pool = pool if isinstance(pool, str) else None
+    args = d.get('model_args')
+    if isinstance(args, dict) and isinstance(args.get('num_heads'), int) and not isinstance(args['num_heads'], bool):
+        return args['num_heads'], args.get('global_pool', pool) if isinstance(args.get('global_pool'), str) else pool
     m = re.match(r'^(?:vit|deit3?)_([a-z0-9]+)_', d['architecture'])
     size = _SIZES.get(m.group(1)) if m else None
     if size is None:
         return None
-    pool = d.get('global_pool') or (d.get('pretrained_cfg') or {}).get('global_pool')
-    return BIG_VISION_VARIANTS[size][3], pool if isinstance(pool, str) else None
+    return BIG_VISION_VARIANTS[size][3], pool
+
+
+def labels_from(d: Optional[object]) -> Optional[list[str]]:
+    """The class names of a timm hub `config.json`'s `label_names` (a list, or a dict of index to name), in logit
+    order; None when it has none or they are not one name per index."""
+    names = d.get('label_names') if isinstance(d, dict) else None
+    if isinstance(names, dict):
+        try:
+            names = [names[k] for k in sorted(names, key=int)]
+        except (ValueError, TypeError):
+            return None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return None
+    return names
+
+
+# A model timm registers for each size (`hub_config`'s `architecture`): timm builds it with the `model_args` given.
+_ARCHITECTURES = {'tiny': 'vit_tiny_patch16_224', 'small': 'vit_small_patch16_224', 'base': 'vit_base_patch16_224',
+                  'large': 'vit_large_patch16_224', 'huge': 'vit_huge_patch14_224', 'giant': 'vit_giant_patch14_224'}
+_DISTILLED_ARCHITECTURES = {'tiny': 'deit_tiny_distilled_patch16_224', 'small': 'deit_small_distilled_patch16_224',
+                            'base': 'deit_base_distilled_patch16_224'}
+
+
+def hub_config(cfg: ViTConfig, labels: Optional[list[str]] = None) -> dict:
+    """The `config.json` of a timm hub folder for `cfg` (as timm's `save_for_hf` writes one): `architecture` the
+    nearest timm model name, `model_args` every size and the numerics, so that `timm.create_model` on the folder
+    builds this model whatever its sizes; `label_names` the class names."""
+    pool, class_token = POOLS[cfg.classifier]
+    size = next((name for name, v in _SIZES.items() if v in BIG_VISION_VARIANTS
+                 and BIG_VISION_VARIANTS[v][:3] == (cfg.hidden_size, cfg.num_layers, cfg.mlp_dim)), None)
+    names = _DISTILLED_ARCHITECTURES if cfg.classifier == 'token_distilled' else _ARCHITECTURES
+    architecture = names.get(size, names['base'])  # a name timm registers; model_args set every size
+    args = {'img_size': cfg.image_size, 'patch_size': cfg.patch_size[0], 'embed_dim': cfg.hidden_size,
+            'depth': cfg.num_layers, 'num_heads': cfg.num_heads, 'mlp_ratio': cfg.mlp_dim / cfg.hidden_size,
+            'class_token': class_token, 'global_pool': pool, 'num_classes': cfg.num_classes}
+    if pool == 'avg':
+        args['fc_norm'] = False  # timm puts a LayerNorm after average pooling unless told not to
+    if cfg.gelu != 'erf':
+        args['act_layer'] = WRITTEN_ACTIVATION[cfg.gelu]
+    d = {'architecture': architecture,
+         'num_classes': cfg.num_classes, 'num_features': cfg.hidden_size, 'global_pool': pool,
+         'model_args': args,
+         'pretrained_cfg': {'input_size': [3, cfg.image_size, cfg.image_size], 'interpolation': 'bilinear',
+                            'crop_pct': 1.0, 'crop_mode': 'center', 'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5],
+                            'num_classes': cfg.num_classes, 'classifier': 'head'}}
+    if labels:
+        d['label_names'] = list(labels)
+    return d
 
 
 # timm's names (`get_act_layer`) of the GELU forms this model computes, and what it is given for each.
