@@ -397,7 +397,7 @@ def test_class_names_come_from_id2label(tmp_path, capsys):
     photo = Path(__import__('skimage.data').data.__file__).parent / 'chelsea.png'
     assert jax_cli.predict_main([str(photo), '--checkpoint', str(folder), '--top', '2']) == 0
     out, err = capsys.readouterr()
-    assert out.count('thing ') == 2 and 'its id2label' in err
+    assert out.count('thing ') == 2 and "its config.json's id2label" in err
 
 
 def test_a_vit_model_folder_gives_its_pooler_as_pre_logits(tmp_path):
