@@ -89,11 +89,18 @@ def _pad(batch: Batch, rows: int) -> Batch:
 
 
 class Dataset:
-    """One dataset: its classes, splits, and deterministic batch streams (see the module docstring)."""
+    """One dataset: its classes, splits, and deterministic batch streams (see the module docstring).
+
+    `class_names` are the classes in logit order where the dataset names them (None where it
+    does not); `skipped` lists the (path relative to the dataset's root, reason) of every file
+    `--skip-bad-images` left out (empty for datasets that are not folders).
+    """
 
     name: str
     num_classes: int
     preset: Preset
+    class_names: Optional[tuple[str, ...]] = None
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def num_examples(self, split: str) -> int:
         raise NotImplementedError
@@ -135,6 +142,7 @@ class Digits(Dataset):
     name = DIGITS
     num_classes = 10
     preset = Preset('train', 'test', 8)
+    class_names = tuple(str(i) for i in range(10))
 
     def __init__(self):
         from sklearn.datasets import load_digits
@@ -286,6 +294,8 @@ class Tfds(Dataset):
         if 'image' not in features or 'label' not in features or not hasattr(features['label'], 'num_classes'):
             raise UserError(f'--dataset {name}: not an image-classification dataset (needs image and label features)')
         self.num_classes = features['label'].num_classes
+        names = getattr(features['label'], 'names', None)
+        self.class_names = tuple(names) if names and len(names) == self.num_classes else None
         self.preset = PRESETS.get(name, DEFAULT_PRESET)
         if not self.builder.is_prepared():
             where = data_dir or 'the default data dir'
@@ -330,70 +340,113 @@ class Tfds(Dataset):
 
     def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1,
                       augment=None):
-        tf = import_tensorflow()
-        aug = augment if augment is not None else augmentation.parse(None, None, digits=False)
-        ops = None if aug.is_official else augmentation.tf_ops()
-        rows = local_rows(batch_size, process_index, process_count)
         split = self.preset.train
         n = self.num_examples(split)
         base = self._read(split, shuffle_seed=seed)
         buffer = min(n, SHUFFLE_BUFFER)
 
         def epoch(e):
-            order = base.shuffle(buffer, seed=e + seed * 2 ** 32, reshuffle_each_iteration=False)
-            return tf.data.Dataset.zip(tf.data.Dataset.range(e * n, (e + 1) * n), order)
+            return base.shuffle(buffer, seed=e + seed * 2 ** 32, reshuffle_each_iteration=False)
 
-        def augment(g, image, label):
-            crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
-                tf.stack([tf.constant(seed, tf.int64), g]), 2))
-            im = self._decode(image)
-            if aug.crop:
-                begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-                    tf.shape(im), tf.zeros([0, 0, 4], tf.float32), seed=crop_seed, area_range=(0.05, 1.0),
-                    min_object_covered=0, use_image_if_no_bounding_boxes=True)
-                im = tf.slice(im, begin, size)
-                im.set_shape([None, None, 3])  # slicing loses the channel count
-            im = tf.image.resize(im, [image_size, image_size])
-            if aug.flip:
-                im = tf.image.stateless_random_flip_left_right(im, seed=flip_seed)
-            if ops is not None:
-                example = tf.stack([tf.constant(seed, tf.int64), g])
-                if aug.rotate:
-                    im = ops.rotate(im, aug.rotate, ops.seeds(example, augmentation.ROTATE_STREAM, 1)[0])
-                if any(aug.jitter):
-                    im = ops.jitter(im, aug.jitter, ops.seeds(example, augmentation.JITTER_STREAM, 1)[0])
-                if aug.randaug:
-                    im = tf.image.convert_image_dtype(im / 255.0, tf.uint8, saturate=True)
-                    im = tf.cast(ops.randaug(im, *aug.randaug, ops.seeds(example, augmentation.RANDAUG_STREAM, 1)[0]),
-                                 tf.float32)
-            return (im - 127.5) / 127.5, tf.cast(label, tf.int32)
-
-        first = start_step * batch_size
-        ds = tf.data.Dataset.range(first // n, 2 ** 62).flat_map(epoch).skip(first % n)
-        if process_count > 1:
-            ds = ds.filter(lambda g, record: (g % batch_size >= rows.start) & (g % batch_size < rows.stop))
-        ds = ds.map(lambda g, record: augment(g, *record), num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(rows.stop - rows.start, drop_remainder=True).prefetch(2)
-        for image, label in ds.as_numpy_iterator():
-            yield {'image': image, 'label': label}
+        return tf_train_batches(epoch, n, self._decode, batch_size, image_size, seed, start_step, process_index,
+                                process_count, augment)
 
     def _eval_stream(self, split, batch_size, image_size, rows):
-        tf = import_tensorflow()
-        n = self.num_examples(split)
-        ds = tf.data.Dataset.zip(tf.data.Dataset.range(n), self._read(split))
+        return tf_eval_batches(self._read(split), self.num_examples(split), self._decode, batch_size, image_size,
+                               rows)
+
+
+# --------------------------------------------------------------------------- the official tf.data pipeline
+
+def tf_train_batches(epoch, n: int, decode, batch_size: int, image_size: int, seed: int, start_step: int = 0,
+                     process_index: int = 0, process_count: int = 1,
+                     augment: Optional[Augment] = None) -> Iterator[Batch]:
+    """The official training stream over any source of records, as NumPy batches of this process's rows.
+
+    `epoch(e)` (e an int64 tensor) is the tf.data.Dataset of epoch e's n (image, label) records
+    in that epoch's order, a pure function of (seed, e); `decode(image)` turns a record's image
+    (encoded bytes, a path) into a uint8 (h, w, 3) tensor. Global example g = e * n + i takes
+    its augmentation from the stateless seed (seed, g) (see the module docstring).
+    """
+    tf = import_tensorflow()
+    aug = augment if augment is not None else augmentation.parse(None, None, digits=False)
+    ops = None if aug.is_official else augmentation.tf_ops()
+    rows = local_rows(batch_size, process_index, process_count)
+
+    def numbered(e):
+        return tf.data.Dataset.zip(tf.data.Dataset.range(e * n, (e + 1) * n), epoch(e))
+
+    def transform(g, image, label):
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
+            tf.stack([tf.constant(seed, tf.int64), g]), 2))
+        im = decode(image)
+        if aug.crop:
+            begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+                tf.shape(im), tf.zeros([0, 0, 4], tf.float32), seed=crop_seed, area_range=(0.05, 1.0),
+                min_object_covered=0, use_image_if_no_bounding_boxes=True)
+            im = tf.slice(im, begin, size)
+            im.set_shape([None, None, 3])  # slicing loses the channel count
+        im = tf.image.resize(im, [image_size, image_size])
+        if aug.flip:
+            im = tf.image.stateless_random_flip_left_right(im, seed=flip_seed)
+        if ops is not None:
+            example = tf.stack([tf.constant(seed, tf.int64), g])
+            if aug.rotate:
+                im = ops.rotate(im, aug.rotate, ops.seeds(example, augmentation.ROTATE_STREAM, 1)[0])
+            if any(aug.jitter):
+                im = ops.jitter(im, aug.jitter, ops.seeds(example, augmentation.JITTER_STREAM, 1)[0])
+            if aug.randaug:
+                im = tf.image.convert_image_dtype(im / 255.0, tf.uint8, saturate=True)
+                im = tf.cast(ops.randaug(im, *aug.randaug, ops.seeds(example, augmentation.RANDAUG_STREAM, 1)[0]),
+                             tf.float32)
+        return (im - 127.5) / 127.5, tf.cast(label, tf.int32)
+
+    first = start_step * batch_size
+    ds = tf.data.Dataset.range(first // n, 2 ** 62).flat_map(numbered).skip(first % n)
+    if process_count > 1:
         ds = ds.filter(lambda g, record: (g % batch_size >= rows.start) & (g % batch_size < rows.stop))
-
-        def resize(g, image, label):
-            im = tf.image.resize(self._decode(image), [image_size, image_size])
-            return (im - 127.5) / 127.5, tf.cast(label, tf.int32)
-
-        ds = ds.map(lambda g, record: resize(g, *record), num_parallel_calls=tf.data.AUTOTUNE)
-        for image, label in ds.batch(rows.stop - rows.start).prefetch(2).as_numpy_iterator():
-            yield {'image': image, 'label': label}
+    ds = ds.map(lambda g, record: transform(g, *record), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(rows.stop - rows.start, drop_remainder=True).prefetch(2)
+    for image, label in ds.as_numpy_iterator():
+        yield {'image': image, 'label': label}
 
 
-def load(name: str, data_dir: Optional[str] = None) -> Dataset:
-    """`digits` or a tensorflow-datasets name; one-line errors for unknown or unprepared datasets."""
+def tf_eval_batches(records, n: int, decode, batch_size: int, image_size: int, rows: slice) -> Iterator[Batch]:
+    """The official eval stream: `records` ((image, label), n of them, in order) plainly resized, this
+    process's rows of each global batch, unpadded (`Dataset.eval_batches` pads them)."""
+    tf = import_tensorflow()
+    ds = tf.data.Dataset.zip(tf.data.Dataset.range(n), records)
+    ds = ds.filter(lambda g, record: (g % batch_size >= rows.start) & (g % batch_size < rows.stop))
+
+    def resize(g, image, label):
+        im = tf.image.resize(decode(image), [image_size, image_size])
+        return (im - 127.5) / 127.5, tf.cast(label, tf.int32)
+
+    ds = ds.map(lambda g, record: resize(g, *record), num_parallel_calls=tf.data.AUTOTUNE)
+    for image, label in ds.batch(rows.stop - rows.start).prefetch(2).as_numpy_iterator():
+        yield {'image': image, 'label': label}
+
+
+def load(name: str, data_dir: Optional[str] = None, *, train_split: Optional[str] = None,
+         test_split: Optional[str] = None, val_fraction: Optional[float] = None,
+         skip_bad_images: bool = False) -> Dataset:
+    """`digits`, a folder of images or a `.csv`/`.jsonl` list of them (`parity.data.folders`), or a
+    tensorflow-datasets name; one-line errors for unknown or unprepared datasets.
+
+    `train_split`, `test_split`, `val_fraction` and `skip_bad_images` are for folders only
+    (`--train-split`, `--test-split`, `--val-fraction`, `--skip-bad-images`).
+    """
+    from parity.data import folders  # it builds on this module
+
+    if folders.is_folder_dataset(name):
+        return folders.Folder(name, train_split=train_split, test_split=test_split, val_fraction=val_fraction,
+                              skip_bad_images=skip_bad_images)
+    given = [flag for flag, value in (('--train-split', train_split), ('--test-split', test_split),
+                                      ('--val-fraction', val_fraction), ('--skip-bad-images', skip_bad_images or None))
+             if value is not None]
+    if given:
+        raise UserError(f'{" and ".join(given)}: for a folder of images or a .csv/.jsonl list only, not for '
+                        f'--dataset {name} (its splits are fixed; pass --split to eval)')
     if name == DIGITS:
         return Digits()
     return Tfds(name, data_dir)

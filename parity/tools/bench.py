@@ -37,6 +37,13 @@ the host is the device and PyTorch's copy is none). `--device-resident` keeps th
 the device from the start: the step alone. The JSON says which (`device_resident`).
 `--profile DIR` then runs `PROFILE_STEPS` more steps of every row under `jax.profiler`
 (vit_jax) or `torch.profiler` (the PyTorch rows), one trace folder per row under DIR.
+
+`--data-only --dataset NAME` times the input pipeline alone instead, on the host, no model:
+the training stream `vit_jax train` reads (`Dataset.train_batches`: files decoded, augmented
+(`--augment`, `--randaug`; default the dataset's), resized to `--image-size` (default the
+dataset's) and batched by `--batch-size`). After `--warmup` untimed batches, each of
+`--repeats` runs takes `DATA_BATCHES` batches; the median run gives images per second, the
+figure to set beside a training step's (one `data` row, `impl` data, `model` the dataset).
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from parity import cli
 from parity.core import files, jax_memory, limits
 from parity.core.config import OFFICIAL_CONFIGS, ViTConfig
 from parity.core.errors import UserError
+from parity.data import augment as augmentation, datasets, folders
 
 IMPLS = ('vit_jax', 'vit_torch', 'vit_torch_compiled', 'timm')
 MODES = ('infer', 'train')
@@ -71,6 +79,7 @@ MOMENTUM = 0.9
 # would steal cycles from the next implementation's run.
 PAUSE = 0.05
 PROFILE_STEPS = 3
+DATA_BATCHES = 10  # batches per timed run of --data-only: several, so the prefetch buffer cannot hide a run
 FIELDS = ('model', 'impl', 'mode', 'precision', 'batch_size', 'img_per_s', 'peak_mem_bytes', 'ratio_to_reference')
 
 
@@ -137,6 +146,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--profile', metavar='DIR',
                         help=f'after the timings, trace {PROFILE_STEPS} steps of each row into DIR/MODEL-MODE-'
                              'PRECISION-IMPL (jax.profiler, torch.profiler; TensorBoard or Perfetto)')
+    data = parser.add_argument_group('input pipeline (--data-only)')
+    data.add_argument('--data-only', action='store_true',
+                      help="time the training input pipeline of --dataset alone (images/s, no model)")
+    data.add_argument('--dataset', metavar='NAME', help=folders.DATASET_HELP)
+    data.add_argument('--image-size', type=int, metavar='S', help="training resolution (default: the dataset's)")
+    data.add_argument('--augment', metavar='LIST', help="training transforms, as train's --augment (default: the "
+                                                        "dataset's)")
+    data.add_argument('--randaug', metavar='N,M', help="RandAugment, as train's --randaug")
+    data.add_argument('--data-dir', metavar='DIR', help='tensorflow-datasets data directory')
+    data.add_argument('--val-fraction', type=float, metavar='F', help=folders.VAL_FRACTION_HELP)
+    data.add_argument('--skip-bad-images', action='store_true', help=folders.SKIP_BAD_IMAGES_HELP)
     return parser
 
 
@@ -498,17 +518,57 @@ def format_table(device: str, rows: Sequence[Result]) -> str:
     return '\n'.join(lines)
 
 
+def describe_host() -> str:
+    """The CPU the input pipeline runs on, in words."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+    return f'cpu ({cpu}, {os.cpu_count()} cores)'
+
+
+def bench_data(args: argparse.Namespace, log: Callable[[str], None] = cli.say) -> dict:
+    """`--data-only`: images per second of the dataset's training stream, one JSON row."""
+    dataset = datasets.load(args.dataset, args.data_dir, val_fraction=args.val_fraction,
+                            skip_bad_images=args.skip_bad_images)
+    if isinstance(dataset, folders.Folder):
+        log(f'bench: {dataset.summary()}')
+    aug = augmentation.parse(args.augment, args.randaug, digits=dataset.name == datasets.DIGITS)
+    size = args.image_size or dataset.preset.image_size
+    log(f'bench: {args.dataset} train stream, batch {args.batch_size}, {size}x{size}, augment {aug.spec()}'
+        + (f', randaug {args.randaug}' if args.randaug else ''))
+    stream = dataset.train_batches(args.batch_size, size, seed=0, augment=aug)
+    for _ in range(args.warmup):
+        next(stream)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(DATA_BATCHES):
+            next(stream)
+        times.append(time.perf_counter() - start)
+    stream.close()
+    return {'model': args.dataset, 'impl': 'data', 'mode': 'train', 'precision': None, 'batch_size': args.batch_size,
+            'image_size': size, 'augment': aug.spec(), 'randaug': args.randaug,
+            'img_per_s': DATA_BATCHES * args.batch_size / statistics.median(times)}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Times inference and training of each implementation; prints a table, optionally writes JSON."""
     args = _parser().parse_args(argv)
-    configs = [model_config(name) for name in args.models.split(',') if name.strip()]
-    if not configs:
-        raise UserError('--models: name at least one config')
     for flag, value in (('--batch-size', args.batch_size), ('--repeats', args.repeats)):
         if value < 1:
             raise UserError(f'{flag} {value}: must be at least 1')
     if args.warmup < 0:
         raise UserError(f'--warmup {args.warmup}: must be 0 or more')
+    if args.data_only:
+        return _main_data(args)
+    data_flags = [flag for flag in ('dataset', 'image_size', 'augment', 'randaug', 'data_dir', 'val_fraction')
+                  if getattr(args, flag) is not None] + (['skip_bad_images'] if args.skip_bad_images else [])
+    if data_flags:
+        raise UserError(f'--{data_flags[0].replace("_", "-")}: times the input pipeline, with --data-only only')
+    configs = [model_config(name) for name in args.models.split(',') if name.strip()]
+    if not configs:
+        raise UserError('--models: name at least one config')
     if args.json:
         files.check_outputs({'--json': args.json})
     if args.profile is not None:
@@ -546,4 +606,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = {'device': described, 'device_resident': args.device_resident, 'jax_memory': jax_memory.in_force(),
                   'results': [r.to_json() for r in rows]}
         files.write_json(args.json, report, '--json')
+    return 0
+
+
+def _main_data(args: argparse.Namespace) -> int:
+    """`bench --data-only`: the input pipeline's row, as a table and optionally JSON."""
+    if args.dataset is None:
+        raise UserError('--data-only: pass --dataset NAME (a folder, a .csv/.jsonl list, digits or a tfds name)')
+    if args.image_size is not None and args.image_size < 1:
+        raise UserError(f'--image-size {args.image_size}: must be at least 1')
+    if args.json:
+        files.check_outputs({'--json': args.json})
+    described = describe_host()
+    cli.say(f'bench: {described}')
+    row = bench_data(args)
+    print(f'device: {described}\n{"dataset":<30}{"impl":<6}{"mode":<7}{"batch":>6}{"size":>6}{"img/s":>11}\n'
+          f'{row["model"][-30:]:<30}{"data":<6}{"train":<7}{row["batch_size"]:>6}{row["image_size"]:>6}'
+          f'{row["img_per_s"]:>11.1f}')
+    if args.json:
+        files.write_json(args.json, {'device': described, 'data_only': True, 'results': [row]}, '--json')
     return 0
