@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_params, tiny
 
+from conftest import random_params, tiny
 from parity.core import weights
 from parity.core.errors import UserError
 from parity.data import class_names

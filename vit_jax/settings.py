@@ -29,7 +29,7 @@ from parity import cli
 from parity.core import files
 from parity.core.config import NUMERICS_MODES, REMAT_MODES, ViTConfig, big_vision_remat
 from parity.core.errors import UserError
-from parity.data import augment as augmentation, datasets
+from parity.data import augment as augmentation, datasets, folders
 from parity.data.augment import Augment
 
 DIGITS_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'digits.json')
@@ -153,20 +153,13 @@ RECIPE_PRESETS: dict[str, dict] = {
 FLAGS: dict[str, Flag] = {
     'config': Flag('official config name or JSON file (default: inferred from --checkpoint; for digits '
                    'vit_jax/configs/digits.json)', metavar='NAME_OR_JSON'),
-    'dataset': Flag('digits, a tensorflow-datasets name, or your own images: a folder of class folders (or of split '
-                    'folders of class folders), or a .csv/.jsonl file of path,label rows', metavar='NAME_OR_PATH',
-                    required=True),
-    'train_split': Flag('an image folder\'s split folder to train on (default: train)', metavar='NAME',
-                        group='data'),
-    'test_split': Flag('an image folder\'s split folder to evaluate on (default: val with --val-fraction or a val/ '
-                       'folder, else test)', metavar='NAME', group='data'),
-    'val_fraction': Flag('hold out this fraction of each class of an image folder as the split val (chosen by a hash '
-                         'of each file\'s path: adding files never moves the others)', float,
+    'dataset': Flag(folders.DATASET_HELP, metavar='NAME_OR_PATH', required=True),
+    'train_split': Flag(folders.TRAIN_SPLIT_HELP, metavar='NAME', group='data'),
+    'test_split': Flag(folders.TEST_SPLIT_HELP, metavar='NAME', group='data'),
+    'val_fraction': Flag(folders.VAL_FRACTION_HELP, float,
                          range=Range(0, 1, low_open=True, high_open=True, says='must lie in (0, 1)'), metavar='F',
                          group='data'),
-    'skip_bad_images': Flag('train without the files of an image folder that are not readable images (or too big, '
-                            'or missing), listed in DIR/skipped.txt, instead of refusing them', default=False,
-                            switch=True, group='data'),
+    'skip_bad_images': Flag(folders.SKIP_BAD_IMAGES_HELP, default=False, switch=True, group='data'),
     'workdir': Flag('metrics, checkpoints, final.npz, config.json', metavar='DIR', required=True),
     'checkpoint': Flag('fine-tune from this checkpoint (position embeddings resized, head re-initialised)',
                        metavar='PRETRAINED.npz'),
@@ -442,7 +435,7 @@ def resolve(args, cfg: ViTConfig) -> TrainSettings:
 def dataset_record(name: str) -> str:
     """`--dataset` as run.json keeps it: an image folder or list by its absolute path (a restart from another
     directory is the same run), a dataset name as given."""
-    return os.path.abspath(name) if datasets.is_local(name) else name
+    return os.path.abspath(name) if folders.is_folder_dataset(name) else name
 
 
 def recipe_settings(args, cfg: ViTConfig) -> tuple[ViTConfig, dict]:

@@ -31,7 +31,7 @@ from parity.core.config import ViTConfig, load_config
 from parity.core.errors import UserError
 from parity.core.lock import WorkdirLock, describe_holder
 from parity.core.weights import configs
-from parity.data import class_names, datasets
+from parity.data import class_names, datasets, folders
 from vit_jax import checkpoint, objective, runtime, settings, train
 from vit_jax.settings import TrainSettings
 
@@ -71,7 +71,7 @@ def check_flags(argv: Sequence[str]) -> None:
     for flag, path in [('--checkpoint', args.checkpoint), *(('--teacher', t) for t in args.teacher or ())]:
         if path is not None and not os.path.exists(path):
             raise UserError(f'{flag} {path}: no such file')
-    if datasets.is_local(args.dataset) and not os.path.exists(args.dataset):
+    if folders.is_folder_dataset(args.dataset) and not os.path.exists(args.dataset):
         raise UserError(f'--dataset {args.dataset}: no such folder or file')
     cfg = load_config(args.config or settings.DIGITS_CONFIG)
     # The model and the dataset are not read here: a stand-in class count, the config at its own size.
@@ -105,10 +105,11 @@ def init_distributed(coordinator: Optional[str], num_processes: Optional[int], p
                         'check --coordinator HOST:PORT, --num-processes and --process-id') from None
 
 
-def load_dataset(args, say=None) -> datasets.Dataset:
-    """`--dataset` with the image-folder flags; `say` (None: quiet) gets the scan's summary line."""
+def load_dataset(args) -> datasets.Dataset:
+    """`--dataset` with the image-folder flags (`--train-split`, `--test-split`, `--val-fraction`,
+    `--skip-bad-images`)."""
     return datasets.load(args.dataset, args.data_dir, train_split=args.train_split, test_split=args.test_split,
-                         val_fraction=args.val_fraction, skip_bad_images=bool(args.skip_bad_images), say=say)
+                         val_fraction=args.val_fraction, skip_bad_images=bool(args.skip_bad_images))
 
 
 def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig, Optional[dict]]:
@@ -433,7 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _train(args: argparse.Namespace, writer: bool) -> int:
     """The run itself, the workdir held (by process 0)."""
     settings.recipe_preset(args.recipe)  # an unknown --recipe fails before anything is read
-    dataset = load_dataset(args, say=cli.say if writer else None)
+    dataset = load_dataset(args)
     args = settings.apply_recipe(args, dataset.num_classes)  # its resolution decides the model's grid
     cfg, finetune = _model(args, dataset, args.image_size or dataset.preset.image_size)
     s = dataclasses.replace(settings.resolve(args, cfg), class_names=dataset.class_names)
