@@ -1,5 +1,9 @@
 """`python -m vit_jax|vit_torch eval CKPT --config NAME_OR_JSON --dataset NAME [--split S] [--json OUT]`.
 
+NAME may be a folder of images or a .csv/.jsonl list of them (`parity.data.folders`), with
+`--train-split`, `--test-split`, `--val-fraction F` (then `--split val` scores the held-out
+part) and `--skip-bad-images` as `vit_jax train` takes them.
+
 Framework-neutral: the arguments, the batches, the counting and the printed JSON are
 decided here once, so both frameworks score the same batches the same way; each only
 hands in its forward pass (`Forward`, NHWC float32 batch -> logits).
@@ -17,7 +21,7 @@ from parity import cli
 from parity.core import files
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
-from parity.data import datasets
+from parity.data import datasets, folders
 
 DESCRIPTION = ('Accuracy of a checkpoint on a dataset split, in true float32 (JAX at the highest matmul '
                'precision, PyTorch with TF32 off). Prints one JSON line (accuracy, examples, correct, ...); '
@@ -28,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`eval CKPT --config NAME_OR_JSON --dataset NAME [--split S] [--json OUT]` and a few extras."""
     cli.add_checkpoint_argument(parser)
     cli.add_config_argument(parser)
-    parser.add_argument('--dataset', required=True, metavar='NAME', help='digits, or a tensorflow-datasets name')
+    parser.add_argument('--dataset', required=True, metavar='NAME', help=folders.DATASET_HELP)
     parser.add_argument('--split', metavar='S', help="split to score (default: the dataset's test split)")
     parser.add_argument('--json', metavar='OUT', help='also write the result JSON here')
     parser.add_argument('--image-size', type=cli.positive_int, metavar='N',
@@ -37,12 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='images per batch (default 256)')
     parser.add_argument('--data-dir', metavar='DIR', help='tensorflow-datasets data directory')
     parser.add_argument('--logits', metavar='OUT.npy', help='also save every float32 logit, in dataset order')
+    parser.add_argument('--train-split', metavar='NAME', help=folders.TRAIN_SPLIT_HELP)
+    parser.add_argument('--test-split', metavar='NAME', help=folders.TEST_SPLIT_HELP)
+    parser.add_argument('--val-fraction', type=cli.positive_float, metavar='F', help=folders.VAL_FRACTION_HELP)
+    parser.add_argument('--skip-bad-images', action='store_true', help=folders.SKIP_BAD_IMAGES_HELP)
 
 
 def run_eval(args: argparse.Namespace, framework: str, forward: cli.Forward, cfg: ViTConfig) -> dict:
     """Scores `forward` (NHWC batch -> logits) on the dataset; prints and writes the result JSON."""
     cli.check_inference(cfg, args.batch_size)
-    dataset = datasets.load(args.dataset, args.data_dir)
+    dataset = datasets.load(args.dataset, args.data_dir, train_split=args.train_split, test_split=args.test_split,
+                            val_fraction=args.val_fraction, skip_bad_images=args.skip_bad_images)
+    if isinstance(dataset, folders.Folder):
+        cli.say(f'{framework} eval: {dataset.summary()}')
     if cfg.num_classes != dataset.num_classes:
         raise UserError(f'{args.checkpoint} has {cfg.num_classes} classes but {args.dataset} has '
                         f'{dataset.num_classes}; evaluate a checkpoint trained on {args.dataset}')

@@ -116,18 +116,27 @@ def _pillow_quiet():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def check_header(path: str) -> Optional[str]:
-    """Why the file at `path` cannot be used (None when it can): its header read, its size checked, no decode."""
+# How the stream decodes a file (`Split.kinds`): through Pillow, or TensorFlow's own JPEG decoder where that
+# gives the same pixels (an RGB or grey baseline/progressive JPEG without an EXIF rotation: libjpeg's accurate
+# integer IDCT, as Pillow's libjpeg decodes it; tests/test_folders.py checks that they agree).
+PILLOW, TF_JPEG = 0, 1
+
+
+def check_header(path: str) -> tuple[Optional[str], int]:
+    """Why the file at `path` cannot be used (None when it can), and how to decode it (PILLOW or TF_JPEG):
+    its header read and its size checked, no decode."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             w, h = im.size
+            kind = TF_JPEG if (im.format == 'JPEG' and im.mode in ('RGB', 'L')
+                               and im.getexif().get(0x0112, 1) == 1) else PILLOW
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        return f'not a readable image ({cause(e, 100)})'
+        return f'not a readable image ({cause(e, 100)})', PILLOW
     if w * h > MAX_IMAGE_PIXELS:
-        return f'{w}x{h} pixels, more than the {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels an image may have'
-    return None
+        return f'{w}x{h} pixels, more than the {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels an image may have', PILLOW
+    return None, kind
 
 
 class DecodeError(ValueError):
@@ -151,11 +160,19 @@ def decode_file(path) -> np.ndarray:
         raise DecodeError(f'{path}: not a readable image ({cause(e, 100)})') from None
 
 
-def tf_decode(path):
-    """`decode_file` inside a tf.data map: a string tensor to a uint8 (h, w, 3) tensor."""
+def tf_decode(record):
+    """A file inside a tf.data map, (path, kind) string and uint8 tensors, to a uint8 (h, w, 3) tensor: the
+    pixels `decode_file` gives, through TensorFlow's decoder where it gives the same (`TF_JPEG`)."""
     tf = datasets.import_tensorflow()
-    im = tf.numpy_function(decode_file, [path], tf.uint8, stateful=False)
-    return tf.ensure_shape(im, [None, None, 3])
+    path, kind = record
+
+    def pillow():
+        return tf.numpy_function(decode_file, [path], tf.uint8, stateful=False)
+
+    def jpeg():
+        return tf.io.decode_jpeg(tf.io.read_file(path), channels=3, dct_method='INTEGER_ACCURATE')
+
+    return tf.ensure_shape(tf.switch_case(tf.cast(kind, tf.int32), [pillow, jpeg]), [None, None, 3])
 
 
 # --------------------------------------------------------------------------- finding the files
@@ -167,6 +184,10 @@ class Split:
 
     paths: list[str]
     labels: np.ndarray  # (n,) int32
+    kinds: np.ndarray  # (n,) uint8: PILLOW or TF_JPEG
+
+    def subset(self, keep: np.ndarray) -> 'Split':
+        return Split([p for p, k in zip(self.paths, keep) if k], self.labels[keep], self.kinds[keep])
 
     def counts(self, num_classes: int) -> np.ndarray:
         return np.bincount(self.labels, minlength=num_classes)
@@ -204,14 +225,17 @@ class _Scan:
             elif entry.name.lower().endswith(IMAGE_SUFFIXES):
                 yield child
 
-    def usable(self, rel: str) -> bool:
-        """Checks one file's header; a bad one is noted and not used."""
+    def usable(self, rel: str) -> Optional[int]:
+        """Checks one file's header: how to decode it, or None for a bad one (noted)."""
         path = os.path.join(self.root, rel)
-        reason = check_header(path) if os.path.isfile(path) else (
-            'broken symbolic link' if os.path.islink(path) else 'no such file')
+        if os.path.isfile(path):
+            reason, kind = check_header(path)
+        else:
+            reason, kind = ('broken symbolic link' if os.path.islink(path) else 'no such file'), PILLOW
         if reason is not None:
             self.bad.append((rel, reason))
-        return reason is None
+            return None
+        return kind
 
     def refuse_bad(self, skip: bool) -> tuple[tuple[str, str], ...]:
         if self.bad and not skip:
@@ -297,8 +321,7 @@ class Folder(datasets.Dataset):
         if val_fraction is not None:
             whole = splits.pop(train)
             out = np.array([held_out(p, val_fraction) for p in whole.paths], bool)
-            splits[train] = Split([p for p, o in zip(whole.paths, out) if not o], whole.labels[~out])
-            splits['val'] = Split([p for p, o in zip(whole.paths, out) if o], whole.labels[out])
+            splits[train], splits['val'] = whole.subset(~out), whole.subset(out)
         counts = splits[train].counts(classes)
         if (counts == 0).any():
             empty = [self._class(i) for i in np.flatnonzero(counts == 0)]
@@ -333,7 +356,7 @@ class Folder(datasets.Dataset):
         scan = _Scan(name, os.path.dirname(os.path.abspath(name)))
         entries = sorted((index[text], path.replace(os.sep, '/')) for path, text, _ in rows)
         with _pillow_quiet():
-            kept = [(label, rel) for label, rel in entries if scan.usable(rel)]
+            kept = [(label, rel, kind) for label, rel in entries for kind in [scan.usable(rel)] if kind is not None]
         self.skipped = scan.refuse_bad(skip)
         self.root = scan.root
         self.preset = datasets.Preset('train', 'val' if self.val_fraction is not None else 'test', 384)
@@ -394,8 +417,8 @@ class Folder(datasets.Dataset):
                 folder = f'{prefix}/{cls}' if prefix else cls
                 if not os.path.isdir(os.path.join(self.root, folder)):
                     continue  # a held-out split may lack a class
-                entries += [(label, rel) for rel in scan.walk(os.path.join(self.root, folder), folder)
-                            if scan.usable(rel)]
+                entries += [(label, rel, kind) for rel in scan.walk(os.path.join(self.root, folder), folder)
+                            for kind in [scan.usable(rel)] if kind is not None]
         return _split_of(entries)
 
     # ---- the Dataset interface
@@ -431,45 +454,81 @@ class Folder(datasets.Dataset):
         return f'{self.name}: {self.num_classes} classes, {", ".join(parts)} images{skipped}'
 
     def _tensors(self, split: str):
+        """The split's records as tensors: ((absolute path, kind), label), n of them."""
         tf = datasets.import_tensorflow()
         s = self._split(split)
+        if not s.paths:
+            raise UserError(f'--dataset {self.name}: the split {split!r} holds no images'
+                            + ('; raise --val-fraction' if split == 'val' and self.val_fraction else ''))
         paths = tf.constant(np.array([os.path.join(self.root, p) for p in s.paths], dtype=object), tf.string)
-        return paths, tf.constant(s.labels, tf.int32), len(s.paths)
+        return (paths, tf.constant(s.kinds, tf.uint8)), tf.constant(s.labels, tf.int32), len(s.paths)
 
     def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1,
                       augment=None):
         tf = datasets.import_tensorflow()
-        paths, labels, n = self._tensors(self.preset.train)
+        (paths, kinds), labels, n = self._tensors(self.preset.train)
 
         def epoch(e):
-            # The whole epoch's order, a stateless permutation of (seed, epoch): n int64s, the list itself.
+            # The whole epoch's order, a stateless permutation of (seed, epoch): n int64s, beside the list.
             order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack(
                 [tf.constant(seed, tf.int64), e]))
-            return tf.data.Dataset.from_tensor_slices(order).map(lambda i: (tf.gather(paths, i), tf.gather(labels, i)))
+            return tf.data.Dataset.from_tensor_slices(order).map(
+                lambda i: ((tf.gather(paths, i), tf.gather(kinds, i)), tf.gather(labels, i)))
+
+        rows = datasets.local_rows(batch_size, process_index, process_count)
+
+        def files_of(k: int) -> list[str]:  # the files of the k-th batch this stream yields
+            g = (start_step + k) * batch_size + np.arange(rows.start, rows.stop)
+            found = []
+            for e in np.unique(g // n):
+                order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.constant(
+                    [seed, int(e)], tf.int64)).numpy()
+                found += [self._path(self.preset.train, int(i)) for i in order[g[g // n == e] % n]]
+            return found
 
         return _decode_errors(datasets.tf_train_batches(epoch, n, tf_decode, batch_size, image_size, seed, start_step,
-                                                        process_index, process_count, augment))
+                                                        process_index, process_count, augment), files_of)
 
     def _eval_stream(self, split, batch_size, image_size, rows):
         tf = datasets.import_tensorflow()
-        paths, labels, n = self._tensors(split)
-        records = tf.data.Dataset.from_tensor_slices((paths, labels))
-        return _decode_errors(datasets.tf_eval_batches(records, n, tf_decode, batch_size, image_size, rows))
+        files, labels, n = self._tensors(split)
+        records = tf.data.Dataset.from_tensor_slices((files, labels))
+
+        def files_of(k: int) -> list[str]:
+            start = k * batch_size
+            return [self._path(split, i) for i in range(start + rows.start, min(start + rows.stop, n))]
+
+        return _decode_errors(datasets.tf_eval_batches(records, n, tf_decode, batch_size, image_size, rows), files_of)
+
+    def _path(self, split: str, i: int) -> str:
+        return os.path.join(self.root, self._split(split).paths[i])
 
 
-def _split_of(entries: list[tuple[int, str]]) -> Split:
+def _split_of(entries: list[tuple[int, str, int]]) -> Split:
+    """A split from (label, relative path, kind) entries, in (class, path) order."""
     entries.sort()
-    return Split([rel for _, rel in entries], np.array([label for label, _ in entries], np.int32))
+    return Split([rel for _, rel, _ in entries], np.array([label for label, _, _ in entries], np.int32).reshape(-1),
+                 np.array([kind for _, _, kind in entries], np.uint8).reshape(-1))
 
 
-def _decode_errors(batches: Iterator[datasets.Batch]) -> Iterator[datasets.Batch]:
-    """A stream whose decode failure (a damaged file the header scan could not see) is one UserError line."""
+def _decode_errors(batches: Iterator[datasets.Batch], files_of) -> Iterator[datasets.Batch]:
+    """A stream whose decode failure (a damaged file the header scan could not see) is one UserError line.
+
+    `files_of(k)` lists the files of the k-th batch: the one that failed is found by decoding
+    them again, the way `predict` would.
+    """
     op_error = datasets.import_tensorflow().errors.OpError  # held here: at interpreter exit tf may be gone
+    done = 0
     try:
-        yield from batches
+        for batch in batches:
+            yield batch
+            done += 1
     except op_error as e:
-        found = re.search(r'DecodeError: (.*?: not a readable image \(.*?\))', str(e))
-        if found is None:
-            raise
-        raise UserError(f'{found.group(1)}; its header reads but its data does not decode: '
-                        'remove or replace it') from None
+        for path in files_of(done):
+            try:
+                decode_file(path)
+            except DecodeError as bad:
+                raise UserError(f'{bad}; its header reads but its data does not decode: remove or replace it, '
+                                'or convert it') from None
+        raise UserError(f'a file of batch {done} does not decode ({cause(e, 160)}); '
+                        'remove or replace the damaged file') from None
