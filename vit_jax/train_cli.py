@@ -112,6 +112,12 @@ def load_dataset(args) -> datasets.Dataset:
                          val_fraction=args.val_fraction, skip_bad_images=bool(args.skip_bad_images))
 
 
+def skipped_note(dataset: datasets.Dataset, workdir: str) -> str:
+    """`, 3 bad files skipped (DIR/skipped.txt)` for the summary line; empty when none were."""
+    n = len(dataset.skipped)
+    return f', {n} bad file{"s" if n != 1 else ""} skipped ({os.path.join(workdir, SKIPPED)})' if n else ''
+
+
 def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig, Optional[dict]]:
     """The config to train, and the fine-tuning params (None: initialise from scratch)."""
     if args.checkpoint is None:
@@ -483,7 +489,8 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
               MetricsLog(os.path.join(args.workdir, METRICS), start, writer), writer, args.profile)
     if writer:
         cli.say(f'vit_jax train: {cli.describe_config(cfg)}, {weights.count_params(cfg):,} params, on {args.dataset} '
-                f'({dataset.num_examples(dataset.preset.train):,} train images); {devices} device(s) in {procs} '
+                f'({dataset.num_examples(dataset.preset.train):,} train images{skipped_note(dataset, args.workdir)}); '
+                f'{devices} device(s) in {procs} '
                 f'process(es); batch {B}' + (f' in {A} microbatches' if A > 1 else '')
                 + (f'; {len(teachers)} teacher(s), {s.distill} distillation, alpha {s.distill_alpha:g}'
                    if teachers else '')
