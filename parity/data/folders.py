@@ -132,10 +132,12 @@ def check_header(path: str) -> tuple[Optional[str], int]:
             w, h = im.size
             kind = TF_JPEG if (im.format == 'JPEG' and im.mode in ('RGB', 'L')
                                and im.getexif().get(0x0112, 1) == 1) else PILLOW
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        return 'not a readable image (not in a format Pillow reads)', PILLOW
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         return f'not a readable image ({cause(e, 100)})', PILLOW
     if w * h > MAX_IMAGE_PIXELS:
-        return f'{w}x{h} pixels, more than the {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels an image may have', PILLOW
+        return f'{w}x{h} pixels, more than the {MAX_IMAGE_PIXELS:,} an image may have; scale it down', PILLOW
     return None, kind
 
 
