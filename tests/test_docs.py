@@ -46,8 +46,8 @@ def test_docs_exist_and_hold_commands():
 
 # Pages that work in a folder of their own and read nothing the other pages write: each block starts by
 # going there. They run beside the others (the suite's longest test otherwise), the rest in order.
-ON_THEIR_OWN = {'05-trained-digits.md': 'digits32', 'errors-and-limits.md': 'errors', 'harness.md': 'harness',
-                'training.md': 'training'}
+ON_THEIR_OWN = {'05-trained-digits.md': 'digits32', '06-your-own-images.md': 'own', 'errors-and-limits.md': 'errors',
+                'harness.md': 'harness', 'training.md': 'training'}
 
 
 def _run_blocks(page_blocks: list[tuple[str, int, str]], cwd: Path, env: dict) -> list[str]:
