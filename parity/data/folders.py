@@ -116,10 +116,38 @@ def _pillow_quiet():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-# How the stream decodes a file (`Split.kinds`): through Pillow, or TensorFlow's own JPEG decoder where that
-# gives the same pixels (an RGB or grey baseline/progressive JPEG without an EXIF rotation: libjpeg's accurate
-# integer IDCT, as Pillow's libjpeg decodes it; tests/test_folders.py checks that they agree).
-PILLOW, TF_JPEG = 0, 1
+# How the stream decodes a file (`Split.kinds`): through Pillow, or TensorFlow's own decoder where that gives
+# the same pixels and needs no Python: an RGB or grey JPEG without an EXIF rotation (libjpeg's accurate integer
+# IDCT, as Pillow's libjpeg decodes it), an 8-bit RGB or grey PNG without transparency, animation or EXIF
+# (lossless either way). tests/test_folders.py checks that they agree.
+PILLOW, TF_JPEG, TF_PNG = 0, 1, 2
+
+
+def _png_exif_after_data(fp, pos: int) -> bool:
+    """Whether a PNG holds an eXIf chunk after its image data (Pillow's open reads the chunks before it only;
+    `predict` applies that rotation): the chunk headers from `pos` on, read and skipped."""
+    import struct
+
+    while True:
+        fp.seek(pos)
+        head = fp.read(8)
+        if len(head) < 8:
+            return False  # cut short: decoding will say so
+        length, kind = struct.unpack('>I4s', head)
+        if kind in (b'eXIf', b'IEND'):
+            return kind == b'eXIf'
+        pos += 12 + length
+
+
+def _kind(im) -> int:
+    """How to decode an opened image (its header read), so that it gives what `decode_file` gives."""
+    if im.format == 'JPEG' and im.mode in ('RGB', 'L'):
+        return TF_JPEG if im.getexif().get(0x0112, 1) == 1 else PILLOW
+    if (im.format == 'PNG' and im.mode in ('RGB', 'L') and len(im.tile) == 1 and im.tile[0][3] in ('RGB', 'L')
+            and 'transparency' not in im.info and 'exif' not in im.info and not getattr(im, 'is_animated', False)
+            and not _png_exif_after_data(im.fp, im.tile[0][2] - 8)):
+        return TF_PNG
+    return PILLOW
 
 
 def check_header(path: str) -> tuple[Optional[str], int]:
@@ -130,8 +158,7 @@ def check_header(path: str) -> tuple[Optional[str], int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            kind = TF_JPEG if (im.format == 'JPEG' and im.mode in ('RGB', 'L')
-                               and im.getexif().get(0x0112, 1) == 1) else PILLOW
+            kind = _kind(im)
     except UnidentifiedImageError:
         return 'not a readable image (not in a format Pillow reads)', PILLOW
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
@@ -164,7 +191,7 @@ def decode_file(path) -> np.ndarray:
 
 def tf_decode(record):
     """A file inside a tf.data map, (path, kind) string and uint8 tensors, to a uint8 (h, w, 3) tensor: the
-    pixels `decode_file` gives, through TensorFlow's decoder where it gives the same (`TF_JPEG`)."""
+    pixels `decode_file` gives, through TensorFlow's decoders where they give the same (`TF_JPEG`, `TF_PNG`)."""
     tf = datasets.import_tensorflow()
     path, kind = record
 
@@ -174,7 +201,10 @@ def tf_decode(record):
     def jpeg():
         return tf.io.decode_jpeg(tf.io.read_file(path), channels=3, dct_method='INTEGER_ACCURATE')
 
-    return tf.ensure_shape(tf.switch_case(tf.cast(kind, tf.int32), [pillow, jpeg]), [None, None, 3])
+    def png():
+        return tf.io.decode_png(tf.io.read_file(path), channels=3)
+
+    return tf.ensure_shape(tf.switch_case(tf.cast(kind, tf.int32), [pillow, jpeg, png]), [None, None, 3])
 
 
 # --------------------------------------------------------------------------- finding the files
@@ -186,7 +216,7 @@ class Split:
 
     paths: list[str]
     labels: np.ndarray  # (n,) int32
-    kinds: np.ndarray  # (n,) uint8: PILLOW or TF_JPEG
+    kinds: np.ndarray  # (n,) uint8: PILLOW, TF_JPEG or TF_PNG
 
     def subset(self, keep: np.ndarray) -> 'Split':
         return Split([p for p, k in zip(self.paths, keep) if k], self.labels[keep], self.kinds[keep])
@@ -451,9 +481,9 @@ class Folder(datasets.Dataset):
         for split in (self.preset.train, self.preset.test):
             if split in self._splits:
                 c = self.counts(split)
-                parts.append(f'{sum(c):,} {split} ({min(c):,} to {max(c):,} per class)')
+                parts.append(f'{sum(c):,} {split} images ({min(c):,} to {max(c):,} per class)')
         skipped = f'; {len(self.skipped)} bad file(s) skipped' if self.skipped else ''
-        return f'{self.name}: {self.num_classes} classes, {", ".join(parts)} images{skipped}'
+        return f'{self.name}: {self.num_classes} classes, {", ".join(parts)}{skipped}'
 
     def _tensors(self, split: str):
         """The split's records as tensors: ((absolute path, kind), label), n of them."""
