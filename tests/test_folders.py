@@ -177,9 +177,12 @@ def test_nested_classes_hidden_files_and_symlinks(tmp_path):
     elsewhere = tmp_path.parent / f'{tmp_path.name}-more'
     save(str(elsewhere / 'g.png'), px)
     os.symlink(elsewhere, tmp_path / 'dog' / 'linked')
+    save(os.path.join(str(tmp_path / 'dog'), os.fsdecode(b'\xff.png')), px)  # a name that is not UTF-8
     ds = datasets.load(str(tmp_path))
     assert ds.class_names == ('cat', 'dog')
-    assert ds._split('train').paths == ['cat/a.png', 'cat/deep/er/b.png', 'dog/d.jpg', 'dog/e.JPEG', 'dog/linked/g.png']
+    assert ds._split('train').paths == ['cat/a.png', 'cat/deep/er/b.png', 'dog/d.jpg', 'dog/e.JPEG', 'dog/linked/g.png',
+                                        'dog/' + os.fsdecode(b'\xff.png')]
+    assert [int(m) for m in next(ds.eval_batches('train', 8, 4))['mask']] == [1] * 6 + [0] * 2
     os.symlink('..', tmp_path / 'cat' / 'deep' / 'up')
     with pytest.raises(UserError, match=r'cat/deep/up is a symbolic link loop'):
         datasets.load(str(tmp_path))
@@ -346,3 +349,21 @@ def test_eval_on_a_folder_agrees_in_both_frameworks(digits_dir, tmp_path, capsys
     with pytest.raises(UserError, match='^--val-fraction: for a folder'):  # not for digits or tfds
         jax_main(['eval', str(tmp_path / 'ckpt.npz'), '--config', DIGITS_CONFIG, '--dataset', 'digits',
                   '--val-fraction', '0.3'])
+
+
+def test_bench_times_the_folder_pipeline(digits_dir, tmp_path, capsys):
+    from parity.tools import bench
+
+    out = tmp_path / 'bench.json'
+    assert bench.main(['--data-only', '--dataset', str(digits_dir), '--image-size', '8', '--batch-size', '16',
+                       '--repeats', '1', '--warmup', '1', '--json', str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc['data_only'] is True and doc['device'].startswith('cpu')
+    [row] = doc['results']
+    assert (row['model'], row['impl'], row['mode'], row['batch_size'], row['image_size'], row['augment']) == \
+        (str(digits_dir), 'data', 'train', 16, 8, 'crop,flip')
+    assert row['img_per_s'] > 0 and f'{row["img_per_s"]:.1f}' in capsys.readouterr().out
+    with pytest.raises(UserError, match='--dataset: times the input pipeline, with --data-only only'):
+        bench.main(['--dataset', str(digits_dir)])
+    with pytest.raises(UserError, match='--data-only: pass --dataset'):
+        bench.main(['--data-only'])

@@ -54,6 +54,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
 import re
 import warnings
 from typing import Iterator, Optional
@@ -95,7 +96,7 @@ def _shown(items: list[str]) -> str:
 
 def held_out(rel: str, fraction: float) -> bool:
     """Whether the file at `rel` (its path relative to the dataset's root, '/'-separated) goes to `val`."""
-    h = int.from_bytes(hashlib.sha256(rel.encode('utf-8')).digest()[:8], 'big')
+    h = int.from_bytes(hashlib.sha256(os.fsencode(rel)).digest()[:8], 'big')
     return h < fraction * 2.0 ** 64
 
 
@@ -386,7 +387,7 @@ class Folder(datasets.Dataset):
             index = {n: i for i, n in enumerate(names)}
             classes = len(names)
         scan = _Scan(name, os.path.dirname(os.path.abspath(name)))
-        entries = sorted((index[text], path.replace(os.sep, '/')) for path, text, _ in rows)
+        entries = sorted((index[text], posixpath.normpath(path.replace(os.sep, '/'))) for path, text, _ in rows)
         with _pillow_quiet():
             kept = [(label, rel, kind) for label, rel in entries for kind in [scan.usable(rel)] if kind is not None]
         self.skipped = scan.refuse_bad(skip)
@@ -492,7 +493,9 @@ class Folder(datasets.Dataset):
         if not s.paths:
             raise UserError(f'--dataset {self.name}: the split {split!r} holds no images'
                             + ('; raise --val-fraction' if split == 'val' and self.val_fraction else ''))
-        paths = tf.constant(np.array([os.path.join(self.root, p) for p in s.paths], dtype=object), tf.string)
+        # Bytes, as the file system names them: a name that is not UTF-8 still reaches the file.
+        paths = tf.constant(np.array([os.fsencode(os.path.join(self.root, p)) for p in s.paths], dtype=object),
+                            tf.string)
         return (paths, tf.constant(s.kinds, tf.uint8)), tf.constant(s.labels, tf.int32), len(s.paths)
 
     def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1,
