@@ -113,22 +113,59 @@ def test_every_format_and_mode_decodes_as_predict_does(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated: predict turns it upright, so the stream must too
     save(str(tmp_path / 'b/rotated.jpg'), photo[:, :40], exif=exif)
+    _write_png16(tmp_path / 'b/rgb16.png', photo)
+    late = _png_with_late_exif(photo[:40], exif.tobytes())  # the rotation after the image data
+    (tmp_path / 'b/late-exif.png').write_bytes(late)
     (tmp_path / 'a' / 'notes.txt').write_text('not an image: ignored')
     (tmp_path / 'a' / '.hidden.png').write_bytes(b'hidden: ignored')
     ds = datasets.load(str(tmp_path))
     split = ds._split('train')
-    assert ds.class_names == ('a', 'b') and len(split.paths) == len(made) + 1
+    assert ds.class_names == ('a', 'b') and len(split.paths) == len(made) + 3
     kinds = dict(zip(split.paths, split.kinds))
     assert {p for p, k in kinds.items() if k == folders.TF_JPEG} == {'a/rgb.jpg', 'a/grey.jpg', 'a/progressive.jpg'}
+    assert {p for p, k in kinds.items() if k == folders.TF_PNG} == {'a/rgb.png', 'a/grey.png'}
     got = next(ds.eval_batches('train', 32, 24))['image'][:len(split.paths)]
     want = images.load_images([str(tmp_path / p) for p in split.paths], 24)
     for p, g, w in zip(split.paths, got, want):
         np.testing.assert_allclose(g, w, atol=1e-6, err_msg=p)
     # The full-size pixels too, where the stream decodes JPEGs with TensorFlow's decoder.
     tf = datasets.import_tensorflow()
-    for p in ('a/rgb.jpg', 'a/grey.jpg', 'a/progressive.jpg'):
-        full = folders.tf_decode((tf.constant(str(tmp_path / p)), tf.constant(folders.TF_JPEG, tf.uint8))).numpy()
+    for p in ('a/rgb.jpg', 'a/grey.jpg', 'a/progressive.jpg', 'a/rgb.png', 'a/grey.png'):
+        full = folders.tf_decode((tf.constant(str(tmp_path / p)), tf.constant(kinds[p], tf.uint8))).numpy()
         np.testing.assert_array_equal(full, folders.decode_file(str(tmp_path / p)), err_msg=p)
+    assert folders.decode_file(str(tmp_path / 'b/late-exif.png')).shape == (64, 40, 3)  # turned upright
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+
+def _write_png16(path, rgb: np.ndarray) -> None:
+    """A 16-bit RGB PNG (Pillow writes none): Pillow reads it as 8-bit RGB, so the stream must decode it as Pillow."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    pixels = (rgb.astype('>u2') * 257 + np.arange(w, dtype='>u2')[None, :, None]).astype('>u2')
+    raw = b''.join(b'\0' + pixels[y].tobytes() for y in range(h))
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + _chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, 2, 0, 0, 0))
+                     + _chunk(b'IDAT', zlib.compress(raw)) + _chunk(b'IEND', b''))
+
+
+def _png_with_late_exif(rgb: np.ndarray, exif: bytes) -> bytes:
+    """An 8-bit RGB PNG whose eXIf chunk comes after its image data, where Pillow's open does not look."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format='PNG')
+    data = buf.getvalue()
+    end = data.rindex(b'IEND') - 4
+    return data[:end] + _chunk(b'eXIf', exif[6:] if exif.startswith(b'Exif') else exif) + data[end:]
 
 
 def test_nested_classes_hidden_files_and_symlinks(tmp_path):
@@ -140,9 +177,12 @@ def test_nested_classes_hidden_files_and_symlinks(tmp_path):
     elsewhere = tmp_path.parent / f'{tmp_path.name}-more'
     save(str(elsewhere / 'g.png'), px)
     os.symlink(elsewhere, tmp_path / 'dog' / 'linked')
+    save(os.path.join(str(tmp_path / 'dog'), os.fsdecode(b'\xff.png')), px)  # a name that is not UTF-8
     ds = datasets.load(str(tmp_path))
     assert ds.class_names == ('cat', 'dog')
-    assert ds._split('train').paths == ['cat/a.png', 'cat/deep/er/b.png', 'dog/d.jpg', 'dog/e.JPEG', 'dog/linked/g.png']
+    assert ds._split('train').paths == ['cat/a.png', 'cat/deep/er/b.png', 'dog/d.jpg', 'dog/e.JPEG', 'dog/linked/g.png',
+                                        'dog/' + os.fsdecode(b'\xff.png')]
+    assert [int(m) for m in next(ds.eval_batches('train', 8, 4))['mask']] == [1] * 6 + [0] * 2
     os.symlink('..', tmp_path / 'cat' / 'deep' / 'up')
     with pytest.raises(UserError, match=r'cat/deep/up is a symbolic link loop'):
         datasets.load(str(tmp_path))
@@ -309,3 +349,21 @@ def test_eval_on_a_folder_agrees_in_both_frameworks(digits_dir, tmp_path, capsys
     with pytest.raises(UserError, match='^--val-fraction: for a folder'):  # not for digits or tfds
         jax_main(['eval', str(tmp_path / 'ckpt.npz'), '--config', DIGITS_CONFIG, '--dataset', 'digits',
                   '--val-fraction', '0.3'])
+
+
+def test_bench_times_the_folder_pipeline(digits_dir, tmp_path, capsys):
+    from parity.tools import bench
+
+    out = tmp_path / 'bench.json'
+    assert bench.main(['--data-only', '--dataset', str(digits_dir), '--image-size', '8', '--batch-size', '16',
+                       '--repeats', '1', '--warmup', '1', '--json', str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc['data_only'] is True and doc['device'].startswith('cpu')
+    [row] = doc['results']
+    assert (row['model'], row['impl'], row['mode'], row['batch_size'], row['image_size'], row['augment']) == \
+        (str(digits_dir), 'data', 'train', 16, 8, 'crop,flip')
+    assert row['img_per_s'] > 0 and f'{row["img_per_s"]:.1f}' in capsys.readouterr().out
+    with pytest.raises(UserError, match='--dataset: times the input pipeline, with --data-only only'):
+        bench.main(['--dataset', str(digits_dir)])
+    with pytest.raises(UserError, match='--data-only: pass --dataset'):
+        bench.main(['--data-only'])

@@ -54,6 +54,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
 import re
 import warnings
 from typing import Iterator, Optional
@@ -95,7 +96,7 @@ def _shown(items: list[str]) -> str:
 
 def held_out(rel: str, fraction: float) -> bool:
     """Whether the file at `rel` (its path relative to the dataset's root, '/'-separated) goes to `val`."""
-    h = int.from_bytes(hashlib.sha256(rel.encode('utf-8')).digest()[:8], 'big')
+    h = int.from_bytes(hashlib.sha256(os.fsencode(rel)).digest()[:8], 'big')
     return h < fraction * 2.0 ** 64
 
 
@@ -116,10 +117,38 @@ def _pillow_quiet():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-# How the stream decodes a file (`Split.kinds`): through Pillow, or TensorFlow's own JPEG decoder where that
-# gives the same pixels (an RGB or grey baseline/progressive JPEG without an EXIF rotation: libjpeg's accurate
-# integer IDCT, as Pillow's libjpeg decodes it; tests/test_folders.py checks that they agree).
-PILLOW, TF_JPEG = 0, 1
+# How the stream decodes a file (`Split.kinds`): through Pillow, or TensorFlow's own decoder where that gives
+# the same pixels and needs no Python: an RGB or grey JPEG without an EXIF rotation (libjpeg's accurate integer
+# IDCT, as Pillow's libjpeg decodes it), an 8-bit RGB or grey PNG without transparency, animation or EXIF
+# (lossless either way). tests/test_folders.py checks that they agree.
+PILLOW, TF_JPEG, TF_PNG = 0, 1, 2
+
+
+def _png_exif_after_data(fp, pos: int) -> bool:
+    """Whether a PNG holds an eXIf chunk after its image data (Pillow's open reads the chunks before it only;
+    `predict` applies that rotation): the chunk headers from `pos` on, read and skipped."""
+    import struct
+
+    while True:
+        fp.seek(pos)
+        head = fp.read(8)
+        if len(head) < 8:
+            return False  # cut short: decoding will say so
+        length, kind = struct.unpack('>I4s', head)
+        if kind in (b'eXIf', b'IEND'):
+            return kind == b'eXIf'
+        pos += 12 + length
+
+
+def _kind(im) -> int:
+    """How to decode an opened image (its header read), so that it gives what `decode_file` gives."""
+    if im.format == 'JPEG' and im.mode in ('RGB', 'L'):
+        return TF_JPEG if im.getexif().get(0x0112, 1) == 1 else PILLOW
+    if (im.format == 'PNG' and im.mode in ('RGB', 'L') and len(im.tile) == 1 and im.tile[0][3] in ('RGB', 'L')
+            and 'transparency' not in im.info and 'exif' not in im.info and not getattr(im, 'is_animated', False)
+            and not _png_exif_after_data(im.fp, im.tile[0][2] - 8)):
+        return TF_PNG
+    return PILLOW
 
 
 def check_header(path: str) -> tuple[Optional[str], int]:
@@ -130,8 +159,7 @@ def check_header(path: str) -> tuple[Optional[str], int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            kind = TF_JPEG if (im.format == 'JPEG' and im.mode in ('RGB', 'L')
-                               and im.getexif().get(0x0112, 1) == 1) else PILLOW
+            kind = _kind(im)
     except UnidentifiedImageError:
         return 'not a readable image (not in a format Pillow reads)', PILLOW
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
@@ -164,7 +192,7 @@ def decode_file(path) -> np.ndarray:
 
 def tf_decode(record):
     """A file inside a tf.data map, (path, kind) string and uint8 tensors, to a uint8 (h, w, 3) tensor: the
-    pixels `decode_file` gives, through TensorFlow's decoder where it gives the same (`TF_JPEG`)."""
+    pixels `decode_file` gives, through TensorFlow's decoders where they give the same (`TF_JPEG`, `TF_PNG`)."""
     tf = datasets.import_tensorflow()
     path, kind = record
 
@@ -174,7 +202,10 @@ def tf_decode(record):
     def jpeg():
         return tf.io.decode_jpeg(tf.io.read_file(path), channels=3, dct_method='INTEGER_ACCURATE')
 
-    return tf.ensure_shape(tf.switch_case(tf.cast(kind, tf.int32), [pillow, jpeg]), [None, None, 3])
+    def png():
+        return tf.io.decode_png(tf.io.read_file(path), channels=3)
+
+    return tf.ensure_shape(tf.switch_case(tf.cast(kind, tf.int32), [pillow, jpeg, png]), [None, None, 3])
 
 
 # --------------------------------------------------------------------------- finding the files
@@ -186,7 +217,7 @@ class Split:
 
     paths: list[str]
     labels: np.ndarray  # (n,) int32
-    kinds: np.ndarray  # (n,) uint8: PILLOW or TF_JPEG
+    kinds: np.ndarray  # (n,) uint8: PILLOW, TF_JPEG or TF_PNG
 
     def subset(self, keep: np.ndarray) -> 'Split':
         return Split([p for p, k in zip(self.paths, keep) if k], self.labels[keep], self.kinds[keep])
@@ -356,7 +387,7 @@ class Folder(datasets.Dataset):
             index = {n: i for i, n in enumerate(names)}
             classes = len(names)
         scan = _Scan(name, os.path.dirname(os.path.abspath(name)))
-        entries = sorted((index[text], path.replace(os.sep, '/')) for path, text, _ in rows)
+        entries = sorted((index[text], posixpath.normpath(path.replace(os.sep, '/'))) for path, text, _ in rows)
         with _pillow_quiet():
             kept = [(label, rel, kind) for label, rel in entries for kind in [scan.usable(rel)] if kind is not None]
         self.skipped = scan.refuse_bad(skip)
@@ -451,9 +482,9 @@ class Folder(datasets.Dataset):
         for split in (self.preset.train, self.preset.test):
             if split in self._splits:
                 c = self.counts(split)
-                parts.append(f'{sum(c):,} {split} ({min(c):,} to {max(c):,} per class)')
+                parts.append(f'{sum(c):,} {split} images ({min(c):,} to {max(c):,} per class)')
         skipped = f'; {len(self.skipped)} bad file(s) skipped' if self.skipped else ''
-        return f'{self.name}: {self.num_classes} classes, {", ".join(parts)} images{skipped}'
+        return f'{self.name}: {self.num_classes} classes, {", ".join(parts)}{skipped}'
 
     def _tensors(self, split: str):
         """The split's records as tensors: ((absolute path, kind), label), n of them."""
@@ -462,7 +493,9 @@ class Folder(datasets.Dataset):
         if not s.paths:
             raise UserError(f'--dataset {self.name}: the split {split!r} holds no images'
                             + ('; raise --val-fraction' if split == 'val' and self.val_fraction else ''))
-        paths = tf.constant(np.array([os.path.join(self.root, p) for p in s.paths], dtype=object), tf.string)
+        # Bytes, as the file system names them: a name that is not UTF-8 still reaches the file.
+        paths = tf.constant(np.array([os.fsencode(os.path.join(self.root, p)) for p in s.paths], dtype=object),
+                            tf.string)
         return (paths, tf.constant(s.kinds, tf.uint8)), tf.constant(s.labels, tf.int32), len(s.paths)
 
     def train_batches(self, batch_size, image_size, seed, start_step=0, process_index=0, process_count=1,
