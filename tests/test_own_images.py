@@ -91,7 +91,7 @@ def test_bad_images_refused_before_anything_is_written_or_skipped_and_listed(pho
     train(bad, tmp_path / 'skipping', config(tmp_path), '--skip-bad-images')
     listed = (tmp_path / 'skipping' / 'skipped.txt').read_text().splitlines()
     assert len(listed) == 1 and listed[0].startswith('one/broken.png\t')
-    assert '1 bad file skipped' in capsys.readouterr().err
+    assert '1 bad file(s) skipped (listed in' in capsys.readouterr().err
 
 
 def test_sweep_checks_a_folder_dataset_before_any_run(tmp_path):

@@ -112,12 +112,6 @@ def load_dataset(args) -> datasets.Dataset:
                          val_fraction=args.val_fraction, skip_bad_images=bool(args.skip_bad_images))
 
 
-def skipped_note(dataset: datasets.Dataset, workdir: str) -> str:
-    """`, 3 bad files skipped (DIR/skipped.txt)` for the summary line; empty when none were."""
-    n = len(dataset.skipped)
-    return f', {n} bad file{"s" if n != 1 else ""} skipped ({os.path.join(workdir, SKIPPED)})' if n else ''
-
-
 def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig, Optional[dict]]:
     """The config to train, and the fine-tuning params (None: initialise from scratch)."""
     if args.checkpoint is None:
@@ -488,9 +482,11 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
               train.make_eval_step(cfg, mesh=mesh, dtype=s.dtype, fast=True, teachers=teachers),
               MetricsLog(os.path.join(args.workdir, METRICS), start, writer), writer, args.profile)
     if writer:
+        if isinstance(dataset, folders.Folder):  # the scan's counts, said once before training
+            listed = f' (listed in {os.path.join(args.workdir, SKIPPED)})' if dataset.skipped else ''
+            cli.say(f'vit_jax train: {dataset.summary()}{listed}')
         cli.say(f'vit_jax train: {cli.describe_config(cfg)}, {weights.count_params(cfg):,} params, on {args.dataset} '
-                f'({dataset.num_examples(dataset.preset.train):,} train images{skipped_note(dataset, args.workdir)}); '
-                f'{devices} device(s) in {procs} '
+                f'({dataset.num_examples(dataset.preset.train):,} train images); {devices} device(s) in {procs} '
                 f'process(es); batch {B}' + (f' in {A} microbatches' if A > 1 else '')
                 + (f'; {len(teachers)} teacher(s), {s.distill} distillation, alpha {s.distill_alpha:g}'
                    if teachers else '')
