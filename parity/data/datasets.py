@@ -439,6 +439,9 @@ def load(name: str, data_dir: Optional[str] = None, *, train_split: Optional[str
     from parity.data import folders  # it builds on this module
 
     if folders.is_folder_dataset(name):
+        if data_dir is not None:
+            raise UserError(f'--data-dir {data_dir}: for tensorflow-datasets only; --dataset {name} is a folder '
+                            'dataset, read where it is')
         return folders.Folder(name, train_split=train_split, test_split=test_split, val_fraction=val_fraction,
                               skip_bad_images=skip_bad_images)
     given = [flag for flag, value in (('--train-split', train_split), ('--test-split', test_split),
