@@ -565,7 +565,7 @@ def _decode_errors(batches: Iterator[datasets.Batch], files_of) -> Iterator[data
             try:
                 decode_file(path)
             except DecodeError as bad:
-                raise UserError(f'{bad}; its header reads but its data does not decode: remove or replace it, '
-                                'or convert it') from None
+                raise UserError(f'{bad}; its header reads but its data does not decode: '
+                                'remove or replace it') from None
         raise UserError(f'a file of batch {done} does not decode ({cause(e, 160)}); '
                         'remove or replace the damaged file') from None
