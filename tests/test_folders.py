@@ -291,11 +291,13 @@ def test_list_errors(tmp_path):
         datasets.load(str(tmp_path / 'l.csv'))
     ds = datasets.load(str(tmp_path / 'l.csv'), skip_bad_images=True)
     assert ds.skipped == (('missing.png', 'no such file'),) and ds.class_names == ('cat', 'dog')
+    with pytest.raises(UserError, match="has no split 'test'; it has train; hold out"):
+        ds.num_examples(ds.preset.test)
     (tmp_path / 'gap.csv').write_text('x.png,0\nx.png,2\n')
     with pytest.raises(UserError, match=r'1 class\(es\) with no training images: 1;'):
         datasets.load(str(tmp_path / 'gap.csv'))
     for text, needle in (('x.png\n', 'each row is path,label'), ('x.png,a,b\n', 'each row is path,label'),
-                         ('', 'no rows')):
+                         ('', 'no rows'), ('x.png,-1\n', 'a negative class index')):
         (tmp_path / 'bad.csv').write_text(text)
         with pytest.raises(UserError, match=needle):
             datasets.load(str(tmp_path / 'bad.csv'))

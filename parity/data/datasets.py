@@ -1,6 +1,6 @@
 """Datasets for training and evaluation, shared by both frameworks: NumPy batches, NHWC float32 in [-1, 1].
 
-Two sources behind one interface (`load(name)` returns a `Dataset`):
+Three sources behind one interface (`load(name)` returns a `Dataset`):
 
 - `digits`: scikit-learn's bundled handwritten digits (1,797 8x8 grey images, 10 classes,
   shipped inside the scikit-learn wheel, so no download). The split is fixed:
@@ -16,6 +16,9 @@ Two sources behind one interface (`load(name)` returns a `Dataset`):
   rotations, colour jitter and RandAugment, or replaces the crop); eval images are plainly
   resized; pixels map to [-1, 1] as `(x - 127.5) / 127.5`. Splits follow the official
   configs (`PRESETS`). TensorFlow is imported only when such a dataset is used.
+- your own images (`parity.data.folders`): a folder of class folders, a folder of split
+  folders, or a .csv/.jsonl list, read file by file through the same tf.data pipeline
+  (`tf_train_batches`, `tf_eval_batches`: one function each, whatever the records are).
 
 Determinism: the training stream is a pure function of (seed, step). Epoch e visits the
 training split in an order fixed by (seed, e); global example g = step * B + i takes its
@@ -439,6 +442,9 @@ def load(name: str, data_dir: Optional[str] = None, *, train_split: Optional[str
     from parity.data import folders  # it builds on this module
 
     if folders.is_folder_dataset(name):
+        if data_dir is not None:
+            raise UserError(f'--data-dir {data_dir}: for tensorflow-datasets only; --dataset {name} is a folder '
+                            'dataset, read where it is')
         return folders.Folder(name, train_split=train_split, test_split=test_split, val_fraction=val_fraction,
                               skip_bad_images=skip_bad_images)
     given = [flag for flag, value in (('--train-split', train_split), ('--test-split', test_split),

@@ -305,7 +305,7 @@ def _read_list(name: str) -> list[tuple[str, str, bool]]:
                     if len(cells) != 2 or not cells[0] or not cells[1]:
                         raise UserError(f'--dataset {name}: line {reader.line_num} is {",".join(row)[:80]!r}; each row '
                                         'is path,label (an optional path,label header first)')
-                    integer = re.fullmatch(r'[0-9]+', cells[1]) is not None
+                    integer = re.fullmatch(r'-?[0-9]+', cells[1]) is not None
                     rows.append((cells[0], str(int(cells[1])) if integer else cells[1], integer))
             else:
                 for lineno, line in enumerate(f, 1):
@@ -337,6 +337,8 @@ def _read_list(name: str) -> list[tuple[str, str, bool]]:
 
 class Folder(datasets.Dataset):
     """A folder of images or a list of them, streamed through the official tf.data pipeline (module docstring)."""
+
+    _split_folders: tuple = ()  # the split folders of a split layout, scanned when first asked for
 
     def __init__(self, name: str, *, train_split: Optional[str] = None, test_split: Optional[str] = None,
                  val_fraction: Optional[float] = None, skip_bad_images: bool = False):
@@ -402,7 +404,7 @@ class Folder(datasets.Dataset):
         self.root = root
         scan = _Scan(name, root)
         if train in top:  # split folders
-            if 'val' in top and self.val_fraction is not None and (test_split or 'val') == 'val':
+            if 'val' in top and self.val_fraction is not None:
                 raise UserError(f'--val-fraction: {os.path.join(name, "val")} already holds a held-out split; '
                                 'drop --val-fraction, or pass --test-split for another split folder')
             test = test_split or ('val' if self.val_fraction is not None or 'val' in top else 'test')
@@ -413,7 +415,7 @@ class Folder(datasets.Dataset):
             if not names:
                 raise UserError(f'--dataset {name}: {os.path.join(name, train)} holds no class folders; '
                                 f'put each class\'s images in {os.path.join(name, train, "CLASS")}/')
-            self._split_folders, self._scan, self._skip = top, scan, skip
+            self._split_folders, self._scan, self._skip = tuple(top), scan, skip
             splits = {train: self._scan_split(train, names)}
             if test in top and test != train:
                 splits[test] = self._scan_split(test, names)
@@ -563,7 +565,7 @@ def _decode_errors(batches: Iterator[datasets.Batch], files_of) -> Iterator[data
             try:
                 decode_file(path)
             except DecodeError as bad:
-                raise UserError(f'{bad}; its header reads but its data does not decode: remove or replace it, '
-                                'or convert it') from None
+                raise UserError(f'{bad}; its header reads but its data does not decode: '
+                                'remove or replace it') from None
         raise UserError(f'a file of batch {done} does not decode ({cause(e, 160)}); '
                         'remove or replace the damaged file') from None
