@@ -94,6 +94,13 @@ def test_bad_images_refused_before_anything_is_written_or_skipped_and_listed(pho
     assert '1 bad file(s) skipped (listed in' in capsys.readouterr().err
 
 
+def test_a_folder_with_nothing_held_out_is_refused_before_training(photos, tmp_path):
+    with pytest.raises(UserError, match=r"no split 'test'.*--val-fraction"):
+        train_cli.main(['--dataset', str(photos), '--config', str(config(tmp_path)), '--workdir', str(tmp_path / 'w'),
+                        '--image-size', '8', '--steps', '2'])
+    assert not (tmp_path / 'w').exists()
+
+
 def test_sweep_checks_a_folder_dataset_before_any_run(tmp_path):
     with pytest.raises(UserError, match=r'--dataset .*nowhere\.csv: no such folder or file'):
         train_cli.check_flags(['--dataset', str(tmp_path / 'nowhere.csv'), '--workdir', str(tmp_path / 'w')])

@@ -215,8 +215,10 @@ def _record_run(workdir: str, s: TrainSettings, dataset: datasets.Dataset) -> No
         files.write_json(path, s.record())
     if s.class_names is not None:
         files.write_text(os.path.join(workdir, LABELS), ''.join(f'{name}\n' for name in s.class_names))
-    if dataset.skipped:
-        files.write_text(os.path.join(workdir, SKIPPED), ''.join(f'{p}\t{why}\n' for p, why in dataset.skipped))
+    if dataset.skipped:  # a file name that is not UTF-8 is written with its undecodable bytes escaped
+        lines = ''.join(f'{p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")}\t{why}\n'
+                        for p, why in dataset.skipped)
+        files.write_text(os.path.join(workdir, SKIPPED), lines)
 
 
 def _step_of(line: str) -> Optional[int]:
@@ -435,6 +437,8 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
     """The run itself, the workdir held (by process 0)."""
     settings.recipe_preset(args.recipe)  # an unknown --recipe fails before anything is read
     dataset = load_dataset(args)
+    if isinstance(dataset, folders.Folder):  # the split it evaluates on must exist before it trains, not after
+        dataset.num_examples(dataset.preset.test)
     args = settings.apply_recipe(args, dataset.num_classes)  # its resolution decides the model's grid
     cfg, finetune = _model(args, dataset, args.image_size or dataset.preset.image_size)
     s = dataclasses.replace(settings.resolve(args, cfg), class_names=dataset.class_names)
