@@ -353,15 +353,19 @@ class Folder(datasets.Dataset):
         self.num_classes, self.class_names = classes, names
         self._splits = splits
         train = self.preset.train
+        self._refuse_empty(splits[train].counts(classes), '')
         if val_fraction is not None:
             whole = splits.pop(train)
             out = np.array([held_out(p, val_fraction) for p in whole.paths], bool)
             splits[train], splits['val'] = whole.subset(~out), whole.subset(out)
-        counts = splits[train].counts(classes)
+            self._refuse_empty(splits[train].counts(classes), ' after --val-fraction held out its files')
+
+    def _refuse_empty(self, counts: np.ndarray, why: str) -> None:
+        """One error naming the classes with no training images (`why`: after what), if any."""
         if (counts == 0).any():
             empty = [self._class(i) for i in np.flatnonzero(counts == 0)]
-            why = ' after --val-fraction held out its files' if val_fraction is not None else ''
-            raise UserError(f'--dataset {name}: {len(empty)} class(es) with no training images{why}: {_shown(empty)}; '
+            what = 'no training images' + why if why else 'no images (an empty class folder, or only bad files)'
+            raise UserError(f'--dataset {self.name}: {len(empty)} class(es) with {what}: {_shown(empty)}; '
                             'add images to them or remove them' + (', or lower --val-fraction' if why else ''))
 
     def _class(self, i: int) -> str:
