@@ -277,7 +277,8 @@ def test_bad_data_is_one_line_or_skipped(tmp_path, monkeypatch):
     # A class left with no images is refused, skipped or not.
     (tmp_path / 'c').mkdir()
     (tmp_path / 'c' / 'x.png').write_bytes(b'junk')
-    with pytest.raises(UserError, match=r'1 class\(es\) with no images \(an empty class folder, or only bad files\): c;'):
+    empty = r'1 class\(es\) with no images \(an empty class folder, or only bad files\): c;'
+    with pytest.raises(UserError, match=empty):
         datasets.load(str(tmp_path), skip_bad_images=True)
     (tmp_path / 'd').mkdir()
     with pytest.raises(UserError, match=r'2 class\(es\) with no images .*: c, d;'):
