@@ -78,6 +78,11 @@ def test_a_folder_and_its_csv_train_alike_and_the_names_travel(photos, tmp_path,
     with pytest.raises(UserError, match=r'trained on other classes .*added naught; missing zero'):
         train(extra, tmp_path / 'tune', cfg, '--checkpoint', tmp_path / 'folder' / 'final.npz')
     assert not (tmp_path / 'tune').exists()
+    # Evaluating it on them: refused too, rather than scored against the wrong labels
+    from vit_torch import cli as torch_cli
+
+    with pytest.raises(UserError, match=r'trained on other classes .*added naught; missing zero; its logits'):
+        torch_cli.eval_main([str(tmp_path / 'folder' / 'final.npz'), '--dataset', str(extra), '--val-fraction', '0.25'])
 
 
 def test_bad_images_refused_before_anything_is_written_or_skipped_and_listed(photos, tmp_path, capsys):

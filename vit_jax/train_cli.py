@@ -138,9 +138,10 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
     # the model keeps the numerics it computed with.
     cfg = load_config(args.config).with_numerics(own.numerics) if args.config else own.replace(representation_size=None)
     cfg = cfg.replace(num_classes=dataset.num_classes, image_size=image_size)
-    if ckpt.labels and dataset.class_names and own.num_classes == cfg.num_classes \
-            and tuple(ckpt.labels) != tuple(dataset.class_names):
-        # The head is kept when the class count matches: its logits must still mean the same classes.
+    if isinstance(dataset, folders.Folder) and ckpt.labels and dataset.class_names \
+            and own.num_classes == cfg.num_classes and tuple(ckpt.labels) != tuple(dataset.class_names):
+        # The head is kept when the class count matches: its logits must still mean your folder's classes. (A
+        # library's names for a published dataset's classes, id2label against tfds' synset ids, are not compared.)
         raise UserError(f'--checkpoint {args.checkpoint} was trained on other classes than --dataset '
                         f'{args.dataset}: {class_names.change(ckpt.labels, dataset.class_names)}; make the dataset\'s '
                         'classes match, or fine-tune a checkpoint without its head')
@@ -448,7 +449,7 @@ def _train(args: argparse.Namespace, writer: bool) -> int:
         raise UserError(f'--batch-size {B} does not split over {devices} devices with --accum-steps {A}; '
                         f'pick a multiple of {devices * A}')
     teachers = train.load_teachers(s.teachers, dataset.num_classes, dataset.name, numerics=s.numerics,
-                                   class_names=dataset.class_names)
+                                   class_names=dataset.class_names if isinstance(dataset, folders.Folder) else None)
     check_memory(s, devices, procs, [t.cfg for t in teachers])
     _check_resume(args.workdir, s)
     if writer:

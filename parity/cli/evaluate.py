@@ -21,7 +21,7 @@ from parity import cli
 from parity.core import files
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
-from parity.data import datasets, folders
+from parity.data import class_names, datasets, folders
 
 DESCRIPTION = ('Accuracy of a checkpoint on a dataset split, in true float32 (JAX at the highest matmul '
                'precision, PyTorch with TF32 off). Prints one JSON line (accuracy, examples, correct, ...); '
@@ -47,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--skip-bad-images', action='store_true', help=folders.SKIP_BAD_IMAGES_HELP)
 
 
-def run_eval(args: argparse.Namespace, framework: str, forward: cli.Forward, cfg: ViTConfig) -> dict:
-    """Scores `forward` (NHWC batch -> logits) on the dataset; prints and writes the result JSON."""
+def run_eval(args: argparse.Namespace, framework: str, forward: cli.Forward, cfg: ViTConfig,
+             labels: Optional[Sequence[str]] = None) -> dict:
+    """Scores `forward` (NHWC batch -> logits) on the dataset; prints and writes the result JSON. `labels`: the
+    checkpoint's own class names, which must be the dataset's where both have them."""
     cli.check_inference(cfg, args.batch_size)
     dataset = datasets.load(args.dataset, args.data_dir, train_split=args.train_split, test_split=args.test_split,
                             val_fraction=args.val_fraction, skip_bad_images=args.skip_bad_images)
@@ -57,6 +59,14 @@ def run_eval(args: argparse.Namespace, framework: str, forward: cli.Forward, cfg
     if cfg.num_classes != dataset.num_classes:
         raise UserError(f'{args.checkpoint} has {cfg.num_classes} classes but {args.dataset} has '
                         f'{dataset.num_classes}; evaluate a checkpoint trained on {args.dataset}')
+    # Your own folder names its classes as you do: a model that names others would be scored against the wrong
+    # labels. (A library's names of a published dataset's classes, such as id2label against tensorflow-datasets'
+    # ImageNet synset ids, are other words for the same classes: not compared.)
+    if isinstance(dataset, folders.Folder) and labels and dataset.class_names \
+            and tuple(labels) != tuple(dataset.class_names):
+        raise UserError(f'{args.checkpoint} was trained on other classes than {args.dataset}: '
+                        f'{class_names.change(labels, dataset.class_names)}; its logits would be scored against '
+                        'the wrong labels')
     split = args.split or dataset.preset.test
     correct, total, logits, nonfinite = 0, 0, [], 0
     for batch in dataset.eval_batches(split, args.batch_size, cfg.image_size):
@@ -86,6 +96,6 @@ def main(framework: str, make_forward: Callable[[ViTConfig, dict], cli.Forward],
     add_arguments(parser)
     args = parser.parse_args(argv)
     cli.check_outputs({'--json': args.json, '--logits': args.logits}, [args.checkpoint], [args.config])
-    cfg, params = cli.load_checkpoint(args.checkpoint, args.config, args.image_size, numerics=args.numerics)
-    run_eval(args, framework, make_forward(cfg, params), cfg)
+    model = cli.load_model(args.checkpoint, args.config, args.image_size, numerics=args.numerics)
+    run_eval(args, framework, make_forward(model.cfg, model.params), model.cfg, model.checkpoint.labels)
     return 0
