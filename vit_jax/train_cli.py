@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from parity import cli
+from parity.cli import remote
 from parity.core import files, limits, weights
 from parity.core.config import ViTConfig, load_config
 from parity.core.errors import UserError
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                '500 elsewhere; crop 384). --dataset digits trains a small ViT from scratch '
                '(vit_jax/configs/digits.json at 8x8; 1000 steps of 128, lr 0.1, warm-up 50, no accumulation).')
     settings.add_flags(p)
+    remote.add_offline_argument(p)
     return p
 
 
@@ -67,7 +69,7 @@ def check_flags(argv: Sequence[str]) -> None:
     args = p.parse_args(list(argv))
     settings.check_ranges(args)
     for flag, path in [('--checkpoint', args.checkpoint), *(('--teacher', t) for t in args.teacher or ())]:
-        if path is not None and not os.path.exists(path):
+        if path is not None and not os.path.exists(path) and not remote.is_remote(path):
             raise UserError(f'{flag} {path}: no such file')
     cfg = load_config(args.config or settings.DIGITS_CONFIG)
     # The model and the dataset are not read here: a stand-in class count, the config at its own size.
@@ -110,7 +112,7 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
                             'to fine-tune; only digits has a default model')
         cfg = load_config(spec)
         return cfg.replace(num_classes=dataset.num_classes, image_size=image_size), None
-    ckpt = weights.load(args.checkpoint)
+    ckpt = weights.load(remote.resolve(args.checkpoint))
     for note in ckpt.notes:
         cli.say(note)
     # A plain ViT fine-tuned into DeiT's distilled model: read the file as what it is, the surgery adds the token.
