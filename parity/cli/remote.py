@@ -120,39 +120,42 @@ def _split_subtree(spec: str) -> tuple[str, Optional[str]]:
 def resolve(spec: str) -> str:
     """The local path of checkpoint `spec`, downloading it into the cache first if need be (see the module doc).
 
-    A local path comes back unchanged; anything else is said on stderr as `SPEC: PATH`.
+    A local path comes back unchanged; anything else is said on stderr as `SPEC: PATH`, before the
+    download starts (a hub name: once huggingface_hub has its snapshot folder).
     """
     if not spec or os.path.exists(spec):
         return spec
     base, subtree = _split_subtree(spec)
     if os.path.exists(base):
         return spec
-    path = _resolve(base)
-    say(f'{base}: {path}')
+    if base.startswith(('hf-hub:', 'timm/')):
+        path = hub(base[len('hf-hub:'):] if base.startswith('hf-hub:') else base, base)
+        say(f'{base}: {path}')
+    else:
+        url, key, size, sha256 = _locate(base)
+        say(f'{base}: {os.path.join(cache_dir(), key)}')
+        path = fetch(url, key, size, sha256)
     return f'{path}:{subtree}' if subtree else path
 
 
-def _resolve(spec: str) -> str:
-    if spec.startswith('hf-hub:'):
-        return hub(spec[len('hf-hub:'):], spec)
-    if spec.startswith('timm/'):
-        return hub(spec, spec)
+def _locate(spec: str) -> tuple[str, str, Optional[int], Optional[str]]:
+    """(URL, cache key, size, sha256) of a URL, gs:// path, catalogue name or AugReg filename."""
     if spec.startswith(('http://', 'https://')):
-        return fetch(spec, _url_key(spec))
+        return spec, _url_key(spec), None, None
+    size = sha256 = None
+    row = catalogue.find(spec)
     if spec.startswith('gs://'):
         key = spec[len('gs://'):]
-        return fetch(f'{gcs_base()}/{urllib.parse.quote(key)}', os.path.join('gs', key))
-    row = catalogue.find(spec)
-    if row is not None:
-        key = row.url[len('gs://'):]
-        return fetch(f'{gcs_base()}/{urllib.parse.quote(key)}', os.path.join('gs', key), row.size, row.sha256)
-    if AUGREG_FILE.fullmatch(spec):
+    elif row is not None:
+        key, size, sha256 = row.url[len('gs://'):], row.size, row.sha256
+    elif AUGREG_FILE.fullmatch(spec):
         key = f'vit_models/augreg/{spec if spec.endswith(".npz") else spec + ".npz"}'
-        return fetch(f'{gcs_base()}/{urllib.parse.quote(key)}', os.path.join('gs', key))
-    close = catalogue.close_names(spec)
-    hint = f' (did you mean {", ".join(close)}?)' if close else ''
-    raise UserError(f'{spec}: no such file, and not a checkpoint name{hint}; pass a path, a name of '
-                    '`python -m vit_jax models`, an AugReg filename, a gs://, https:// or hf-hub: URL, or timm/NAME')
+    else:
+        close = catalogue.close_names(spec)
+        hint = f' (did you mean {", ".join(close)}?)' if close else ''
+        raise UserError(f'{spec}: no such file, and not a checkpoint name{hint}; pass a path, a name of `python -m '
+                        'vit_jax models`, an AugReg filename, a gs://, https:// or hf-hub: URL, or timm/NAME')
+    return f'{gcs_base()}/{urllib.parse.quote(key)}', os.path.join('gs', key), size, sha256
 
 
 def _url_key(url: str) -> str:
