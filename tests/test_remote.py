@@ -186,7 +186,7 @@ def test_a_full_disk_and_a_read_only_cache_are_one_line(gcs, tiny_npz, tmp_path,
 
 
 def test_two_processes_download_once(gcs, tiny_npz, tmp_path):
-    gcs.put(B16, tiny_npz, chunk_delay=0.05)  # slow enough for the two to overlap
+    gcs.put(B16, tiny_npz, delay=1.0)  # the first holds the lock a second: the other starts meanwhile
     code = textwrap.dedent("""
         from parity.cli import remote
         print(remote.resolve('ViT-B_16@imagenet21k'))
@@ -197,6 +197,7 @@ def test_two_processes_download_once(gcs, tiny_npz, tmp_path):
     paths = {o.strip().splitlines()[-1] for o, _ in outs}
     assert len(paths) == 1 and open(paths.pop(), 'rb').read() == tiny_npz
     assert len(gcs.gets(B16)) == 1
+    assert sum('waiting for another process downloading ViT-B_16.npz' in e for _, e in outs) == 1
     assert cache_files(tmp_path) == ['gs/vit_models/imagenet21k/ViT-B_16.npz']
 
 
