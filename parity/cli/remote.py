@@ -315,7 +315,7 @@ def _receive(response, part: str, have: int, total: Optional[int], url: str) -> 
         with open(part, 'ab' if have else 'wb') as f:
             while True:
                 try:
-                    chunk = response.read(CHUNK)
+                    chunk = response.read1(CHUNK)  # what has arrived: the .part grows as the bytes come
                 except (socket.timeout, TimeoutError, http.client.HTTPException, ConnectionError, OSError) as e:
                     raise UserError(f'{url}: the transfer broke after {f.tell() / 2**20:.1f} MiB ({_reason(e)}); '
                                     'run the same command again to resume it') from None
