@@ -35,7 +35,7 @@ def gcs(tmp_path, monkeypatch):
     monkeypatch.setenv(remote.GCS_ENV, server.url)
     monkeypatch.setenv(remote.CACHE_ENV, str(tmp_path / 'cache'))
     monkeypatch.setenv(remote.TIMEOUT_ENV, '5')
-    monkeypatch.delenv(remote.OFFLINE_ENV, raising=False)
+    monkeypatch.setenv(remote.OFFLINE_ENV, '0')  # online; restored after a test whose --offline sets it
     yield server
     server.close()
 
@@ -68,15 +68,16 @@ def test_a_name_downloads_once_is_reused_and_loads_with_the_files_own_logits(gcs
     outs = []
     for i, spec in enumerate(['ViT-B_16@imagenet21k', 'ViT-B_16@imagenet21k', str(local)]):
         out = tmp_path / f'y{i}.npy'
-        assert torch_cli.logits_main([spec, '--input', str(x), '--output', str(out)]) == 0
+        offline = ['--offline'] if i == 1 else []  # the second run: the cache only
+        assert torch_cli.logits_main([spec, '--input', str(x), '--output', str(out), *offline]) == 0
         err = capsys.readouterr().err.splitlines()
         if i < 2:  # the resolved file is the first line
             assert err[0] == f'ViT-B_16@imagenet21k: {tmp_path}/cache/gs/vit_models/imagenet21k/ViT-B_16.npz'
         outs.append(np.load(out))
-    assert len(gcs.gets(B16)) == 1  # the second run read the cache
+    assert len(gcs.gets(B16)) == 1 and os.environ[remote.OFFLINE_ENV] == '1'  # the second run read the cache
     assert np.array_equal(outs[0], outs[2]) and np.array_equal(outs[1], outs[2])
     assert cache_files(tmp_path) == ['gs/vit_models/imagenet21k/ViT-B_16.npz']
-    # --offline, and the cache listed
+    # the cache listed
     assert remote.resolve('ViT-B_16@imagenet21k').endswith('ViT-B_16.npz')
     assert models.main(['--cached']) == 0
     assert 'gs/vit_models/imagenet21k/ViT-B_16.npz' in capsys.readouterr().out
