@@ -52,7 +52,6 @@ def _parser() -> argparse.ArgumentParser:
                '500 elsewhere; crop 384). --dataset digits trains a small ViT from scratch '
                '(vit_jax/configs/digits.json at 8x8; 1000 steps of 128, lr 0.1, warm-up 50, no accumulation).')
     settings.add_flags(p)
-    remote.add_offline_argument(p)
     return p
 
 
