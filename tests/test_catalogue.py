@@ -126,7 +126,7 @@ def last_column(lines):
     (['--best', 'adapt', '--name', 'B/16', '--adapt-ds', 'cifar100'], adapt_name(U1, 'cifar100', 384)),
     (['--best', 'adapt', '--adapt-ds', 'cifar100'], adapt_name(U1, 'cifar100', 384)),
     (['--best', 'adapt', '--adapt-ds', 'cifar100', '--adapt-resolution', '224'], adapt_name(U1, 'cifar100', 224)),
-    (['--best', 'adapt', '--name', 'S/16'], adapt_name(U4, 'cifar100', 384)),
+    (['--best', 'adapt', '--name', 'S/16', '--adapt-ds', 'cifar100'], adapt_name(U4, 'cifar100', 384)),
 ])
 def test_augreg_best_is_the_official_pick(index, capsys, argv, expected):
     assert run(capsys, *argv) == [expected]
@@ -144,6 +144,8 @@ def test_augreg_lists_filter_and_rank_and_download_once(index, capsys):
     assert [r['filename'] for r in rows] == [U3] and rows[0]['final_val'] == '0.78'
     with pytest.raises(UserError, match='no AugReg checkpoint matches'):
         models.main(['--augreg', '--name', 'L/16', '--best', 'upstream'])
+    with pytest.raises(UserError, match='add --adapt-ds'):
+        models.main(['--augreg', '--best', 'adapt'])
     assert len(index.gets('/' + catalogue.AUGREG_INDEX)) == 1  # cached after the first
 
 

@@ -154,7 +154,8 @@ FLAGS: dict[str, Flag] = {
                    'vit_jax/configs/digits.json)', metavar='NAME_OR_JSON'),
     'dataset': Flag('digits, or a tensorflow-datasets name', metavar='NAME', required=True),
     'workdir': Flag('metrics, checkpoints, final.npz, config.json', metavar='DIR', required=True),
-    'checkpoint': Flag('fine-tune from this checkpoint (position embeddings resized, head re-initialised)',
+    'checkpoint': Flag('fine-tune from this checkpoint, a path or a name of `models` (position embeddings resized, '
+                       'head re-initialised)',
                        metavar='PRETRAINED.npz'),
     'numerics': Flag("the GELU and LayerNorm eps of --checkpoint and --teacher: source, what each file's library "
                      "runs it with (timm: erf GELU; a Hugging Face folder: its config.json's), or official, Google's "

@@ -63,6 +63,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     if getattr(args, f) is not None]
     if augreg_flags and not args.augreg:
         raise UserError(f'--{augreg_flags[0].replace("_", "-")} filters AugReg\'s index: add --augreg')
+    if args.best == 'adapt' and args.adapt_ds is None:
+        raise UserError('--best adapt ranks fine-tunes of one dataset: add --adapt-ds (imagenet2012, cifar100, '
+                        'oxford_iiit_pet, ...)')
     if args.prune:
         removed = remote.prune()
         for name in removed:

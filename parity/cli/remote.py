@@ -310,7 +310,7 @@ def _receive(response, part: str, have: int, total: Optional[int], url: str) -> 
 
     name = os.path.basename(part)[:-len(PART)]
     bar = tqdm(total=total, initial=have, unit='B', unit_scale=True, unit_divisor=1024, desc=name[:40],
-               file=sys.stderr, disable=None, leave=False, mininterval=0.5)
+               file=sys.stderr, disable=None, mininterval=0.5)
     try:
         with open(part, 'ab' if have else 'wb') as f:
             while True:
