@@ -3,7 +3,8 @@
 It serves the bytes it is given, with range requests (206 + Content-Range), GCS's `x-goog-hash: md5=...`
 (or an md5 ETag) and knobs a test turns per path: `cut` (send that many bytes of the body, then close),
 `corrupt` (flip one byte of what is sent, the stated md5 staying the true one), `status` (answer with that
-HTTP status), `delay` (seconds before answering), `chunk_delay` (seconds between 64 KiB chunks). Every GET
+HTTP status), `delay` (seconds before answering), `chunk_delay` (seconds between 64 KiB chunks), `no_range` (ignore
+Range: always the whole file, 200). Every GET
 is recorded as (path, Range header).
 """
 
@@ -69,7 +70,7 @@ class FakeGCS:
             return
         data = self.files[path]
         start = 0
-        m = re.fullmatch(r'bytes=(\d+)-', rng)
+        m = None if knobs.get('no_range') else re.fullmatch(r'bytes=(\d+)-', rng)
         if m:
             start = int(m.group(1))
             if start >= len(data):

@@ -99,8 +99,9 @@ def test_urls_gs_paths_augreg_files_and_subtrees_resolve(gcs, tiny_npz, tmp_path
     assert 'did you mean ViT-B_16@imagenet21k' in one_line(e)
 
 
-def test_a_cut_transfer_resumes_to_an_identical_file(gcs, tiny_npz, tmp_path):
-    gcs.put(B16, tiny_npz, cut=len(tiny_npz) // 2)
+@pytest.mark.parametrize('ranges', [True, False])
+def test_a_cut_transfer_resumes_to_an_identical_file(gcs, tiny_npz, tmp_path, ranges):
+    gcs.put(B16, tiny_npz, cut=len(tiny_npz) // 2, no_range=not ranges)  # without ranges: all again
     with pytest.raises(UserError) as e:
         remote.resolve('ViT-B_16@imagenet21k')
     assert 'run the same command again to resume' in one_line(e)

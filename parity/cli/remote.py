@@ -236,7 +236,11 @@ def _download(url: str, path: str, size: Optional[int], sha256: Optional[str]) -
     response = _open(url, have, part)
     with response:
         if response.status == 206 and have:
-            total = _range_total(response.headers.get('Content-Range'))
+            start, total = _content_range(response.headers.get('Content-Range'))
+            if start != have:  # not the rest of what is there: start again from nothing
+                response.close()
+                _discard(part)
+                return _download(url, path, size, sha256)
             say(f'resuming {url} at {have / 2**20:.1f} MiB')
         else:
             have = 0  # the server sent the whole file
@@ -286,9 +290,12 @@ def _reason(e: BaseException) -> str:
     return cause(e)
 
 
-def _range_total(content_range: Optional[str]) -> Optional[int]:
-    m = re.fullmatch(r'bytes \d+-\d+/(\d+)', (content_range or '').strip())
-    return int(m.group(1)) if m else None
+def _content_range(content_range: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    """(first byte, total size) of a 206's `Content-Range: bytes FIRST-LAST/TOTAL`."""
+    m = re.fullmatch(r'bytes (\d+)-\d+/(\d+|\*)', (content_range or '').strip())
+    if not m:
+        return None, None
+    return int(m.group(1)), int(m.group(2)) if m.group(2) != '*' else None
 
 
 def _server_md5(headers) -> Optional[str]:
