@@ -17,6 +17,7 @@ COMMANDS = {
     'sweep': ('vit_jax.sweep:main', 'a grid of train runs, K trials each, and their results tables'),
     'eval': ('vit_jax.cli:eval_main', 'accuracy of a checkpoint on a dataset'),
     'predict': ('vit_jax.cli:predict_main', 'top-k classes for image files'),
+    'models': ('parity.cli.models:main', 'the catalogue of Google\'s checkpoints, AugReg\'s index, the download cache'),
 }
 
 

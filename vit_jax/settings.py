@@ -26,6 +26,7 @@ import os
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from parity import cli
+from parity.cli import remote
 from parity.core import files
 from parity.core.config import NUMERICS_MODES, REMAT_MODES, ViTConfig, big_vision_remat
 from parity.core.errors import UserError
@@ -161,8 +162,11 @@ FLAGS: dict[str, Flag] = {
                          group='data'),
     'skip_bad_images': Flag(folders.SKIP_BAD_IMAGES_HELP, default=False, switch=True, group='data'),
     'workdir': Flag('metrics, checkpoints, final.npz, config.json', metavar='DIR', required=True),
-    'checkpoint': Flag('fine-tune from this checkpoint (position embeddings resized, head re-initialised)',
+    'checkpoint': Flag('fine-tune from this checkpoint, a path or a name of `models` (position embeddings resized, '
+                       'head re-initialised)',
                        metavar='PRETRAINED.npz'),
+    # Not a setting of the run: where its files come from (`parity.cli.remote`; VIT_MIRROR_OFFLINE=1 alike).
+    'offline': Flag(remote.OFFLINE_HELP, default=False, switch=True),
     'numerics': Flag("the GELU and LayerNorm eps of --checkpoint and --teacher: source, what each file's library "
                      "runs it with (timm: erf GELU; a Hugging Face folder: its config.json's), or official, Google's "
                      "(tanh GELU, eps 1e-6); the trained model keeps them", default='source', choices=NUMERICS_MODES),
@@ -419,8 +423,7 @@ def resolve(args, cfg: ViTConfig) -> TrainSettings:
     pick = {f.name: getattr(args, f.name) if getattr(args, f.name) is not None else getattr(recipe, f.name)
             for f in dataclasses.fields(Recipe)}
     s = TrainSettings(
-        config=cfg, dataset=dataset_record(args.dataset),
-        checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
+        config=cfg, dataset=dataset_record(args.dataset), checkpoint=remote.absolute(args.checkpoint),
         image_size=cfg.image_size, checkpoint_every=args.checkpoint_every or pick['eval_every'] or pick['steps'],
         recipe=args.recipe or 'official',
         remat=args.remat or (big_vision_remat(args.config) if args.config else None) or 'none',
@@ -478,7 +481,7 @@ def teacher_specs(teachers: Sequence[str], configs: Sequence[str]) -> tuple[tupl
     if configs and len(configs) != len(teachers):
         raise UserError(f'{len(configs)} --teacher-config for {len(teachers)} --teacher: give none (each config '
                         'inferred from its file) or one per teacher, in the same order')
-    return tuple((os.path.abspath(t), _absolute_config(c)) for t, c in zip(teachers, configs or [None] * len(teachers)))
+    return tuple((remote.absolute(t), _absolute_config(c)) for t, c in zip(teachers, configs or [None] * len(teachers)))
 
 
 def teacher_weights(spec: Optional[str], teachers: int) -> tuple[float, ...]:

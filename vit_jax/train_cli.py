@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from parity import cli
+from parity.cli import remote
 from parity.core import files, limits, weights
 from parity.core.config import ViTConfig, load_config
 from parity.core.errors import UserError
@@ -69,7 +70,7 @@ def check_flags(argv: Sequence[str]) -> None:
     args = p.parse_args(list(argv))
     settings.check_ranges(args)
     for flag, path in [('--checkpoint', args.checkpoint), *(('--teacher', t) for t in args.teacher or ())]:
-        if path is not None and not os.path.exists(path):
+        if path is not None and not os.path.exists(path) and not remote.is_remote(path):
             raise UserError(f'{flag} {path}: no such file')
     if folders.is_folder_dataset(args.dataset) and not os.path.exists(args.dataset):
         raise UserError(f'--dataset {args.dataset}: no such folder or file')
@@ -121,7 +122,7 @@ def _model(args, dataset: datasets.Dataset, image_size: int) -> tuple[ViTConfig,
                             'to fine-tune; only digits has a default model')
         cfg = load_config(spec)
         return cfg.replace(num_classes=dataset.num_classes, image_size=image_size), None
-    ckpt = weights.load(args.checkpoint)
+    ckpt = weights.load(remote.resolve(args.checkpoint))
     for note in ckpt.notes:
         cli.say(note)
     # A plain ViT fine-tuned into DeiT's distilled model: read the file as what it is, the surgery adds the token.
@@ -412,6 +413,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     checkpoint, data order and random state included.
     """
     args = _parser().parse_args(argv)
+    if args.offline:  # names and URLs from the download cache only, for this run and the processes it starts
+        os.environ[remote.OFFLINE_ENV] = '1'
     settings.check_ranges(args)  # before anything is read or created
     _check_workdir(args.workdir)
     if args.profile is not None:

@@ -10,6 +10,7 @@ import argparse
 from typing import Optional, Sequence
 
 from parity import cli
+from parity.cli import remote
 from parity.core import weights
 
 COMMANDS = {
@@ -17,6 +18,7 @@ COMMANDS = {
     'convert': ('vit_torch.cli:convert_main', 'any checkpoint layout to another: npz, big_vision, torch, timm, hf'),
     'eval': ('vit_torch.cli:eval_main', 'accuracy of a checkpoint on a dataset'),
     'predict': ('vit_torch.cli:predict_main', 'top-k classes for image files'),
+    'models': ('parity.cli.models:main', 'the catalogue of Google\'s checkpoints, AugReg\'s index, the download cache'),
 }
 
 
@@ -50,12 +52,13 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--to', choices=tuple(weights.WRITERS), help='the layout to write (default: from OUT)')
     cli.add_config_argument(parser)
     cli.add_numerics_argument(parser)
+    remote.add_offline_argument(parser)
     args = parser.parse_args(argv)
     src, dst = args.input, args.output
     to = args.to or weights.format_for(dst)
     if to != 'hf':  # a Hugging Face export is a new folder, checked by the writer
         cli.check_outputs({'OUT': dst}, [src], [args.config])
-    ckpt = weights.load(src)
+    ckpt = weights.load(remote.resolve(src))
     for note in ckpt.notes:
         cli.say(note)
     cfg = weights.configure(ckpt, args.config, numerics=args.numerics)

@@ -4,7 +4,7 @@ Each framework's `__main__` parses with these, runs its own model, and lets `run
 turn a `UserError` into one line on stderr and exit code 2. A command that both
 frameworks have is written here once (`logits_main`, `predict.main`, `evaluate.main`),
 and each framework only hands in its forward pass, a `Forward`. The names of the
-first five modules are used as `from parity import cli; cli.NAME`; the last three are
+first five modules are used as `from parity import cli; cli.NAME`; the others are
 imported as modules:
 
     contract  the error contract: `run`, `dispatch`, `say`, DEBUG_ENV
@@ -15,6 +15,8 @@ imported as modules:
     plotting  matplotlib without a display, and the atomic figure save
     predict   top-k classes for image files, the head checks and the printed table
     evaluate  accuracy of a checkpoint on a dataset split
+    remote    checkpoint names and URLs resolved into the download cache (`load_model` calls `remote.resolve`)
+    models    the `models` command: the catalogue, AugReg's index, the cache
 """
 
 from parity.cli.arrays import load_input, npy_image_size, read_npy, save_output

@@ -9,12 +9,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from parity.cli import remote
 from parity.cli.contract import say
 from parity.core import files, limits, weights
 from parity.core.config import NUMERICS_MODES, OFFICIAL_NUMERICS, ViTConfig
 
 CHECKPOINT_HELP = ('a checkpoint of any layout: the released or big_vision npz (FILE.npz:SUBTREE for a nested '
-                   'tower), a .safetensors/.pt state dict (this project\'s or timm\'s), or a Hugging Face folder')
+                   'tower), a .safetensors/.pt state dict (this project\'s or timm\'s), or a Hugging Face folder; or a '
+                   'name of `python -m vit_jax models` (ViT-B_16@imagenet21k+imagenet2012), an AugReg filename, a '
+                   'gs://vit_models/... or https:// URL, hf-hub:ORG/NAME[@REVISION] or timm/NAME, downloaded once into '
+                   'the cache ($VIT_MIRROR_CACHE)')
 
 
 NUMERICS_HELP = ("source (default): the GELU and LayerNorm eps the file's own library runs it with (timm: erf GELU; "
@@ -23,12 +27,14 @@ NUMERICS_HELP = ("source (default): the GELU and LayerNorm eps the file's own li
 
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser, flag: Optional[str] = None) -> None:
-    """The checkpoint a command reads: positional CKPT, or `flag` (--checkpoint); and `--numerics` to run it with."""
+    """The checkpoint a command reads: positional CKPT, or `flag` (--checkpoint); `--numerics` to run it with, and
+    `--offline` (names and URLs from the download cache only)."""
     if flag:
         parser.add_argument(flag, required=True, metavar='CKPT', help=CHECKPOINT_HELP)
     else:
         parser.add_argument('checkpoint', metavar='CKPT', help=CHECKPOINT_HELP)
     add_numerics_argument(parser)
+    remote.add_offline_argument(parser)
 
 
 def add_numerics_argument(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +65,7 @@ def load_model(path: str, config: Optional[str], image_size: Optional[int],
     `--image-size` does not say; `numerics` is `--numerics`. The file's notes, and the
     config (when it was inferred) or its numerics (when they are not the official ones), go to stderr.
     """
+    path = remote.resolve(path)  # a name or URL: the cached file, downloaded first if need be
     ckpt = weights.load(path)
     for note in ckpt.notes:
         say(note)

@@ -116,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         own = model.checkpoint.hub_config  # a Hugging Face folder: transformers as it runs that folder
         run.notes += counterparts.hf_notes(cfg, own)
         if pipeline is not None:
-            run.pixels = hf_pixels(run, args.images, pipeline, x, args.checkpoint, model.checkpoint.format)
+            run.pixels = hf_pixels(run, args.images, pipeline, x, model.checkpoint.where, model.checkpoint.format)
         candidate = counterparts.run_hf(cfg, params, x, args.precision, args.attention, own)
     reference = verdict.run_reference(cfg, params, x, args.attention)
     if args.precision != 'fp32':

@@ -74,7 +74,7 @@ def raw_posemb(model: cli.LoadedCheckpoint) -> Callable[[], Optional[np.ndarray]
 def pipeline_for(args: argparse.Namespace, model: cli.LoadedCheckpoint, mode: Optional[str]
                  ) -> preprocess.Pipeline:
     """The preprocessing of `--images`: `mode`, else the one of the checkpoint's source; named on stderr."""
-    p = preprocess.pipeline_for(mode, model.checkpoint.format, args.checkpoint, model.cfg.image_size)
+    p = preprocess.pipeline_for(mode, model.checkpoint.format, model.checkpoint.where, model.cfg.image_size)
     cli.say(p.describe())
     return p
 

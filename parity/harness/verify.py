@@ -17,6 +17,7 @@ import difflib
 from typing import Callable, Optional, Sequence
 
 from parity import cli
+from parity.cli import remote
 from parity.core.errors import UserError
 from parity.data import images, preprocess
 from parity.harness import child, counterparts, pixels, verdict
@@ -61,6 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='your forward pass: FUNCTION(params, x) -> dict (omitted: only --preprocess is checked)')
     parser.add_argument('--checkpoint', metavar='CKPT', help=cli.CHECKPOINT_HELP + ' (required with FILE.py:FUNCTION)')
     cli.add_numerics_argument(parser)
+    remote.add_offline_argument(parser)
     parser.add_argument('--preprocess', metavar='FILE.py:PREPROCESS|MODE',
                         help='your preprocessing, PREPROCESS(path, size) -> HWC float pixels, compared with the '
                              'reference pipeline on --images; or a mode (official, hf, timm): the pipeline --images '
