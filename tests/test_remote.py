@@ -256,3 +256,12 @@ def test_hf_hub_and_timm_names_offline_from_the_hub_cache(gcs, tmp_path, monkeyp
         remote.resolve('hf-hub:someone/not-there')
     assert 'not in the Hugging Face cache' in one_line(e)
     assert gcs.requests == []
+
+
+def test_train_takes_offline_and_refuses_an_uncached_name_before_anything_is_written(gcs, tmp_path):
+    from vit_jax import train_cli
+
+    with pytest.raises(UserError, match=r'not in the download cache .*offline'):
+        train_cli.main(['--dataset', 'digits', '--checkpoint', 'ViT-B_16@imagenet21k', '--workdir', str(tmp_path / 'w'), '--offline',
+                        '--steps', '2', '--warmup-steps', '0'])
+    assert os.environ[remote.OFFLINE_ENV] == '1' and not gcs.gets(B16) and not (tmp_path / 'w').exists()
