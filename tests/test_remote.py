@@ -262,6 +262,6 @@ def test_train_takes_offline_and_refuses_an_uncached_name_before_anything_is_wri
     from vit_jax import train_cli
 
     with pytest.raises(UserError, match=r'not in the download cache .*offline'):
-        train_cli.main(['--dataset', 'digits', '--checkpoint', 'ViT-B_16@imagenet21k', '--workdir', str(tmp_path / 'w'), '--offline',
-                        '--steps', '2', '--warmup-steps', '0'])
+        train_cli.main(['--dataset', 'digits', '--checkpoint', 'ViT-B_16@imagenet21k', '--workdir',
+                        str(tmp_path / 'w'), '--offline', '--steps', '2', '--warmup-steps', '0'])
     assert os.environ[remote.OFFLINE_ENV] == '1' and not gcs.gets(B16) and not (tmp_path / 'w').exists()
