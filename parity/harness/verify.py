@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 from parity import cli
 from parity.core.errors import UserError
 from parity.data import images, preprocess
-from parity.harness import child, counterparts, pixels, verdict
+from parity.harness import automap, child, counterparts, pixels, verdict
 from parity.harness.verdict import REFERENCE
 
 HELP = f"""\
@@ -71,6 +71,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     verdict.add_common(parser)
     verdict.add_precision(parser, 'the precision your implementation computes in, which picks the tolerance '
                              '(default fp32)')
+    parser.add_argument('--module', action='store_true',
+                        help='FILE.py:BUILD: BUILD(config) returns your own torch.nn.Module; the harness finds the '
+                             'mapping from the checkpoint to its parameters, loads it and hooks its blocks')
     parser.add_argument('--timeout', type=cli.positive_float, default=child.DEFAULT_TIMEOUT, metavar='SECONDS',
                         help=f'how long your function may take, import included (default {child.DEFAULT_TIMEOUT:g})')
     args = parser.parse_args(argv)
@@ -91,7 +94,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pipeline = verdict.pipeline_for(args, model, mode) if args.images is not None else None
     pixel_row = _pixels(user, args.images, pipeline, cfg.image_size) if user else None
     x, batch = verdict.load_batch(args, cfg, pipeline=pipeline)
-    candidate, notes = child.run_isolated(args.function, params, x, args.timeout)
+    extra, preamble, structural = {}, [], None
+    if args.module:
+        automap.check_config(cfg)
+        job = {'config': {**cfg.to_official_dict(), 'image_size': cfg.image_size}}
+        candidate, notes, extra = child.run_module_isolated(args.function, params, x, job, args.timeout)
+        preamble = ['mapping (canonical <- yours):'] + automap.table_lines(extra['mapping']) + ['']
+        structural = lambda first, have: automap.structural_findings(  # noqa: E731
+            cfg, params, extra['unmapped'], first, have)
+    else:
+        candidate, notes = child.run_isolated(args.function, params, x, args.timeout)
     known = set(counterparts.known_names(cfg))
     for name in [k for k in candidate if k not in known]:
         close = difflib.get_close_matches(name, sorted(known), n=1)
@@ -100,7 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         del candidate[name]
     reference = verdict.run_reference(cfg, params, x, attention=any(k.startswith('attention_') for k in candidate))
     run = verdict.Comparison(cfg, params, x, batch, args.function, args.precision, notes,
-                             raw_posemb=verdict.raw_posemb(model), pixels=pixel_row)
+                             raw_posemb=verdict.raw_posemb(model), pixels=pixel_row, preamble=preamble,
+                             structural=structural, extra=extra)
     if user:
         run.notes.append(f'pixels: {user[0]} against the reference {pipeline.describe()}')
     return verdict.conclude(run, reference, candidate, args.json)
