@@ -261,7 +261,8 @@ def find_blocks(model, cfg: ViTConfig, what: str) -> tuple[str, list]:
             best = (name, kids, size)
     if best is None:
         raise UserError(f'{what}: not a ViT the harness can map: no repeated blocks (a ModuleList or Sequential of '
-                        f'alike children, each with LayerNorms and Linear layers) in your model ({_describe_model(model)})')
+                        'alike children, each with LayerNorms and Linear layers) in your model '
+                        f'({_describe_model(model)})')
     name, kids, _ = best
     if len(kids) != cfg.num_layers:
         raise UserError(f'{what}: your model has {len(kids)} encoder blocks ({name or "the model"}) where the '
@@ -280,7 +281,7 @@ class BlockParts:
     attention: dict  # kind 'fused' {'qkv', 'out'} | 'separate' {'q','k','v','out'} | 'torch_mha' {'mha'}
     fc1: str
     fc2: str
-    out_module: str  # whose output is the attention branch (before the residual)
+    out_module: Optional[str]  # whose output is the attention branch (before the residual), if one module's is
 
 
 def _executed(calls: Mapping[str, Call], prefix: str, kinds: tuple[str, ...]) -> list[Call]:
@@ -331,18 +332,26 @@ def map_block(i: int, prefix: str, calls: Mapping[str, Call], cfg: ViTConfig, wh
         out_module, after = seq[j].name, j + 1
     elif m.out_features == 3 * D:
         k = first(lambda m: _is(m, 'Linear') and _linear_shape(m) == (D, D), j + 1)
-        if k < 0:
-            fail(f'a fused qkv ({seq[j].name[len(prefix):]}) but no {D}->{D} out-projection after it')
-        attention = {'kind': 'fused', 'qkv': seq[j].name, 'out': seq[k].name}
-        out_module, after = seq[k].name, k + 1
+        attention = {'kind': 'fused', 'qkv': seq[j].name}
+        if k >= 0:
+            attention['out'], out_module, after = seq[k].name, seq[k].name, k + 1
+        else:
+            attention['out'], out_module = _unrun_out(i, prefix, calls, seq, attention, D, fail), None
+            after = j + 1
     else:
         square = [k for k in range(j, len(seq)) if _is(seq[k].module, 'Linear')
                   and _linear_shape(seq[k].module) == (D, D)]
-        if len(square) < 4:
-            fail(f'separate q, k, v and out projections ({D}->{D}) expected, {len(square)} found')
+        if len(square) < 3:
+            fail(f'separate q, k, v projections ({D}->{D}) expected, {len(square)} found')
         q, k_, v = _qkv_by_name([seq[k].name for k in square[:3]], prefix)
-        attention = {'kind': 'separate', 'q': q, 'k': k_, 'v': v, 'out': seq[square[3]].name}
-        out_module, after = seq[square[3]].name, square[3] + 1
+        attention = {'kind': 'separate', 'q': q, 'k': k_, 'v': v}
+        if len(square) > 3 and (len(square) > 4 or _is_mlp_free(seq, square[3], D, M)):
+            attention['out'], out_module, after = seq[square[3]].name, seq[square[3]].name, square[3] + 1
+        else:
+            attention['out'], out_module = _unrun_out(i, prefix, calls, seq, attention, D, fail), None
+            after = square[2] + 1
+    if out_module is None:  # the out-projection's weight is read directly: the attention module's output instead
+        out_module = _attention_module(prefix, calls, attention)
     f1 = first(lambda m: _is(m, 'Linear') and _linear_shape(m) == (D, M), after)
     if f1 < 0:
         fail(f'no MLP Linear {D}->{M} after the attention')
@@ -353,6 +362,37 @@ def map_block(i: int, prefix: str, calls: Mapping[str, Call], cfg: ViTConfig, wh
     if f2 < 0:
         fail(f'no MLP Linear {M}->{D} after {seq[f1].name[len(prefix):]}')
     return BlockParts(ln0, seq[lns[-1]].name, attention, seq[f1].name, seq[f2].name, out_module)
+
+
+def _is_mlp_free(seq: list, k: int, D: int, M: int) -> bool:
+    """The 4th D->D Linear ran before the MLP's first Linear: an out-projection, not an MLP of width D."""
+    return not any(_is(c.module, 'Linear') and _linear_shape(c.module) == (D, M) for c in seq[:k])
+
+
+def _unrun_out(i: int, prefix: str, calls: Mapping[str, Call], seq: list, attention: dict, D: int, fail) -> str:
+    """The out-projection when it never ran as a module (its weight used directly, x @ W): the block's one
+    Linear(D, D) that did not run."""
+    ran = {c.name for c in seq}
+    block = calls[prefix.rstrip('.')].module
+    idle = [f'{prefix}{n}' for n, m in block.named_modules() if n and f'{prefix}{n}' not in ran
+            and _is(m, 'Linear') and _linear_shape(m) == (D, D)]
+    if len(idle) != 1:
+        fail(f'no {D}->{D} out-projection after the attention projections')
+    return idle[0]
+
+
+def _attention_module(prefix: str, calls: Mapping[str, Call], attention: dict) -> Optional[str]:
+    """The smallest module holding every attention projection, below the block: its output is the attention
+    branch."""
+    names = [v for k, v in attention.items() if k != 'kind']
+    parts = [n.split('.') for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    name = '.'.join(common)
+    return name if name.startswith(prefix) and name in calls else None
 
 
 def _qkv_by_name(names: list[str], prefix: str) -> tuple[str, str, str]:
@@ -572,8 +612,9 @@ def taps(s: Structure, cfg: ViTConfig) -> list[tuple[str, str, str]]:
     out = [('embedding', s.outer.patch, 'output'), ('with_posemb', s.blocks[0], 'input')]
     for i, (b, parts) in enumerate(zip(s.blocks, s.parts)):
         key = lambda sub: diagnosis.substep_key(i, sub)  # noqa: E731
-        out += [(key('LayerNorm_0'), parts.ln0, 'output'), (key(ATTN), parts.out_module, 'output'),
-                (key('LayerNorm_1'), parts.ln1, 'output'), (key('MlpBlock_0'), parts.fc2, 'output'),
+        out += [(key('LayerNorm_0'), parts.ln0, 'output')]
+        out += [(key(ATTN), parts.out_module, 'output')] if parts.out_module else []
+        out += [(key('LayerNorm_1'), parts.ln1, 'output'), (key('MlpBlock_0'), parts.fc2, 'output'),
                 (f'encoderblock_{i}', b, 'output')]
     out += [('encoder_norm', s.outer.final_ln, 'output'), ('pre_logits', s.outer.head, 'input')]
     return out
@@ -779,7 +820,8 @@ def structural_findings(cfg: ViTConfig, params: Mapping[str, np.ndarray], unmapp
                     f'{diagnosis._gap(alt, y):.1e} (a missing bias: add bias=True, or train without it and '
                     'verify against such a checkpoint)', 'missing_parameter', parameters=missing))
             else:
-                out.append(diagnosis.finding('structure', layer, f'the checkpoint\'s {short} {"has" if len(missing) == 1 else "have"} no place in your model'))
+                out.append(diagnosis.finding('structure', layer, f'the checkpoint\'s {short} '
+                                             f'{"has" if len(missing) == 1 else "have"} no place in your model'))
     extra = [k for k in unmapped['user']]
     if extra:
         out.append(diagnosis.finding('structure', layer, 'your model has parameters the checkpoint has no '

@@ -1,0 +1,247 @@
+"""`verify FILE.py:BUILD --module`: user-style torch ViTs, every layout alternative and planted faults.
+
+The models are built here the way people write them (their own names, a fused or separate
+qkv, nn.MultiheadAttention, a Conv2d or a Linear patch embedding over flattened patches in
+several orders). Most tests call `automap` and the verdict in-process (what verify's child and
+parent do, without the child process); one runs `verify --module` whole.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import REPO, images, random_params, tiny
+from parity import cli
+from parity.core import weights
+from parity.core.errors import UserError
+from parity.harness import automap, counterparts, verdict, verify
+
+CFG = tiny()  # 32x32 images, 8x8 patches, width 32, 2 blocks of 4 heads, MLP 64, 5 classes
+
+
+class UserAttention(nn.Module):
+    """Self-attention in one of the layouts people write: fused qkv (3, H, Dh) or (H, 3, Dh), separate q/k/v,
+    or torch's own nn.MultiheadAttention; `fault` plants one bug."""
+
+    def __init__(self, D, H, layout, fault):
+        super().__init__()
+        self.H, self.layout, self.fault = H, layout, fault
+        bias = fault != 'missing_bias'
+        if layout == 'mha':
+            self.mha = nn.MultiheadAttention(D, H, batch_first=True)
+            return
+        if layout.startswith('fused'):
+            self.qkv = nn.Linear(D, 3 * D, bias=bias)
+        else:
+            self.query, self.key, self.value = (nn.Linear(D, D, bias=bias) for _ in range(3))
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x):
+        if self.layout == 'mha':
+            return self.mha(x, x, x, need_weights=False)[0]
+        B, N, D = x.shape
+        H, Dh = self.H, D // self.H
+        if self.layout == 'fused3':
+            q, k, v = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
+        elif self.layout == 'fusedH':
+            q, k, v = self.qkv(x).reshape(B, N, H, 3, Dh).permute(3, 0, 2, 1, 4)
+        else:
+            q, k, v = (f(x).reshape(B, N, H, Dh).transpose(1, 2) for f in (self.query, self.key, self.value))
+        if self.fault == 'swapped_qk':
+            q, k = k, q
+        if self.fault != 'unscaled_queries':
+            q = q * Dh ** -0.5
+        y = (q @ k.transpose(-2, -1)).softmax(-1) @ v  # (B, H, N, Dh)
+        y = y.transpose(1, 2).reshape(B, N, D)
+        if self.fault == 'out_projection_transposed':
+            return y @ self.out.weight + self.out.bias
+        return self.out(y)
+
+
+class UserBlock(nn.Module):
+    def __init__(self, D, H, M, layout, fault):
+        super().__init__()
+        eps = 1e-3 if fault == 'layernorm_eps' else 1e-6
+        self.norm1, self.norm2 = nn.LayerNorm(D, eps=eps), nn.LayerNorm(D, eps=eps)
+        self.attn = UserAttention(D, H, layout, fault)
+        self.fc1, self.fc2 = nn.Linear(D, M), nn.Linear(M, D)
+        self.gelu = 'none' if fault == 'erf_gelu' else 'tanh'
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate=self.gelu))
+
+
+class UserViT(nn.Module):
+    """patch: 'conv' or a flattening order of a Linear patch embedding ('p1 p2 c', 'c p1 p2', ...)."""
+
+    def __init__(self, config, patch='conv', layout='fused3', fault=None, depth=None):
+        super().__init__()
+        D, p, C = config['hidden_size'], config['patch_size'], config['num_classes']
+        n = (config['image_size'] // p) ** 2
+        self.p, self.patch, self.fault = p, patch, fault
+        self.embed = nn.Conv2d(3, D, p, p) if patch == 'conv' else nn.Linear(p * p * 3, D)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.positions = nn.Parameter(torch.zeros(1, n + 1, D))
+        self.layers = nn.ModuleList(UserBlock(D, config['num_heads'], config['mlp_dim'], layout, fault)
+                                    for _ in range(depth or config['num_layers']))
+        self.ln = nn.LayerNorm(D, eps=1e-6)
+        self.classifier = nn.Linear(D, C)
+
+    def tokens(self, img):
+        B, C, h, w = img.shape
+        p = self.p
+        if self.patch == 'conv':
+            x = self.embed(img)  # (B, D, gh, gw)
+            x = x.transpose(2, 3) if self.fault == 'token_order' else x
+            return x.flatten(2).transpose(1, 2)
+        x = img.reshape(B, C, h // p, p, w // p, p)  # (B, c, gh, p1, gw, p2)
+        axes = {'c': 1, 'p1': 3, 'p2': 5}
+        grid = (4, 2) if self.fault == 'token_order' else (2, 4)
+        x = x.permute(0, *grid, *(axes[a] for a in self.patch.split()))
+        return self.embed(x.reshape(B, (h // p) * (w // p), p * p * C))
+
+    def forward(self, img):
+        x = self.tokens(img)
+        x = torch.cat([self.class_token.expand(len(x), -1, -1), x], 1) + self.positions
+        for layer in self.layers:
+            x = layer(x)
+        return self.classifier(self.ln(x)[:, 0])
+
+
+class CNN(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(8, config['num_classes'])
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+@pytest.fixture(scope='module')
+def setup():
+    params = random_params(weights.param_shapes(CFG), seed=4, scale=0.2)
+    x = images(CFG)
+    return params, x, verdict.run_reference(CFG, params, x)
+
+
+def check(setup, tmp_path, **kw):
+    """UserViT(**kw) through automap and the verdict, in-process: (exit code, the JSON report)."""
+    params, x, reference = setup
+    build = lambda config: UserViT(config, **kw)  # noqa: E731
+    candidate, notes, extra = automap.run_module(build, 'user.py:build', CFG, params, x)
+    run = verdict.Comparison(CFG, params, x, 'test batch', 'user.py:build', notes=notes, extra=extra,
+                             structural=lambda first, have: automap.structural_findings(
+                                 CFG, params, extra['unmapped'], first, have))
+    code = verdict.conclude(run, reference, candidate, str(tmp_path / 'out.json'))
+    return code, json.loads((tmp_path / 'out.json').read_text())
+
+
+def causes(report) -> set:
+    return {f['cause'] for f in report['diagnosis'] if f['kind'] == 'cause'}
+
+
+def row(report, canonical):
+    return next(r for r in report['mapping'] if r['canonical'] == canonical)
+
+
+QUERY = 'Transformer/encoderblock_1/MultiHeadDotProductAttention_0/query/kernel'
+
+
+@pytest.mark.parametrize('patch,layout,words', [
+    ('conv', 'fused3', '(3, H, Dh) order'),
+    ('p1 p2 c', 'fusedH', '(H, 3, Dh) order'),
+    ('c p1 p2', 'separate', 'layers.1.attn.query.weight'),
+    ('p2 p1 c', 'mha', '(3, H, Dh) order'),
+])
+def test_every_layout_is_found_and_passes(setup, tmp_path, patch, layout, words):
+    code, report = check(setup, tmp_path, patch=patch, layout=layout)
+    assert code == 0 and report['ok'], report['diagnosis']
+    assert report['unmapped'] == {'user': [], 'canonical': []}
+    assert len(report['mapping']) == len(weights.param_shapes(CFG))
+    assert words in row(report, QUERY)['transform'] + row(report, QUERY)['user']
+    embed = row(report, 'embedding/kernel')
+    assert embed['user'] == 'embed.weight' and (patch == 'conv' or f'({patch})' in embed['transform'])
+    assert row(report, 'cls')['user'] == 'class_token'
+    assert row(report, 'Transformer/posembed_input/pos_embedding')['user'] == 'positions'
+    names = [a['name'] for a in report['activations']]
+    assert names[:3] == ['embedding', 'with_posemb', 'encoderblock_0'] and names[-1] == 'logits'
+
+
+@pytest.mark.parametrize('fault,layout,where,cause', [
+    ('erf_gelu', 'fused3', 'encoderblock_0/MlpBlock_0', 'erf_gelu'),
+    ('layernorm_eps', 'fusedH', 'encoderblock_0/LayerNorm_0', 'layernorm_eps'),
+    ('unscaled_queries', 'fused3', 'encoderblock_0/MultiHeadDotProductAttention_0', 'unscaled_queries'),
+    ('out_projection_transposed', 'separate', 'encoderblock_0/MultiHeadDotProductAttention_0',
+     'out_projection_transposed'),
+    ('swapped_qk', 'fused3', 'encoderblock_0/MultiHeadDotProductAttention_0', 'swapped_qk'),
+])
+def test_a_planted_fault_is_stopped_at_its_sub_step_and_named(setup, tmp_path, fault, layout, where, cause):
+    code, report = check(setup, tmp_path, layout=layout, fault=fault)
+    assert code == 1 and report['first_divergence'] == 'encoderblock_0'
+    assert report['diagnosis'][0]['where'] == where
+    assert cause in causes(report), report['diagnosis']
+
+
+def test_a_missing_bias_is_a_structural_difference_and_the_cause(setup, tmp_path):
+    code, report = check(setup, tmp_path, layout='fused3', fault='missing_bias')
+    assert code == 1 and report['first_divergence'] == 'encoderblock_0'
+    missing = [f'Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{r}/bias' for i in range(2)
+               for r in ('query', 'key', 'value')]
+    assert sorted(report['unmapped']['canonical']) == sorted(missing) and report['unmapped']['user'] == []
+    assert any(n.startswith('structural difference: the checkpoint\'s Transformer/encoderblock_0/') for n in
+               report['notes'])
+    assert 'missing_parameter' in causes(report)
+
+
+def test_patch_tokens_in_column_order_are_named(setup, tmp_path):
+    code, report = check(setup, tmp_path, patch='c p1 p2', fault='token_order')
+    assert code == 1 and report['first_divergence'] == 'embedding'
+    assert '(c p1 p2)' in row(report, 'embedding/kernel')['transform']  # the layout was still found
+    assert 'token_order' in causes(report)
+
+
+def test_no_layout_reproducing_a_layer_is_said(setup, tmp_path):
+    _, report = check(setup, tmp_path, layout='fusedH', fault='unscaled_queries')
+    note = next(n for n in report['notes'] if n.startswith('no mapping reproduces'))
+    assert 'encoderblock_0/MultiHeadDotProductAttention_0' in note and '(3, H, Dh)' in note and '(H, 3, Dh)' in note
+
+
+@pytest.mark.parametrize('build,needle', [
+    (CNN, 'not a ViT the harness can map: no repeated blocks'),
+    (lambda c: UserViT(c, depth=3), 'your model has 3 encoder blocks (layers) where the checkpoint has 2'),
+])
+def test_what_does_not_fit_is_one_error_line(setup, build, needle):
+    params, x, _ = setup
+    with pytest.raises(UserError) as e:
+        automap.run_module(build, 'user.py:build', CFG, params, x)
+    assert needle in str(e.value) and '\n' not in str(e.value)
+
+
+def test_verify_module_on_the_scratch_example(tmp_path, capsys):
+    """End to end: the teaching example maps with no adapter, stops at erf GELU, and passes once it is tanh."""
+    ckpt = REPO / 'tests' / 'reference' / 'tiny_token'
+    args = ['--module', '--checkpoint', str(ckpt / 'ckpt.npz'), '--input', str(ckpt / 'x.npy')]
+    source = (REPO / 'examples' / 'scratch_vit.py').read_text()
+    fixed = tmp_path / 'scratch_vit.py'
+    fixed.write_text(source.replace("GELU_APPROXIMATE = 'none'", "GELU_APPROXIMATE = 'tanh'"))
+    assert verify.main([f'{REPO}/examples/scratch_vit.py:build', *args, '--json', str(tmp_path / 'a.json')]) == 1
+    report = json.loads((tmp_path / 'a.json').read_text())  # the command whole, its child process included
+    assert report['first_divergence'] == 'encoderblock_0' and 'erf_gelu' in causes(report)
+    assert row(report, 'embedding/kernel') == {
+        'canonical': 'embedding/kernel', 'user': 'to_patch.weight',
+        'transform': 'kernel (p, p, C, D) -> Linear weight (D, p*p*C) over patches flattened (p1 p2 c)'}
+    assert 'mapping (canonical <- yours):' in capsys.readouterr().out
+    # The one-line fix, in-process (what the child runs): PASS.
+    model = cli.load_model(str(ckpt / 'ckpt.npz'), None, None, 32)
+    cfg, params, x = model.cfg, model.params, np.load(ckpt / 'x.npy')
+    got, _, _ = automap.run_module(counterparts.load_function(f'{fixed}:build'), 'fixed', cfg, params, x)
+    rows, _, _, _ = verdict.compare_intermediates(verdict.run_reference(cfg, params, x), got, 'fp32')
+    assert rows and all(r['ok'] for r in rows), rows
