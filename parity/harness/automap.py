@@ -759,9 +759,13 @@ def map_model(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.nda
     return Mapped(model, s, mapping)
 
 
-def run_module(build: Callable, spec: str, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray
-               ) -> tuple[dict[str, np.ndarray], list[str], dict]:
-    """BUILD(config) -> the user's model, mapped, loaded and run: (intermediates, notes, {'mapping', 'unmapped'})."""
+def run_module(build: Callable, spec: str, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray,
+               grad: Optional[Mapping] = None) -> tuple[dict[str, np.ndarray], list[str], dict]:
+    """BUILD(config) -> the user's model, mapped, loaded and run: (intermediates, notes, {'mapping', 'unmapped'}).
+
+    `grad` ({'labels': [...], 'label_smoothing': eps}) adds one backward pass (`stepcheck.module_step`): the
+    gradients under 'grad/'-prefixed canonical names, the loss in the report.
+    """
     from parity.harness.counterparts import _where
 
     path = getattr(build, '_parity_path', spec)
@@ -781,14 +785,31 @@ def run_module(build: Callable, spec: str, cfg: ViTConfig, params: Mapping[str, 
     for name in unmapped['canonical']:
         notes.append(f'structural difference: the checkpoint\'s {name} {mapped.mapping.canonical[name]} has no place '
                      'in your model')
-    return out, notes, {'mapping': mapped.mapping.table(), 'unmapped': unmapped}
+    extra = {'mapping': mapped.mapping.table(), 'unmapped': unmapped}
+    if grad is not None:
+        from parity.harness import stepcheck
+
+        loss, grads = stepcheck.module_step(mapped, np.asarray(grad['labels'], np.int64),
+                                            float(grad['label_smoothing']), x)
+        more, fields = stepcheck.as_outputs(loss, grads)
+        out.update(more)
+        extra.update(fields)
+        notes.append('--grad: cross-entropy on your logits, backpropagated through your model in eval mode '
+                     '(dropout off, as on the reference side)')
+    return out, notes, extra
 
 
 def run_job(build: Callable, spec: str, job: Mapping, params: Mapping[str, np.ndarray], x: np.ndarray
             ) -> tuple[dict[str, np.ndarray], list[str], dict]:
     """What verify's child process runs for `--module` (`child.run_module_isolated`'s `job`)."""
+    if 'step' in job:  # FILE.py:STEP --grad: the user's own training step
+        from parity.harness import stepcheck
+
+        loss, grads, notes = stepcheck.user_step(build, spec, params, x, np.asarray(job['step']['labels'], np.int64))
+        out, fields = stepcheck.as_outputs(loss, grads)
+        return out, notes, fields
     cfg = ViTConfig.from_official_dict(dict(job['config']), 'job.json')
-    return run_module(build, spec, cfg, params, x)
+    return run_module(build, spec, cfg, params, x, job.get('grad'))
 
 
 def structural_findings(cfg: ViTConfig, params: Mapping[str, np.ndarray], unmapped: Mapping[str, list],

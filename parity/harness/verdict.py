@@ -338,7 +338,25 @@ def conclude(run: Comparison, reference: dict, candidate: dict, json_path: Optio
                          + (' (the checkpoint\'s own weights are not all numbers)'
                             if not all(np.isfinite(v).all() for v in run.params.values()) else ''))
             print(f'note       {notes[-1]}')
-    print_verdict(summary, precision, len(x))
+    training = run.extra.pop('training', None)  # verify --module --grad (parity.harness.stepcheck)
+    if training:
+        from parity.harness import stepcheck
+
+        print()
+        for line in stepcheck.lines(training):
+            print(line)
+        if summary['ok'] and not training['ok']:  # the forward pass agrees: the step is the first divergence
+            summary.update(ok=False, first_divergence=training['first'], first_divergent_tensor=training['first'])
+            findings = training['findings']
+            print(f'verdict: FAIL: first divergence at {training["first"]} (the forward pass agrees; loss within '
+                  '1e-5, gradients within 1e-4, x max(1, max |reference|))')
+        else:
+            print_verdict(summary, precision, len(x))
+            if training['ok']:
+                print('training step: PASS (loss within 1e-5, every gradient within 1e-4, x max(1, max |reference|))')
+        run.extra.update(stepcheck.json_fields(training))
+    else:
+        print_verdict(summary, precision, len(x))
     print_diagnosis(findings)
     payload = {
         'first_divergence': summary['first_divergence'],

@@ -16,10 +16,12 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+
 from parity import cli
 from parity.core.errors import UserError
 from parity.data import images, preprocess
-from parity.harness import automap, child, counterparts, pixels, verdict
+from parity.harness import automap, child, counterparts, grad, pixels, stepcheck, verdict
 from parity.harness.verdict import REFERENCE
 
 HELP = f"""\
@@ -54,7 +56,7 @@ Exit 0 when everything returned is within tolerance, 1 when not, 2 for a user er
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Your own implementation against vit_jax, layer by layer."""
-    from vit_jax import runtime
+    from vit_jax import runtime, settings
 
     parser = verdict.parser('verify', HELP)
     parser.add_argument('function', metavar='FILE.py:FUNCTION', nargs='?',
@@ -74,10 +76,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--module', action='store_true',
                         help='FILE.py:BUILD: BUILD(config) returns your own torch.nn.Module; the harness finds the '
                              'mapping from the checkpoint to its parameters, loads it and hooks its blocks')
+    parser.add_argument('--grad', action='store_true',
+                        help="a training step too: with --module, your model's cross-entropy gradients; without, "
+                             'FILE.py:STEP(params, images, labels) -> (loss, gradients by canonical name); compared '
+                             "with vit_jax.train's objective on the same batch, parity grad's tolerance")
+    parser.add_argument('--labels', metavar='L.npy', help='with --grad: integer class per image (default: seeded '
+                        'random)')
+    settings.add_flags(parser, ('label_smoothing',))
     parser.add_argument('--timeout', type=cli.positive_float, default=child.DEFAULT_TIMEOUT, metavar='SECONDS',
                         help=f'how long your function may take, import included (default {child.DEFAULT_TIMEOUT:g})')
     args = parser.parse_args(argv)
+    settings.check_ranges(args, ('label_smoothing',))
     runtime.strict_float32()
+    if (args.labels or args.label_smoothing is not None) and not args.grad:
+        raise UserError('verify: --labels and --label-smoothing belong to --grad (a training step); add --grad')
 
     user = _user_preprocess(args)
     if args.function is None:
@@ -94,11 +106,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pipeline = verdict.pipeline_for(args, model, mode) if args.images is not None else None
     pixel_row = _pixels(user, args.images, pipeline, cfg.image_size) if user else None
     x, batch = verdict.load_batch(args, cfg, pipeline=pipeline)
+    labels = grad.load_labels(args.labels, len(x), cfg.num_classes, args.seed) if args.grad else None
+    smoothing = args.label_smoothing or 0.0
+    if args.grad and not cfg.num_classes:
+        raise UserError(f'{args.checkpoint}: --grad trains a classifier; this checkpoint has no head')
+    if args.grad and not args.module:
+        return step_only(args, cfg, params, x, batch, labels, smoothing)
     extra, preamble, structural = {}, [], None
     if args.module:
         automap.check_config(cfg)
         job = {'config': {**cfg.to_official_dict(), 'image_size': cfg.image_size}}
+        if args.grad:
+            job['grad'] = {'labels': labels.tolist(), 'label_smoothing': smoothing}
         candidate, notes, extra = child.run_module_isolated(args.function, params, x, job, args.timeout)
+        candidate, grads = stepcheck.split(candidate)
+        if args.grad:
+            extra['training'] = stepcheck.compare(cfg, params, x, labels, smoothing, extra.pop('loss'), grads)
         preamble = ['mapping (canonical <- yours):'] + automap.table_lines(extra['mapping']) + ['']
         structural = lambda first, have: automap.structural_findings(  # noqa: E731
             cfg, params, extra['unmapped'], first, have)
@@ -171,3 +194,23 @@ def pixels_only(args, user: tuple[str, Callable]) -> int:
         'reference': pipeline.describe(), 'preprocess': pipeline.as_dict(), 'candidate': user[0],
         'batch': f'{row["shape"][0]} images from {args.images}', 'notes': []})
     return 0 if row['ok'] else 1
+
+
+def step_only(args, cfg, params, x, batch: str, labels: np.ndarray, smoothing: float) -> int:
+    """`verify FILE.py:STEP --grad`: the user's training step alone (`stepcheck`), its loss and every gradient."""
+    job = {'step': {'labels': labels.tolist()}}
+    got, notes, extra = child.run_module_isolated(args.function, params, x, job, args.timeout)
+    _, grads = stepcheck.split(got)
+    result = stepcheck.compare(cfg, params, x, labels, smoothing, extra['loss'], grads)
+    verdict.print_header(f'{args.function} (a training step)', cfg,
+                         f'{batch}, label smoothing {smoothing:g}', notes)
+    for line in stepcheck.lines(result):
+        print(line)
+    print(f'verdict: {"PASS" if result["ok"] else "FAIL: first divergence at " + result["first"]} (loss within '
+          '1e-5, gradients within 1e-4, x max(1, max |reference|))')
+    verdict.print_diagnosis(result['findings'])
+    verdict.write_json_report(args.json, {
+        'first_divergence': result['first'], 'ok': result['ok'], 'diagnosis': result['findings'],
+        **stepcheck.json_fields(result), 'labels': labels.tolist(), 'candidate': args.function,
+        'reference': verdict.REFERENCE, 'config': cli.describe_config(cfg), 'batch': batch, 'notes': notes})
+    return 0 if result['ok'] else 1
