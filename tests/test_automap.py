@@ -20,7 +20,7 @@ from conftest import REPO, images, random_params, tiny
 from parity import cli
 from parity.core import weights
 from parity.core.errors import UserError
-from parity.harness import automap, counterparts, verdict, verify
+from parity.harness import automap, counterparts, stepcheck, verdict, verify
 
 CFG = tiny()  # 32x32 images, 8x8 patches, width 32, 2 blocks of 4 heads, MLP 64, 5 classes
 
@@ -109,7 +109,8 @@ class UserViT(nn.Module):
 
     def forward(self, img):
         x = self.tokens(img)
-        x = torch.cat([self.class_token.expand(len(x), -1, -1), x], 1) + self.positions
+        positions = self.positions.detach() if self.fault == 'detached_posemb' else self.positions
+        x = torch.cat([self.class_token.expand(len(x), -1, -1), x], 1) + positions
         for layer in self.layers:
             x = layer(x)
         return self.classifier(self.ln(x)[:, 0])
@@ -245,3 +246,57 @@ def test_verify_module_on_the_scratch_example(tmp_path, capsys):
     got, _, _ = automap.run_module(counterparts.load_function(f'{fixed}:build'), 'fixed', cfg, params, x)
     rows, _, _, _ = verdict.compare_intermediates(verdict.run_reference(cfg, params, x), got, 'fp32')
     assert rows and all(r['ok'] for r in rows), rows
+
+
+# --------------------------------------------------------------------------- --grad: the training step
+
+LABELS = np.array([1, 3])
+
+
+def module_step(setup, **kw) -> dict:
+    """UserViT(**kw)'s cross-entropy gradients through the mapping against vit_jax's, in-process."""
+    params, x, _ = setup
+    got, _, extra = automap.run_module(lambda c: UserViT(c, **kw), 'user.py:build', CFG, params, x,
+                                       grad={'labels': LABELS.tolist(), 'label_smoothing': 0.1})
+    _, grads = stepcheck.split(got)
+    return stepcheck.compare(CFG, params, x, LABELS, 0.1, extra['loss'], grads)
+
+
+def test_grad_passes_on_a_faithful_model(setup):
+    result = module_step(setup, patch='c p1 p2', layout='fusedH')
+    assert result['ok'] and result['loss_row']['ok'] and len(result['rows']) == len(weights.param_shapes(CFG))
+
+
+def test_grad_stops_at_a_detached_parameter(setup):
+    result = module_step(setup, fault='detached_posemb')
+    assert not result['ok'] and result['first'] == 'grad/Transformer/posembed_input/pos_embedding'
+    assert result['loss_row']['ok'] and result['findings'][0]['where'] == result['first']
+
+
+def torch_step(smoothing: str):
+    """A user's STEP(params, images, labels) on vit_torch's model, with label smoothing spread one way or the other."""
+    from vit_torch.params import build_model, params_from_state_dict
+
+    def step(params, images, labels):
+        model = build_model(CFG, params).train()
+        logits = model(torch.from_numpy(images).permute(0, 3, 1, 2))
+        onehot = F.one_hot(torch.from_numpy(labels), CFG.num_classes).float()
+        eps, C = 0.1, CFG.num_classes
+        target = onehot * (1 - eps) + (eps / C if smoothing == 'all' else (1 - onehot) * eps / (C - 1))
+        loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return loss, params_from_state_dict(grads, CFG, 'gradients')
+
+    return step
+
+
+@pytest.mark.parametrize('smoothing', ['all', 'others'])
+def test_a_users_step_passes_or_is_named_by_its_habit(setup, smoothing):
+    params, x, _ = setup
+    loss, grads, _ = stepcheck.user_step(torch_step(smoothing), 'step.py:step', params, x, LABELS)
+    result = stepcheck.compare(CFG, params, x, LABELS, 0.1, loss, grads)
+    if smoothing == 'all':
+        assert result['ok'], result['findings']
+    else:
+        assert result['first'] == 'loss' and [f['cause'] for f in result['findings']] == ['smoothing_others']

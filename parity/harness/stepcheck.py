@@ -11,9 +11,9 @@ Two ways in, both run in verify's child process:
   class indices; `gradients` a dict by canonical name (NumPy, torch or JAX arrays).
 
 The parent compares the loss (within 1e-5 x max(1, |loss|)) and every gradient (within
-1e-4 x max(1, max |reference gradient|), `parity grad`'s policy) with `grad.jax_steps`, the
-JAX side of `parity grad`. When they part, the known habits of `parity grad` that touch a
-loss (`grad.DEVIATIONS`: label smoothing spread over C - 1) are rerun on the JAX side and
+1e-4 x max(1, max |reference gradient|), `parity grad`'s policy) with vit_jax's, computed
+as `grad.jax_steps` computes them for `parity grad`. When they part, the known habits of
+`parity grad` that touch a loss (`grad.DEVIATIONS`: label smoothing spread over C - 1) are rerun on the JAX side and
 named when one reproduces the candidate; otherwise the divergent gradient nearest the loss
 is where the backward pass parts.
 """
@@ -21,6 +21,7 @@ is where the backward pass parts.
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
@@ -103,15 +104,41 @@ def settings_for(label_smoothing: float):
     return grad.step_settings(ns, 0)
 
 
-def reference_step(cfg: ViTConfig, params, x, labels, s, grads, deviation: Optional[str] = None
-                   ) -> tuple[float, dict]:
-    """vit_jax's loss and gradients at `params` (`grad.jax_steps`, one step; `deviation` one of its habits)."""
-    from parity.harness import grad
+def reference_step(cfg: ViTConfig, params, x, labels, s, deviation: Optional[str] = None) -> tuple[float, dict]:
+    """vit_jax's loss and gradients at `params`: `vit_jax.objective`'s loss as `grad.jax_steps` computes it, with
+    `deviation` one of `grad.DEVIATIONS`' loss habits (label smoothing over C - 1)."""
+    import jax.numpy as jnp
 
-    full = {k: np.asarray(grads.get(k, np.zeros_like(v)), np.float32) for k, v in params.items()}
-    step = grad.TorchStep(dict(params), 0.0, full, dict(params))
-    loss, ref_grads, _ = grad.jax_steps(cfg, x, labels, s, (), [step], deviation=deviation)[0]
-    return loss, ref_grads
+    from vit_jax import objective, runtime
+    from vit_jax.params import params_from_variables, variables_from_params
+
+    obj = objective.Objective.from_settings(s)
+    y = jnp.asarray(labels)
+    target = objective.targets(obj, y, cfg.num_classes) if obj.soft_targets else None
+    if obj.soft_targets and deviation == 'smoothing_others':
+        onehot = jnp.eye(cfg.num_classes)[y]
+        eps, C = s.label_smoothing, cfg.num_classes
+        target = onehot * (1 - eps) + (1 - onehot) * eps / (C - 1)
+    with runtime.matmul_precision('fp32'):
+        loss, grads = _value_and_grad(cfg, obj)(variables_from_params(params)['params'], x, y, target)
+    return float(loss), params_from_variables({'params': grads})
+
+
+@functools.lru_cache(maxsize=4)
+def _value_and_grad(cfg: ViTConfig, obj) -> Callable:
+    """The jitted loss and gradient of one config and objective, compiled once per process."""
+    import jax
+
+    from vit_jax import objective
+    from vit_jax.model import VisionTransformer
+
+    model = VisionTransformer(cfg)
+
+    def loss_fn(tree, x, y, target):
+        logits = model.apply({'params': tree}, x, train=True)  # dropout rates are 0: nothing random
+        return objective.objective_loss(obj, logits, y, target)[0]
+
+    return jax.jit(jax.value_and_grad(loss_fn))
 
 
 def _rows(cfg: ViTConfig, ref: tuple[float, dict], loss: float, grads: Mapping[str, np.ndarray]
@@ -135,14 +162,14 @@ def compare(cfg: ViTConfig, params, x, labels, label_smoothing: float, loss: flo
     from parity.harness import grad
 
     s = settings_for(label_smoothing)
-    ref = reference_step(cfg, params, x, labels, s, grads)
+    ref = reference_step(cfg, params, x, labels, s)
     loss_row, rows = _rows(cfg, ref, loss, grads)
     origin = next((f'grad/{r["name"]}' for r in reversed(rows) if not r['ok']), None)
     first = 'loss' if not loss_row['ok'] else origin
     findings = []
     if first:
         for name in grad.applicable(s, 0):
-            alt_loss, alt_rows = _rows(cfg, reference_step(cfg, params, x, labels, s, grads, name), loss, grads)
+            alt_loss, alt_rows = _rows(cfg, reference_step(cfg, params, x, labels, s, name), loss, grads)
             if alt_loss['ok'] and all(r['ok'] for r in alt_rows):
                 findings.append(diagnosis.finding('cause', 'loss', grad.DEVIATIONS[name], cause=name))
         if not findings:
