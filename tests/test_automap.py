@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import REPO, images, random_params, tiny
-from parity import cli
 from parity.core import weights
 from parity.core.errors import UserError
-from parity.harness import automap, counterparts, stepcheck, verdict, verify
+from parity.harness import automap, stepcheck, verdict, verify
 
 CFG = tiny()  # 32x32 images, 8x8 patches, width 32, 2 blocks of 4 heads, MLP 64, 5 classes
 
@@ -227,12 +226,10 @@ def test_what_does_not_fit_is_one_error_line(setup, build, needle):
 
 
 def test_verify_module_on_the_scratch_example(tmp_path, capsys):
-    """End to end: the teaching example maps with no adapter, stops at erf GELU, and passes once it is tanh."""
+    """End to end: the teaching example maps with no adapter and stops at erf GELU (docs/harness.md runs the
+    one-line fix to its PASS)."""
     ckpt = REPO / 'tests' / 'reference' / 'tiny_token'
     args = ['--module', '--checkpoint', str(ckpt / 'ckpt.npz'), '--input', str(ckpt / 'x.npy')]
-    source = (REPO / 'examples' / 'scratch_vit.py').read_text()
-    fixed = tmp_path / 'scratch_vit.py'
-    fixed.write_text(source.replace("GELU_APPROXIMATE = 'none'", "GELU_APPROXIMATE = 'tanh'"))
     assert verify.main([f'{REPO}/examples/scratch_vit.py:build', *args, '--json', str(tmp_path / 'a.json')]) == 1
     report = json.loads((tmp_path / 'a.json').read_text())  # the command whole, its child process included
     assert report['first_divergence'] == 'encoderblock_0' and 'erf_gelu' in causes(report)
@@ -240,12 +237,6 @@ def test_verify_module_on_the_scratch_example(tmp_path, capsys):
         'canonical': 'embedding/kernel', 'user': 'to_patch.weight',
         'transform': 'kernel (p, p, C, D) -> Linear weight (D, p*p*C) over patches flattened (p1 p2 c)'}
     assert 'mapping (canonical <- yours):' in capsys.readouterr().out
-    # The one-line fix, in-process (what the child runs): PASS.
-    model = cli.load_model(str(ckpt / 'ckpt.npz'), None, None, 32)
-    cfg, params, x = model.cfg, model.params, np.load(ckpt / 'x.npy')
-    got, _, _ = automap.run_module(counterparts.load_function(f'{fixed}:build'), 'fixed', cfg, params, x)
-    rows, _, _, _ = verdict.compare_intermediates(verdict.run_reference(cfg, params, x), got, 'fp32')
-    assert rows and all(r['ok'] for r in rows), rows
 
 
 # --------------------------------------------------------------------------- --grad: the training step

@@ -1,5 +1,9 @@
 """`python -m parity verify FILE.py:FUNCTION --checkpoint CKPT`: your own implementation against vit_jax.
 
+`--module` hands over FILE.py:BUILD, a builder of the user's own torch model, which
+`parity.harness.automap` maps, loads and hooks in the child process; `--grad` adds a
+training step (`parity.harness.stepcheck`).
+
 `--preprocess FILE.py:PREPROCESS --images DIR` adds (or, without FILE.py:FUNCTION, is) a
 `pixels` row: your PREPROCESS(path, size) on the files against the reference pipeline
 (`parity.harness.pixels`), run before the model. PREPROCESS is called in this process,
@@ -50,7 +54,18 @@ model (when FILE.py:FUNCTION is given too) runs on the reference's pixels. Witho
 FILE.py:FUNCTION only the pixels are compared, at --checkpoint's resolution or --image-size
 (default 224). --preprocess official|hf|timm instead picks the pipeline --images go through.
 
+--module: FILE.py:BUILD instead, BUILD(config) -> your torch.nn.Module, config a dict of sizes
+(image_size, patch_size, hidden_size, num_layers, num_heads, mlp_dim, num_classes,
+classifier, representation_size). The mapping from the canonical parameters to yours is found
+by structure and shape (the layouts shapes leave open are chosen by which reproduces the
+reference), printed, written to the JSON (mapping, unmapped) and the checkpoint is loaded
+through it; hooks on the blocks give the intermediates and sub-steps.
+--grad: a training step too: with --module your model's cross-entropy gradients read back
+into canonical names; without it FILE.py:STEP(params, images, labels) -> (loss, gradients by
+canonical name). Compared with vit_jax.train's objective under parity grad's tolerance.
+
 Example: python -m parity verify examples/numpy_vit.py:vit --checkpoint ckpt.npz --input x.npy
+         python -m parity verify examples/scratch_vit.py:build --module --checkpoint ckpt.npz
 Exit 0 when everything returned is within tolerance, 1 when not, 2 for a user error."""
 
 
