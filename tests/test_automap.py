@@ -115,6 +115,59 @@ class UserViT(nn.Module):
         return self.classifier(self.ln(x)[:, 0])
 
 
+class Patches(nn.Module):
+    """einops' Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)') as a module, as lucidrains' vit-pytorch has it."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, img):
+        B, C, h, w = img.shape
+        x = img.reshape(B, C, h // self.p, self.p, w // self.p, self.p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(B, -1, self.p * self.p * C)
+
+
+class PreNormAttention(nn.Module):
+    def __init__(self, D, H):
+        super().__init__()
+        self.H, self.norm = H, nn.LayerNorm(D, eps=1e-6)
+        self.to_qkv = nn.Linear(D, 3 * D, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(D, D), nn.Dropout(0.0))
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.to_qkv(self.norm(x)).reshape(B, N, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)
+        y = ((q @ k.transpose(-2, -1)) * (D // self.H) ** -0.5).softmax(-1) @ v
+        return self.to_out(y.transpose(1, 2).reshape(B, N, D))
+
+
+class LucidStyleViT(nn.Module):
+    """Blocks as ModuleList([attention, feedforward]) containers that never run as modules, LayerNorms inside the
+    branches, a bias-free qkv, an nn.Embedding of positions."""
+
+    def __init__(self, config):
+        super().__init__()
+        D, M, p = config['hidden_size'], config['mlp_dim'], config['patch_size']
+        self.to_patch_embedding = nn.Sequential(Patches(p), nn.Linear(p * p * 3, D))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos = nn.Embedding((config['image_size'] // p) ** 2 + 1, D)
+        self.layers = nn.ModuleList(nn.ModuleList([
+            PreNormAttention(D, config['num_heads']),
+            nn.Sequential(nn.LayerNorm(D, eps=1e-6), nn.Linear(D, M), nn.GELU('tanh'), nn.Linear(M, D))])
+            for _ in range(config['num_layers']))
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.mlp_head = nn.Linear(D, config['num_classes'])
+
+    def forward(self, img):
+        x = self.to_patch_embedding(img)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos.weight
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.mlp_head(self.norm(x)[:, 0])
+
+
 class CNN(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -132,10 +185,10 @@ def setup():
     return params, x, verdict.run_reference(CFG, params, x)
 
 
-def check(setup, tmp_path, **kw):
-    """UserViT(**kw) through automap and the verdict, in-process: (exit code, the JSON report)."""
+def check(setup, tmp_path, build=None, **kw):
+    """UserViT(**kw) (or `build`) through automap and the verdict, in-process: (exit code, the JSON report)."""
     params, x, reference = setup
-    build = lambda config: UserViT(config, **kw)  # noqa: E731
+    build = build or (lambda config: UserViT(config, **kw))
     candidate, notes, extra = automap.run_module(build, 'user.py:build', CFG, params, x)
     run = verdict.Comparison(CFG, params, x, 'test batch', 'user.py:build', notes=notes, extra=extra,
                              structural=lambda first, have: automap.structural_findings(
@@ -201,6 +254,18 @@ def test_a_missing_bias_is_a_structural_difference_and_the_cause(setup, tmp_path
     assert 'missing_parameter' in causes(report)
 
 
+def test_blocks_that_never_run_as_modules_are_read_around(setup, tmp_path):
+    """lucidrains' layout: every intermediate is still read (block outputs from the next step's input)."""
+    code, report = check(setup, tmp_path, build=LucidStyleViT)
+    assert code == 1 and report['first_divergence'] == 'encoderblock_0' and 'missing_parameter' in causes(report)
+    assert not [n for n in report['notes'] if n.startswith('no mapping reproduces')]  # bias-free: still laid out
+    names = [a['name'] for a in report['activations']]
+    assert names == ['embedding', 'with_posemb', 'encoderblock_0', 'encoderblock_1', 'encoder_norm', 'pre_logits',
+                     'logits']
+    assert row(report, 'Transformer/posembed_input/pos_embedding')['user'] == 'pos.weight'
+    assert row(report, 'head/kernel')['user'] == 'mlp_head.weight'
+
+
 def test_patch_tokens_in_column_order_are_named(setup, tmp_path):
     code, report = check(setup, tmp_path, patch='c p1 p2', fault='token_order')
     assert code == 1 and report['first_divergence'] == 'embedding'
@@ -253,12 +318,9 @@ def module_step(setup, **kw) -> dict:
     return stepcheck.compare(CFG, params, x, LABELS, 0.1, extra['loss'], grads)
 
 
-def test_grad_passes_on_a_faithful_model(setup):
+def test_grad_passes_on_a_faithful_model_and_stops_at_a_detached_parameter(setup):
     result = module_step(setup, patch='c p1 p2', layout='fusedH')
     assert result['ok'] and result['loss_row']['ok'] and len(result['rows']) == len(weights.param_shapes(CFG))
-
-
-def test_grad_stops_at_a_detached_parameter(setup):
     result = module_step(setup, fault='detached_posemb')
     assert not result['ok'] and result['first'] == 'grad/Transformer/posembed_input/pos_embedding'
     assert result['loss_row']['ok'] and result['findings'][0]['where'] == result['first']

@@ -537,8 +537,10 @@ def _tokens(model, cfg: ViTConfig, what: str) -> tuple[Optional[str], Optional[s
             continue
         for pname, t in m.named_parameters(recurse=False):
             loose.append((f'{mname}.{pname}' if mname else pname, tuple(t.shape)))
-    cls = [n for n, s in loose if int(np.prod(s)) == D and s[-1] == D]
-    pos = [n for n, s in loose if int(np.prod(s)) == n_pos * D and s[-1] == D]
+    # By size; among several, a name that says what it is first (a LayerScale's gamma has D values too).
+    said = lambda words: (lambda n: not any(w in n.lower() for w in words))  # noqa: E731
+    cls = sorted((n for n, s in loose if int(np.prod(s)) == D and s[-1] == D), key=said(('cls', 'class', 'token')))
+    pos = sorted((n for n, s in loose if int(np.prod(s)) == n_pos * D and s[-1] == D), key=said(('pos',)))
     if not pos:
         raise UserError(f'{what}: no learned position embedding found: a parameter of {n_pos} x {D} values '
                         f'({n_pos} tokens of width {D}) under any name')
@@ -605,17 +607,28 @@ class Structure:
     blocks: list[str]
     parts: list[BlockParts]
     outer: Outer
+    # Where block i's input is read: the block itself, or, for a block that is a container never called as a
+    # module (lucidrains' ModuleList([attention, feedforward])), the first module that runs inside it.
+    entries: list[str] = dataclasses.field(default_factory=list)
+
+    def block_io(self, i: int) -> tuple[tuple[str, str], tuple[str, str]]:
+        """((module, 'input'), (module, 'input' | 'output')): where block i's input and output are read."""
+        entry = self.entries[i] if self.entries else self.blocks[i]
+        if entry == self.blocks[i]:
+            return (entry, 'input'), (entry, 'output')
+        after = self.entries[i + 1] if i + 1 < len(self.blocks) else self.outer.final_ln
+        return (entry, 'input'), (after, 'input')  # residual stream: the next step's input is this block's output
 
 
 def taps(s: Structure, cfg: ViTConfig) -> list[tuple[str, str, str]]:
     """(intermediate, module name, 'input' | 'output') for every intermediate verify compares."""
-    out = [('embedding', s.outer.patch, 'output'), ('with_posemb', s.blocks[0], 'input')]
-    for i, (b, parts) in enumerate(zip(s.blocks, s.parts)):
+    out = [('embedding', s.outer.patch, 'output'), ('with_posemb', *s.block_io(0)[0])]
+    for i, parts in enumerate(s.parts):
         key = lambda sub: diagnosis.substep_key(i, sub)  # noqa: E731
         out += [(key('LayerNorm_0'), parts.ln0, 'output')]
         out += [(key(ATTN), parts.out_module, 'output')] if parts.out_module else []
         out += [(key('LayerNorm_1'), parts.ln1, 'output'), (key('MlpBlock_0'), parts.fc2, 'output'),
-                (f'encoderblock_{i}', b, 'output')]
+                (f'encoderblock_{i}', *s.block_io(i)[1])]
     out += [('encoder_norm', s.outer.final_ln, 'output'), ('pre_logits', s.outer.head, 'input')]
     return out
 
@@ -677,7 +690,8 @@ def _embedding_gap(cfg, params, x, got) -> float:
 
 
 def _attention_gap(params, got: Mapping[str, np.ndarray]) -> float:
-    """Block 0's attention branch against the reference's, fed the user's own LayerNorm_0 output."""
+    """Block 0's attention branch against the reference's, fed the user's own LayerNorm_0 output (`params` with
+    what the model has no place for zeroed: a bias-free qkv is still laid out right)."""
     ln0 = got.get(diagnosis.substep_key(0, 'LayerNorm_0'))
     att = got.get(diagnosis.substep_key(0, ATTN))
     if ln0 is None or att is None:
@@ -729,7 +743,9 @@ def map_model(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.nda
     blocks = [names[id(k)] for k in kids]
     parts = [map_block(i, f'{b}.', calls, cfg, what) for i, b in enumerate(blocks)]
     outer = map_outer(model, calls, blocks_name, cfg, what)
-    s = Structure(blocks_name, blocks, parts, outer)
+    entries = [b if b in calls else min((c for n, c in calls.items() if n.startswith(f'{b}.')),
+                                        key=lambda c: c.order).name for b in blocks]
+    s = Structure(blocks_name, blocks, parts, outer, entries)
     shapes = {n: tuple(t.shape) for n, t in model.named_parameters()}
     from parity.core import weights
 
@@ -752,8 +768,10 @@ def map_model(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.nda
     patch_order = choose('embedding (the patch embedding)', patch_orders,
                          lambda o: _embedding_gap(cfg, params, x, run(o, qkv).get('embedding')), notes)
     if fused:
+        absent = set(mapping_for(patch_order, qkv).unmapped()['canonical'])
+        held = {k: (np.zeros_like(v) if k in absent else v) for k, v in params.items()}
         qkv = choose(f'encoderblock_0/{ATTN} (the fused qkv {parts[0].attention["qkv"]})', list(QKV_ORDERS),
-                     lambda o: _attention_gap(params, run(patch_order, o)), notes)
+                     lambda o: _attention_gap(held, run(patch_order, o)), notes)
     mapping = mapping_for(patch_order, qkv)
     mapping.load(model, params)
     return Mapped(model, s, mapping)
@@ -779,9 +797,11 @@ def run_module(build: Callable, spec: str, cfg: ViTConfig, params: Mapping[str, 
     out = run_hooked(mapped.model, mapped.structure, cfg, x)
     unmapped = mapped.mapping.unmapped()
     notes = list(mapped.mapping.notes)
+    owners = {f'{m}.{p}' if m else p: type(mod).__name__ for m, mod in mapped.model.named_modules()
+              for p, _ in mod.named_parameters(recurse=False)}
     for name in unmapped['user']:
-        notes.append(f'structural difference: your parameter {name} {mapped.mapping.user_params[name]} has no '
-                     'counterpart in the checkpoint; left as BUILD made it')
+        notes.append(f'structural difference: your parameter {name} {mapped.mapping.user_params[name]} (of a '
+                     f'{owners.get(name, "module")}) has no counterpart in the checkpoint; left as BUILD made it')
     for name in unmapped['canonical']:
         notes.append(f'structural difference: the checkpoint\'s {name} {mapped.mapping.canonical[name]} has no place '
                      'in your model')
