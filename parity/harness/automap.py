@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
@@ -85,7 +86,11 @@ class Piece:
         if self.index is None:
             return self.user
         s = self.index
-        return f'{self.user}[{s.start}:{s.stop}]' if isinstance(s, slice) else f'{self.user}[rows {s[0]}, {s[1]}, ...]'
+        lead = ''
+        if isinstance(s, tuple):  # a Flax kernel's columns
+            lead, s = ':, ', s[-1]
+        return (f'{self.user}[{lead}{s.start}:{s.stop}]' if isinstance(s, slice)
+                else f'{self.user}[{lead}{s[0]}, {s[1]}, ...]')
 
 
 def _reshaped(canonical: str, user: str, src: tuple[int, ...], dst: tuple[int, ...]) -> Piece:
@@ -729,8 +734,8 @@ def map_model(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.nda
     import torch
 
     if not isinstance(model, torch.nn.Module):
-        raise UserError(f'{what} returned {type(model).__name__}, not a torch.nn.Module; --module takes a PyTorch '
-                        'model (for anything else write FUNCTION(params, x), docs/harness.md)')
+        raise UserError(f'{what} returned {type(model).__name__}, not a torch.nn.Module or a flax.linen.Module; '
+                        '--module takes those (for anything else write FUNCTION(params, x), docs/harness.md)')
     model = model.float().eval()
     x_nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     try:
@@ -793,19 +798,34 @@ def run_module(build: Callable, spec: str, cfg: ViTConfig, params: Mapping[str, 
         raise
     except Exception as e:  # the user's BUILD failed
         raise UserError(f'{spec}: BUILD(config) raised {_where(e, path)}') from None
-    mapped = map_model(model, cfg, params, x, spec)
-    out = run_hooked(mapped.model, mapped.structure, cfg, x)
-    unmapped = mapped.mapping.unmapped()
-    notes = list(mapped.mapping.notes)
-    owners = {f'{m}.{p}' if m else p: type(mod).__name__ for m, mod in mapped.model.named_modules()
-              for p, _ in mod.named_parameters(recurse=False)}
+    from parity.harness import automap_flax
+
+    if automap_flax.is_flax(model):
+        if grad is not None:
+            raise UserError(f'{spec}: --grad takes a torch model; for a Flax one write STEP(params, images, labels) '
+                            '-> (loss, gradients) and pass FILE.py:STEP --grad')
+        out, mapping = automap_flax.map_and_run(model, cfg, params, x, spec)
+        owners = {}
+        mapped = None
+    elif 'torch' not in sys.modules:
+        raise UserError(f'{spec}: BUILD returned {type(model).__name__}, not a torch.nn.Module or a flax.linen.Module; '
+                        '--module takes those (for anything else write FUNCTION(params, x), docs/harness.md)')
+    else:
+        mapped = map_model(model, cfg, params, x, spec)
+        mapping = mapped.mapping
+        out = run_hooked(mapped.model, mapped.structure, cfg, x)
+        owners = {f'{m}.{p}' if m else p: type(mod).__name__ for m, mod in mapped.model.named_modules()
+                  for p, _ in mod.named_parameters(recurse=False)}
+    unmapped = mapping.unmapped()
+    notes = list(mapping.notes)
     for name in unmapped['user']:
-        notes.append(f'structural difference: your parameter {name} {mapped.mapping.user_params[name]} (of a '
-                     f'{owners.get(name, "module")}) has no counterpart in the checkpoint; left as BUILD made it')
+        notes.append(f'structural difference: your parameter {name} {mapping.user_params[name]}'
+                     + (f' (of a {owners[name]})' if name in owners else '')
+                     + ' has no counterpart in the checkpoint; left as BUILD made it')
     for name in unmapped['canonical']:
-        notes.append(f'structural difference: the checkpoint\'s {name} {mapped.mapping.canonical[name]} has no place '
+        notes.append(f'structural difference: the checkpoint\'s {name} {mapping.canonical[name]} has no place '
                      'in your model')
-    extra = {'mapping': mapped.mapping.table(), 'unmapped': unmapped}
+    extra = {'mapping': mapping.table(), 'unmapped': unmapped}
     if grad is not None:
         from parity.harness import stepcheck
 
