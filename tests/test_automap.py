@@ -290,11 +290,13 @@ def test_what_does_not_fit_is_one_error_line(setup, build, needle):
     assert needle in str(e.value) and '\n' not in str(e.value)
 
 
-def test_verify_module_on_the_scratch_example(tmp_path, capsys):
+def test_verify_module_on_the_scratch_example(setup, tmp_path, capsys):
     """End to end: the teaching example maps with no adapter and stops at erf GELU (docs/harness.md runs the
     one-line fix to its PASS)."""
-    ckpt = REPO / 'tests' / 'reference' / 'tiny_token'
-    args = ['--module', '--checkpoint', str(ckpt / 'ckpt.npz'), '--input', str(ckpt / 'x.npy')]
+    params, x, _ = setup
+    weights.save_npz(str(tmp_path / 'ckpt.npz'), params)  # the tests' tiny config: its reference is compiled
+    np.save(tmp_path / 'x.npy', x)
+    args = ['--module', '--checkpoint', str(tmp_path / 'ckpt.npz'), '--input', str(tmp_path / 'x.npy')]
     assert verify.main([f'{REPO}/examples/scratch_vit.py:build', *args, '--json', str(tmp_path / 'a.json')]) == 1
     report = json.loads((tmp_path / 'a.json').read_text())  # the command whole, its child process included
     assert report['first_divergence'] == 'encoderblock_0' and 'erf_gelu' in causes(report)
@@ -353,3 +355,62 @@ def test_a_users_step_passes_or_is_named_by_its_habit(setup, smoothing):
         assert result['ok'], result['findings']
     else:
         assert result['first'] == 'loss' and [f['cause'] for f in result['findings']] == ['smoothing_others']
+
+
+# --------------------------------------------------------------------------- Flax models
+
+def flax_vit(config, layout='fused3', patch='conv', fault=None):
+    """A user's Flax (linen) ViT: its own names, a fused Dense qkv in either order or flax's own attention, a Conv
+    or a Dense patch embedding."""
+    import flax.linen as fnn
+    import jax.numpy as jnp
+
+    D, H, M, p = config['hidden_size'], config['num_heads'], config['mlp_dim'], config['patch_size']
+    gelu = (lambda v: fnn.gelu(v, approximate=False)) if fault == 'erf_gelu' else fnn.gelu
+
+    class Attention(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            if layout == 'mha':
+                return fnn.MultiHeadDotProductAttention(num_heads=H, qkv_features=D)(x, x)
+            B, N, _ = x.shape
+            qkv = fnn.Dense(3 * D, name='qkv')(x)
+            shape, axes = ((B, N, 3, H, D // H), (2, 0, 3, 1, 4)) if layout == 'fused3' else \
+                ((B, N, H, 3, D // H), (3, 0, 2, 1, 4))
+            q, k, v = jnp.transpose(qkv.reshape(shape), axes)  # each (B, H, N, Dh)
+            w = fnn.softmax((q / jnp.sqrt(D // H)) @ jnp.swapaxes(k, -1, -2))
+            return fnn.Dense(D, name='proj')(jnp.swapaxes(w @ v, 1, 2).reshape(B, N, D))
+
+    class Block(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            x = x + Attention()(fnn.LayerNorm(epsilon=1e-6)(x))
+            y = fnn.LayerNorm(epsilon=1e-6)(x)
+            return x + fnn.Dense(D)(gelu(fnn.Dense(M)(y)))
+
+    class ViT(fnn.Module):
+        @fnn.compact
+        def __call__(self, img):
+            B, h, w, C = img.shape
+            if patch == 'conv':
+                x = fnn.Conv(D, (p, p), strides=(p, p), padding='VALID')(img).reshape(B, -1, D)
+            else:
+                x = img.reshape(B, h // p, p, w // p, p, C).transpose(0, 1, 3, 5, 2, 4)  # (B, gh, gw, c, p1, p2)
+                x = fnn.Dense(D)(x.reshape(B, -1, p * p * C))
+            cls = self.param('cls', fnn.initializers.zeros, (1, 1, D))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, D)), x], 1)
+            x = x + self.param('pos_embedding', fnn.initializers.normal(0.02), (1, x.shape[1], D))
+            for _ in range(config['num_layers']):
+                x = Block()(x)
+            return fnn.Dense(config['num_classes'])(fnn.LayerNorm(epsilon=1e-6)(x)[:, 0])
+
+    return ViT()
+
+
+def test_flax_models_are_mapped_too(setup, tmp_path):
+    """flax's own attention and a Dense patch embedding over (c p1 p2) patches, with erf GELU planted."""
+    code, report = check(setup, tmp_path, build=lambda c: flax_vit(c, 'mha', 'dense', 'erf_gelu'))
+    assert report['unmapped'] == {'user': [], 'canonical': []}
+    assert code == 1 and report['first_divergence'] == 'encoderblock_0' and 'erf_gelu' in causes(report)
+    assert row(report, QUERY)['user'].endswith('MultiHeadDotProductAttention_0/query/kernel')
+    assert '(c p1 p2)' in row(report, 'embedding/kernel')['transform']

@@ -54,9 +54,9 @@ model (when FILE.py:FUNCTION is given too) runs on the reference's pixels. Witho
 FILE.py:FUNCTION only the pixels are compared, at --checkpoint's resolution or --image-size
 (default 224). --preprocess official|hf|timm instead picks the pipeline --images go through.
 
---module: FILE.py:BUILD instead, BUILD(config) -> your torch.nn.Module, config a dict of sizes
-(image_size, patch_size, hidden_size, num_layers, num_heads, mlp_dim, num_classes,
-classifier, representation_size). The mapping from the canonical parameters to yours is found
+--module: FILE.py:BUILD instead, BUILD(config) -> your torch.nn.Module (or flax.linen.Module),
+config a dict of sizes (image_size, patch_size, hidden_size, num_layers, num_heads, mlp_dim,
+num_classes, classifier, representation_size). The mapping from the canonical parameters to yours is found
 by structure and shape (the layouts shapes leave open are chosen by which reproduces the
 reference), printed, written to the JSON (mapping, unmapped) and the checkpoint is loaded
 through it; hooks on the blocks give the intermediates and sub-steps.
@@ -89,8 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     verdict.add_precision(parser, 'the precision your implementation computes in, which picks the tolerance '
                              '(default fp32)')
     parser.add_argument('--module', action='store_true',
-                        help='FILE.py:BUILD: BUILD(config) returns your own torch.nn.Module; the harness finds the '
-                             'mapping from the checkpoint to its parameters, loads it and hooks its blocks')
+                        help='FILE.py:BUILD: BUILD(config) returns your own torch.nn.Module or flax.linen.Module; '
+                             'the harness finds the mapping from the checkpoint to its parameters, loads it and hooks '
+                             'its blocks')
     parser.add_argument('--grad', action='store_true',
                         help="a training step too: with --module, your model's cross-entropy gradients; without, "
                              'FILE.py:STEP(params, images, labels) -> (loss, gradients by canonical name); compared '
