@@ -238,10 +238,95 @@ def _is(module, *kinds: str) -> bool:
     return isinstance(module, tuple(getattr(nn, k) for k in kinds))
 
 
+# Hand-written layers (TransformerLens-style W_Q, W_in, LayerNorm w and b): a module's own parameters, by shape.
+_SCALE = ('weight', 'w', 'gamma', 'scale', 'g')
+_SHIFT = ('bias', 'b', 'beta', 'shift')
+
+
+def _own(m) -> list[tuple[str, tuple[int, ...]]]:
+    return [(n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False)]
+
+
+def norm_params(m, D: int) -> Optional[tuple[Optional[str], Optional[str]]]:
+    """(scale, bias) parameter names when `m` is a LayerNorm over D features: torch's, or a hand-written leaf with a
+    (D,) scale and a (D,) bias under the usual names; None otherwise."""
+    if _is(m, 'LayerNorm'):
+        if tuple(m.normalized_shape) != (D,):
+            return None
+        return ('weight' if m.weight is not None else None), ('bias' if m.bias is not None else None)
+    own = _own(m)
+    if len(own) != 2 or any(shape != (D,) for _, shape in own) or _holds_params(m) or _is(m, 'Linear', 'Conv2d'):
+        return None
+    scale = next((n for n, _ in own if n.lower() in _SCALE), None)
+    bias = next((n for n, _ in own if n.lower() in _SHIFT), None)
+    return (scale, bias) if scale and bias else None
+
+
+def _holds_params(m) -> bool:
+    """Whether a submodule of `m` has parameters (hook points and activations do not)."""
+    return any(True for c in m.children() for _ in c.parameters())
+
+
+def _role(name: str) -> Optional[str]:
+    """'q', 'k' or 'v' from a parameter's name (W_Q, b_K, w_value, ...)."""
+    n = name.lower().replace('w_', '').replace('b_', '').strip('_')
+    for role, words in (('q', ('q', 'query')), ('k', ('k', 'key')), ('v', ('v', 'value'))):
+        if n in words:
+            return role
+    return None
+
+
+def raw_attention(m, cfg: ViTConfig) -> Optional[dict]:
+    """The parameter names of hand-written attention (three (H, D, Dh) projections, an (H, Dh, D) one, biases)."""
+    D, H, Dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    own = _own(m)
+    proj = [n for n, shape in own if shape == (H, D, Dh)]
+    out = [n for n, shape in own if shape == (H, Dh, D)]
+    if len(proj) != 3 or len(out) != 1:
+        return None
+    biases = [n for n, shape in own if shape == (H, Dh)]
+    roles = {_role(n): n for n in proj}
+    q, k, v = (roles['q'], roles['k'], roles['v']) if set(roles) == {'q', 'k', 'v'} else proj
+    found = {'q': q, 'k': k, 'v': v, 'out': out[0]}
+    broles = {_role(n): n for n in biases}
+    if set(broles) == {'q', 'k', 'v'}:
+        found.update(bq=broles['q'], bk=broles['k'], bv=broles['v'])
+    elif len(biases) == 3:
+        found.update(bq=biases[0], bk=biases[1], bv=biases[2])
+    out_bias = [n for n, shape in own if shape == (D,)]
+    if len(out_bias) == 1:
+        found['bout'] = out_bias[0]
+    return found
+
+
+def raw_linear(m, fan_in: int, fan_out: int) -> Optional[dict]:
+    """A hand-written dense layer: one (fan_in, fan_out) or (fan_out, fan_in) matrix and perhaps a (fan_out,) bias."""
+    own = _own(m)
+    mats = [(n, shape) for n, shape in own if len(shape) == 2]
+    if len(mats) != 1 or set(mats[0][1]) != {fan_in, fan_out} or _holds_params(m):
+        return None
+    bias = [n for n, shape in own if shape == (fan_out,)]
+    return {'w': mats[0][0], 'kernel_layout': mats[0][1] == (fan_in, fan_out), 'b': bias[0] if bias else None}
+
+
+def raw_mlp(m, cfg: ViTConfig) -> Optional[dict]:
+    """A hand-written MLP: (D, M) then (M, D) matrices (either layout, registration order), perhaps biases."""
+    D, M = cfg.hidden_size, cfg.mlp_dim
+    own = _own(m)
+    mats = [(n, shape) for n, shape in own if len(shape) == 2]
+    if len(mats) != 2 or {mats[0][1], mats[1][1]} not in ({(D, M), (M, D)}, {(D, M)}, {(M, D)}) or D == M:
+        return None
+    b_in = [n for n, shape in own if shape == (M,)]
+    b_out = [n for n, shape in own if shape == (D,)]
+    return {'w_in': mats[0][0], 'in_kernel': mats[0][1] == (D, M), 'w_out': mats[1][0],
+            'out_kernel': mats[1][1] == (M, D), 'b_in': b_in[0] if b_in else None,
+            'b_out': b_out[0] if b_out else None}
+
+
 def _describe_model(model) -> str:
     counts: dict[str, int] = {}
     for _, m in model.named_modules():
-        if not list(m.children()):
+        if any(True for _ in m.parameters(recurse=False)):
             counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
     return ', '.join(f'{k} x{v}' for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:6]) or 'no layers'
 
@@ -257,8 +342,9 @@ def find_blocks(model, cfg: ViTConfig, what: str) -> tuple[str, list]:
         kids = list(m.children())
         if not kids or len({type(k) for k in kids}) != 1:
             continue
-        holds = all(any(_is(s, 'LayerNorm') for s in k.modules()) and
-                    any(_is(s, 'Linear', 'MultiheadAttention') for s in k.modules()) for k in kids)
+        holds = all(any(norm_params(s, cfg.hidden_size) for s in k.modules()) and
+                    any(_is(s, 'Linear', 'MultiheadAttention') or raw_attention(s, cfg) for s in k.modules())
+                    for k in kids)
         if not holds:
             continue
         size = sum(p.numel() for p in m.parameters())
@@ -301,6 +387,9 @@ def _linear_shape(m) -> tuple[int, int]:
 def map_block(i: int, prefix: str, calls: Mapping[str, Call], cfg: ViTConfig, what: str) -> BlockParts:
     """Roles inside block i from the order its LayerNorms and Linears ran in and their shapes."""
     D, M = cfg.hidden_size, cfg.mlp_dim
+    raw = _map_raw_block(i, prefix, calls, cfg, what)
+    if raw is not None:
+        return raw
     seq = _executed(calls, prefix, ('LayerNorm', 'Linear', 'MultiheadAttention'))
     # nn.MultiheadAttention's out_proj never runs as a module: its weights are read by the functional call.
     seq = [c for c in seq if not any(_is(o.module, 'MultiheadAttention') and c.name.startswith(o.name + '.')
@@ -369,6 +458,27 @@ def map_block(i: int, prefix: str, calls: Mapping[str, Call], cfg: ViTConfig, wh
     return BlockParts(ln0, seq[lns[-1]].name, attention, seq[f1].name, seq[f2].name, out_module)
 
 
+def _map_raw_block(i: int, prefix: str, calls: Mapping[str, Call], cfg: ViTConfig, what: str
+                   ) -> Optional[BlockParts]:
+    """A block of hand-written layers (raw parameters, as TransformerLens-style code has them), or None."""
+    D = cfg.hidden_size
+    mine = sorted((c for n, c in calls.items() if n.startswith(prefix)), key=lambda c: c.order)
+    att = next((c for c in mine if raw_attention(c.module, cfg)), None)
+    if att is None:
+        return None
+    mlp = next((c for c in mine if c.order > att.order and raw_mlp(c.module, cfg)), None)
+    where = f'{what}: block {i} ({prefix.rstrip(".")})'
+    if mlp is None:
+        raise UserError(f'{where}: hand-written attention ({att.name[len(prefix):]}) but no MLP with ({D}, '
+                        f'{cfg.mlp_dim}) and ({cfg.mlp_dim}, {D}) weights after it')
+    ln0 = [c for c in mine if c.order < att.order and norm_params(c.module, D)]
+    ln1 = [c for c in mine if att.order < c.order < mlp.order and norm_params(c.module, D)]
+    if not ln0 or not ln1:
+        raise UserError(f'{where}: no LayerNorm over {D} features runs before the '
+                        f'{"attention" if not ln0 else "MLP"} (the official block is pre-norm)')
+    return BlockParts(ln0[-1].name, ln1[-1].name, {'kind': 'raw', 'module': att.name}, mlp.name, mlp.name, att.name)
+
+
 def _is_mlp_free(seq: list, k: int, D: int, M: int) -> bool:
     """The 4th D->D Linear ran before the MLP's first Linear: an out-projection, not an MLP of width D."""
     return not any(_is(c.module, 'Linear') and _linear_shape(c.module) == (D, M) for c in seq[:k])
@@ -423,11 +533,7 @@ def block_pieces(i: int, parts: BlockParts, model, cfg: ViTConfig, qkv_order: st
     out: list[Piece] = []
 
     def ln(which: str, name: str):
-        m = mods[name]
-        if m.weight is not None:
-            out.append(_reshaped(f'{base}{which}/scale', f'{name}.weight', (D,), (D,)))
-        if m.bias is not None:
-            out.append(_reshaped(f'{base}{which}/bias', f'{name}.bias', (D,), (D,)))
+        out.extend(_norm_pieces(f'{base}{which}', name, mods[name], D))
 
     def linear(canonical: str, name: str, kshape, fan_in: int, bshape):
         m = mods[name]
@@ -438,6 +544,9 @@ def block_pieces(i: int, parts: BlockParts, model, cfg: ViTConfig, qkv_order: st
     ln('LayerNorm_0', parts.ln0)
     a = parts.attention
     att = f'{base}{ATTN}/'
+    if a['kind'] == 'raw':
+        return out + _raw_block_pieces(base, parts, mods, cfg) + [
+            p for p in _norm_pieces(f'{base}LayerNorm_1', parts.ln1, mods[parts.ln1], D)]
     if a['kind'] == 'separate':
         for role, key in (('query', 'q'), ('key', 'k'), ('value', 'v')):
             linear(att + role, a[key], (D, H, Dh), 1, (H, Dh))
@@ -476,6 +585,46 @@ def block_pieces(i: int, parts: BlockParts, model, cfg: ViTConfig, qkv_order: st
     return out
 
 
+def _norm_pieces(canonical: str, name: str, m, D: int) -> list[Piece]:
+    scale, bias = norm_params(m, D)
+    return ([_reshaped(f'{canonical}/scale', f'{name}.{scale}', (D,), (D,))] if scale else []) + (
+        [_reshaped(f'{canonical}/bias', f'{name}.{bias}', (D,), (D,))] if bias else [])
+
+
+def _raw_dense(canonical: str, user: str, shape: tuple[int, int], kernel_layout: bool) -> Piece:
+    """A canonical (in, out) kernel into a hand-written matrix: as is, or transposed when it is stored (out, in)."""
+    if kernel_layout:
+        return _reshaped(canonical, user, shape, shape)
+    return Piece(canonical, user, 'kernel (in, out) -> (out, in), transposed', lambda a: np.asarray(a).T,
+                 lambda g: np.asarray(g).T)
+
+
+def _raw_block_pieces(base: str, parts: BlockParts, mods: Mapping, cfg: ViTConfig) -> list[Piece]:
+    """The attention and MLP of a block of hand-written layers (`_map_raw_block`)."""
+    D, H, Dh, M = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    name = parts.attention['module']
+    a = raw_attention(mods[name], cfg)
+    att = f'{base}{ATTN}/'
+    out = []
+    for role, key in (('query', 'q'), ('key', 'k'), ('value', 'v')):
+        out.append(Piece(f'{att}{role}/kernel', f'{name}.{a[key]}', 'kernel (D, H, Dh) -> (H, D, Dh)',
+                         lambda k: np.asarray(k).transpose(1, 0, 2), lambda g: np.asarray(g).transpose(1, 0, 2)))
+        if f'b{key}' in a:
+            out.append(_reshaped(f'{att}{role}/bias', f'{name}.{a["b" + key]}', (H, Dh), (H, Dh)))
+    out.append(_reshaped(f'{att}out/kernel', f'{name}.{a["out"]}', (H, Dh, D), (H, Dh, D)))
+    if 'bout' in a:
+        out.append(_reshaped(f'{att}out/bias', f'{name}.{a["bout"]}', (D,), (D,)))
+    m = raw_mlp(mods[parts.fc1], cfg)
+    mlp = f'{base}MlpBlock_0/'
+    out.append(_raw_dense(f'{mlp}Dense_0/kernel', f'{parts.fc1}.{m["w_in"]}', (D, M), m['in_kernel']))
+    if m['b_in']:
+        out.append(_reshaped(f'{mlp}Dense_0/bias', f'{parts.fc1}.{m["b_in"]}', (M,), (M,)))
+    out.append(_raw_dense(f'{mlp}Dense_1/kernel', f'{parts.fc1}.{m["w_out"]}', (M, D), m['out_kernel']))
+    if m['b_out']:
+        out.append(_reshaped(f'{mlp}Dense_1/bias', f'{parts.fc1}.{m["b_out"]}', (D,), (D,)))
+    return out
+
+
 def _interleaved(s: int, H: int, Dh: int) -> np.ndarray:
     """Row indices of slot s (q 0, k 1, v 2) of a fused weight laid out (H, 3, Dh)."""
     return (np.arange(H)[:, None] * 3 * Dh + s * Dh + np.arange(Dh)[None, :]).reshape(-1)
@@ -494,7 +643,7 @@ class Outer:
     posemb: Optional[str]
 
 
-def map_outer(model, calls: Mapping[str, Call], blocks_name: str, cfg: ViTConfig, what: str) -> Outer:
+def map_outer(model, calls: Mapping[str, Call], blocks_name: str, cfg: ViTConfig, what: str, output=None) -> Outer:
     D, p = cfg.hidden_size, cfg.patch_size[0]
     prefix = f'{blocks_name}.' if blocks_name else ''
     inside = lambda n: n.startswith(prefix) and n != blocks_name  # noqa: E731
@@ -510,15 +659,17 @@ def map_outer(model, calls: Mapping[str, Call], blocks_name: str, cfg: ViTConfig
         raise UserError(f'{what}: no patch embedding found before the blocks: expected a Conv2d(3, {D}, '
                         f'kernel_size={p}, stride={p}) or a Linear({p * p * 3}, {D}) over flattened {p}x{p} patches '
                         f'(your model: {_describe_model(model)})')
-    lns = [c for c in after if _is(c.module, 'LayerNorm') and tuple(c.module.normalized_shape) == (D,)]
+    lns = [c for c in after if norm_params(c.module, D)]
     if not lns:
         raise UserError(f'{what}: no final LayerNorm({D}) runs after the blocks (the official encoder ends with one)')
     C, R = cfg.num_classes, cfg.representation_size
     linears = [c for c in after if _is(c.module, 'Linear') and c.order > lns[0].order]
-    head = [c for c in linears if _linear_shape(c.module) == (R or D, C)]
+    head = [c for c in linears if _linear_shape(c.module) == (R or D, C)] or [
+        c for c in after if c.order > lns[0].order and raw_linear(c.module, R or D, C)]
     if not head:
-        raise UserError(f'{what}: no head Linear({R or D}, {C}) after the final LayerNorm (the checkpoint has '
-                        f'{C} classes)')
+        raise UserError(f'{what}: no head Linear({R or D}, {C}) runs after the final LayerNorm (the checkpoint has '
+                        f'{C} classes); BUILD\'s model must return the logits'
+                        + (f' (it returned shape {tuple(output.shape)})' if output is not None else ''))
     pre = None
     if R is not None:
         pre_c = [c for c in linears if _linear_shape(c.module) == (D, R) and c.order < head[-1].order]
@@ -538,7 +689,8 @@ def _tokens(model, cfg: ViTConfig, what: str) -> tuple[Optional[str], Optional[s
     n_pos = cfg.num_tokens
     loose = []
     for mname, m in model.named_modules():
-        if _is(m, 'Linear', 'LayerNorm', 'Conv2d', 'MultiheadAttention'):
+        layer = _is(m, 'Linear', 'LayerNorm', 'Conv2d', 'MultiheadAttention') or norm_params(m, D)
+        if layer or raw_attention(m, cfg) or raw_mlp(m, cfg) or raw_linear(m, D, cfg.num_classes):
             continue
         for pname, t in m.named_parameters(recurse=False):
             loose.append((f'{mname}.{pname}' if mname else pname, tuple(t.shape)))
@@ -581,16 +733,18 @@ def outer_pieces(model, outer: Outer, cfg: ViTConfig, patch_order: str) -> list[
     if outer.cls:
         out.append(_reshaped('cls', outer.cls, (1, 1, D), shapes[outer.cls]))
     out.append(_reshaped(POSEMB, outer.posemb, (1, cfg.num_tokens, D), shapes[outer.posemb]))
-    norm = mods[outer.final_ln]
-    if norm.weight is not None:
-        out.append(_reshaped('Transformer/encoder_norm/scale', f'{outer.final_ln}.weight', (D,), (D,)))
-    if norm.bias is not None:
-        out.append(_reshaped('Transformer/encoder_norm/bias', f'{outer.final_ln}.bias', (D,), (D,)))
+    out += _norm_pieces('Transformer/encoder_norm', outer.final_ln, mods[outer.final_ln], D)
     R = cfg.representation_size
     if outer.pre_logits:
         out.append(_dense('pre_logits/kernel', f'{outer.pre_logits}.weight', (D, R), 1))
         if mods[outer.pre_logits].bias is not None:
             out.append(_reshaped('pre_logits/bias', f'{outer.pre_logits}.bias', (R,), (R,)))
+    head = raw_linear(mods[outer.head], R or D, C) if not _is(mods[outer.head], 'Linear') else None
+    if head is not None:
+        out.append(_raw_dense('head/kernel', f'{outer.head}.{head["w"]}', (R or D, C), head['kernel_layout']))
+        if head['b']:
+            out.append(_reshaped('head/bias', f'{outer.head}.{head["b"]}', (C,), (C,)))
+        return out
     out.append(_dense('head/kernel', f'{outer.head}.weight', (R or D, C), 1))
     if mods[outer.head].bias is not None:
         out.append(_reshaped('head/bias', f'{outer.head}.bias', (C,), (C,)))
@@ -736,10 +890,10 @@ def map_model(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.nda
     if not isinstance(model, torch.nn.Module):
         raise UserError(f'{what} returned {type(model).__name__}, not a torch.nn.Module or a flax.linen.Module; '
                         '--module takes those (for anything else write FUNCTION(params, x), docs/harness.md)')
-    model = model.float().eval()
+    model = model.float().cpu().eval()  # verify's child runs on the CPU, in float32
     x_nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     try:
-        calls, _ = trace(model, x_nchw)
+        calls, traced = trace(model, x_nchw)
     except Exception as e:  # the user's forward pass failed before any weight was loaded
         raise UserError(f'{what}: your model\'s forward pass on a ({", ".join(map(str, x_nchw.shape))}) NCHW batch '
                         f'raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
@@ -747,7 +901,7 @@ def map_model(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.nda
     names = {id(m): n for n, m in model.named_modules()}
     blocks = [names[id(k)] for k in kids]
     parts = [map_block(i, f'{b}.', calls, cfg, what) for i, b in enumerate(blocks)]
-    outer = map_outer(model, calls, blocks_name, cfg, what)
+    outer = map_outer(model, calls, blocks_name, cfg, what, _first_tensor(traced))
     entries = [b if b in calls else min((c for n, c in calls.items() if n.startswith(f'{b}.')),
                                         key=lambda c: c.order).name for b in blocks]
     s = Structure(blocks_name, blocks, parts, outer, entries)
