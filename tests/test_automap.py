@@ -168,6 +168,75 @@ class LucidStyleViT(nn.Module):
         return self.mlp_head(self.norm(x)[:, 0])
 
 
+class RawNorm(nn.Module):
+    def __init__(self, D, eps=1e-6):
+        super().__init__()
+        self.w, self.b, self.eps = nn.Parameter(torch.ones(D)), nn.Parameter(torch.zeros(D)), eps
+
+    def forward(self, x):
+        x = x - x.mean(-1, keepdim=True)
+        return x / (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt() * self.w + self.b
+
+
+class RawAttention(nn.Module):
+    def __init__(self, D, H):
+        super().__init__()
+        Dh = D // H
+        self.W_Q, self.W_K, self.W_V = (nn.Parameter(torch.randn(H, D, Dh)) for _ in range(3))
+        self.W_O = nn.Parameter(torch.randn(H, Dh, D))
+        self.b_Q, self.b_K, self.b_V = (nn.Parameter(torch.zeros(H, Dh)) for _ in range(3))
+        self.b_O = nn.Parameter(torch.zeros(D))
+
+    def forward(self, x):
+        q, k, v = (torch.einsum('bnd,hde->bhne', x, w) + b[:, None] for w, b in
+                   ((self.W_Q, self.b_Q), (self.W_K, self.b_K), (self.W_V, self.b_V)))
+        w = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        return torch.einsum('bhne,hed->bnd', w @ v, self.W_O) + self.b_O
+
+
+class RawMLP(nn.Module):
+    def __init__(self, D, M):
+        super().__init__()
+        self.W_in, self.b_in = nn.Parameter(torch.randn(D, M)), nn.Parameter(torch.zeros(M))
+        self.W_out, self.b_out = nn.Parameter(torch.randn(M, D)), nn.Parameter(torch.zeros(D))
+
+    def forward(self, x):
+        return F.gelu(x @ self.W_in + self.b_in, approximate='tanh') @ self.W_out + self.b_out
+
+
+class RawBlock(nn.Module):
+    def __init__(self, D, H, M):
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = RawNorm(D), RawAttention(D, H), RawNorm(D), RawMLP(D, M)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class RawViT(nn.Module):
+    """TransformerLens-style (as vit-prisma writes it): every projection a raw parameter, einsum, a hand-written
+    LayerNorm with w and b, a head W_H of (D, C)."""
+
+    def __init__(self, config):
+        super().__init__()
+        D, p, C = config['hidden_size'], config['patch_size'], config['num_classes']
+        self.embed = nn.Conv2d(3, D, p, p)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.W_pos = nn.Parameter(torch.zeros((config['image_size'] // p) ** 2 + 1, D))
+        self.blocks = nn.ModuleList(RawBlock(D, config['num_heads'], config['mlp_dim'])
+                                    for _ in range(config['num_layers']))
+        self.ln_final = RawNorm(D)
+        self.W_H, self.b_H = nn.Parameter(torch.randn(D, C)), nn.Parameter(torch.zeros(C))
+
+    def forward(self, img):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.W_pos
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_final(x)[:, 0] @ self.W_H + self.b_H
+
+
 class CNN(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -264,6 +333,15 @@ def test_blocks_that_never_run_as_modules_are_read_around(setup, tmp_path):
                      'logits']
     assert row(report, 'Transformer/posembed_input/pos_embedding')['user'] == 'pos.weight'
     assert row(report, 'head/kernel')['user'] == 'mlp_head.weight'
+
+
+def test_hand_written_layers_are_mapped(setup, tmp_path):
+    """Raw parameters (W_Q (H, D, Dh), W_in (D, M), LayerNorm w and b) as TransformerLens-style code has them."""
+    code, report = check(setup, tmp_path, build=RawViT)
+    assert code == 0 and report['ok'] and report['unmapped'] == {'user': [], 'canonical': []}, report['diagnosis']
+    assert row(report, QUERY) == {'canonical': QUERY, 'user': 'blocks.1.attn.W_Q',
+                                  'transform': 'kernel (D, H, Dh) -> (H, D, Dh)'}
+    assert row(report, 'Transformer/encoder_norm/scale')['user'] == 'ln_final.w'
 
 
 def test_patch_tokens_in_column_order_are_named(setup, tmp_path):

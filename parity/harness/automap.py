@@ -299,11 +299,12 @@ def raw_attention(m, cfg: ViTConfig) -> Optional[dict]:
     return found
 
 
-def raw_linear(m, fan_in: int, fan_out: int) -> Optional[dict]:
-    """A hand-written dense layer: one (fan_in, fan_out) or (fan_out, fan_in) matrix and perhaps a (fan_out,) bias."""
+def raw_linear(m, fan_in: int, fan_out: int, leaf: bool = True) -> Optional[dict]:
+    """A hand-written dense layer: one (fan_in, fan_out) or (fan_out, fan_in) matrix and perhaps a (fan_out,) bias
+    (`leaf=False`: among the model's own parameters, its submodules aside)."""
     own = _own(m)
-    mats = [(n, shape) for n, shape in own if len(shape) == 2]
-    if len(mats) != 1 or set(mats[0][1]) != {fan_in, fan_out} or _holds_params(m):
+    mats = [(n, shape) for n, shape in own if len(shape) == 2 and set(shape) == {fan_in, fan_out}]
+    if len(mats) != 1 or (leaf and (_holds_params(m) or len([s for _, s in own if len(s) == 2]) != 1)):
         return None
     bias = [n for n, shape in own if shape == (fan_out,)]
     return {'w': mats[0][0], 'kernel_layout': mats[0][1] == (fan_in, fan_out), 'b': bias[0] if bias else None}
@@ -666,6 +667,8 @@ def map_outer(model, calls: Mapping[str, Call], blocks_name: str, cfg: ViTConfig
     linears = [c for c in after if _is(c.module, 'Linear') and c.order > lns[0].order]
     head = [c for c in linears if _linear_shape(c.module) == (R or D, C)] or [
         c for c in after if c.order > lns[0].order and raw_linear(c.module, R or D, C)]
+    if not head and R is None and raw_linear(model, D, C, leaf=False):  # the head's weights on the model itself
+        head = [Call('', model, 1 << 30, (), None)]
     if not head:
         raise UserError(f'{what}: no head Linear({R or D}, {C}) runs after the final LayerNorm (the checkpoint has '
                         f'{C} classes); BUILD\'s model must return the logits'
@@ -739,11 +742,13 @@ def outer_pieces(model, outer: Outer, cfg: ViTConfig, patch_order: str) -> list[
         out.append(_dense('pre_logits/kernel', f'{outer.pre_logits}.weight', (D, R), 1))
         if mods[outer.pre_logits].bias is not None:
             out.append(_reshaped('pre_logits/bias', f'{outer.pre_logits}.bias', (R,), (R,)))
-    head = raw_linear(mods[outer.head], R or D, C) if not _is(mods[outer.head], 'Linear') else None
+    head = raw_linear(mods[outer.head], R or D, C, leaf=bool(outer.head)) if not _is(mods[outer.head], 'Linear') \
+        else None
     if head is not None:
-        out.append(_raw_dense('head/kernel', f'{outer.head}.{head["w"]}', (R or D, C), head['kernel_layout']))
+        where = f'{outer.head}.' if outer.head else ''
+        out.append(_raw_dense('head/kernel', f'{where}{head["w"]}', (R or D, C), head['kernel_layout']))
         if head['b']:
-            out.append(_reshaped('head/bias', f'{outer.head}.{head["b"]}', (C,), (C,)))
+            out.append(_reshaped('head/bias', f'{where}{head["b"]}', (C,), (C,)))
         return out
     out.append(_dense('head/kernel', f'{outer.head}.weight', (R or D, C), 1))
     if mods[outer.head].bias is not None:
@@ -788,7 +793,8 @@ def taps(s: Structure, cfg: ViTConfig) -> list[tuple[str, str, str]]:
         out += [(key(ATTN), parts.out_module, 'output')] if parts.out_module else []
         out += [(key('LayerNorm_1'), parts.ln1, 'output'), (key('MlpBlock_0'), parts.fc2, 'output'),
                 (f'encoderblock_{i}', *s.block_io(i)[1])]
-    out += [('encoder_norm', s.outer.final_ln, 'output'), ('pre_logits', s.outer.head, 'input')]
+    out += [('encoder_norm', s.outer.final_ln, 'output')]
+    out += [('pre_logits', s.outer.head, 'input')] if s.outer.head else []  # a head on the model itself: no hook
     return out
 
 
