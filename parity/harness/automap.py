@@ -1005,8 +1005,10 @@ def run_job(build: Callable, spec: str, job: Mapping, params: Mapping[str, np.nd
     if 'step' in job:  # FILE.py:STEP --grad: the user's own training step
         from parity.harness import stepcheck
 
-        loss, grads, notes = stepcheck.user_step(build, spec, params, x, np.asarray(job['step']['labels'], np.int64))
-        out, fields = stepcheck.as_outputs(loss, grads)
+        loss, grads, after, notes = stepcheck.user_step(build, spec, params, x,
+                                                        np.asarray(job['step']['labels'], np.int64),
+                                                        bool(job['step'].get('updated')))
+        out, fields = stepcheck.as_outputs(loss, grads, after)
         return out, notes, fields
     cfg = ViTConfig.from_official_dict(dict(job['config']), 'job.json')
     return run_module(build, spec, cfg, params, x, job.get('grad'))

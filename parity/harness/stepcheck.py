@@ -57,9 +57,10 @@ def module_step(mapped, labels: np.ndarray, label_smoothing: float, x: np.ndarra
     return float(loss.item()), mapped.mapping.gradients(model)
 
 
-def user_step(fn: Callable, spec: str, params: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarray
-              ) -> tuple[float, dict[str, np.ndarray], list[str]]:
-    """STEP(params, images, labels) on copies: (loss, gradients by canonical name, notes)."""
+def user_step(fn: Callable, spec: str, params: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarray,
+              updated: bool = False) -> tuple[float, dict[str, np.ndarray], Optional[dict], list[str]]:
+    """STEP(params, images, labels) on copies: (loss, gradients by canonical name, the updated parameters when
+    `updated` (--optimizer: STEP returns them third), notes)."""
     from parity.harness.counterparts import _beside, _where, to_numpy
 
     path = getattr(fn, '_parity_path', spec)
@@ -69,38 +70,56 @@ def user_step(fn: Callable, spec: str, params: Mapping[str, np.ndarray], x: np.n
                         np.array(labels, np.int64))
         except Exception as e:  # the step under test failed; say where, in one line
             raise UserError(f'{spec} raised {_where(e, path)}') from None
-    if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[1], Mapping)):
-        raise UserError(f'{spec} returned {type(result).__name__}; STEP(params, images, labels) returns '
-                        '(loss, gradients), gradients a dict by canonical parameter name')
+    n = 3 if updated else 2
+    if not (isinstance(result, (tuple, list)) and len(result) == n and all(isinstance(r, Mapping)
+                                                                          for r in result[1:])):
+        raise UserError(f'{spec} returned {type(result).__name__}'
+                        + (f' of {len(result)}' if isinstance(result, (tuple, list)) else '')
+                        + '; STEP(params, images, labels) returns (loss, gradients'
+                        + (', updated parameters' if updated else '') + '), each a dict by canonical parameter name'
+                        + (' (--optimizer: the parameters after one update, third)' if updated else ''))
     try:
         loss = float(np.asarray(to_numpy(result[0])).reshape(()))
     except (TypeError, ValueError, RuntimeError):
         raise UserError(f'{spec}: the loss it returned is not one number') from None
-    known, grads, notes = set(params), {}, []
-    for k, v in result[1].items():
-        if k not in known:
-            notes.append(f'{k!r} is not a parameter of this model; ignored')
-            continue
-        try:
-            grads[k] = to_numpy(v).astype(np.float64)
-        except (TypeError, ValueError, RuntimeError) as e:
-            notes.append(f'gradient {k!r}: not an array ({type(e).__name__}), ignored')
-    return loss, grads, notes
+    notes: list[str] = []
+
+    def arrays(tree: Mapping, what: str) -> dict[str, np.ndarray]:
+        out = {}
+        for k, v in tree.items():
+            if k not in params:
+                notes.append(f'{what} {k!r}: not a parameter of this model; ignored')
+                continue
+            try:
+                out[k] = to_numpy(v).astype(np.float64)
+            except (TypeError, ValueError, RuntimeError) as e:
+                notes.append(f'{what} {k!r}: not an array ({type(e).__name__}), ignored')
+        return out
+
+    return loss, arrays(result[1], 'gradient'), arrays(result[2], 'updated') if updated else None, notes
 
 
-def as_outputs(loss: float, grads: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
-    """What the child writes: the gradients under GRAD-prefixed keys, the loss in the report."""
-    return {GRAD + k: v for k, v in grads.items()}, {'loss': loss}
+UPDATED = 'updated/'  # the prefix of updated parameters among what the child returns
+
+
+def as_outputs(loss: float, grads: Mapping[str, np.ndarray], after: Optional[Mapping[str, np.ndarray]] = None
+               ) -> tuple[dict[str, np.ndarray], dict]:
+    """What the child writes: gradients (and updated parameters) under prefixed keys, the loss in the report."""
+    out = {GRAD + k: v for k, v in grads.items()}
+    out.update({UPDATED + k: v for k, v in (after or {}).items()})
+    return out, {'loss': loss}
 
 
 # --------------------------------------------------------------------------- in the parent
 
-def settings_for(label_smoothing: float):
-    """vit_jax.train's settings for one step of `parity grad` with this label smoothing, nothing else changed."""
+def settings_for(label_smoothing: float, optimizer: Optional[str] = None, lr: Optional[float] = None,
+                 weight_decay: Optional[float] = None):
+    """vit_jax.train's settings for one step of `parity grad` with this label smoothing (and optimizer), nothing
+    else changed."""
     from parity.harness import grad
 
     ns = argparse.Namespace(**{name: None for name in grad.SHARED_FLAGS}, steps=1)
-    ns.label_smoothing = label_smoothing
+    ns.label_smoothing, ns.optimizer, ns.lr, ns.weight_decay = label_smoothing, optimizer, lr, weight_decay
     return grad.step_settings(ns, 0)
 
 
@@ -157,33 +176,91 @@ def _rows(cfg: ViTConfig, ref: tuple[float, dict], loss: float, grads: Mapping[s
 
 
 def compare(cfg: ViTConfig, params, x, labels, label_smoothing: float, loss: float,
-            grads: Mapping[str, np.ndarray]) -> dict:
-    """The candidate's loss and gradients against vit_jax's: rows, verdict, first divergence and findings."""
+            grads: Mapping[str, np.ndarray], after: Optional[Mapping[str, np.ndarray]] = None,
+            optimizer: Optional[Mapping] = None) -> dict:
+    """The candidate's loss and gradients (and, given `after` and `optimizer` {'optimizer', 'lr', 'weight_decay'},
+    its updated parameters) against vit_jax's: rows, verdict, first divergence and findings."""
     from parity.harness import grad
 
-    s = settings_for(label_smoothing)
+    s = settings_for(label_smoothing, **(optimizer or {}))
     ref = reference_step(cfg, params, x, labels, s)
     loss_row, rows = _rows(cfg, ref, loss, grads)
+    updated = _update_rows(cfg, reference_update(cfg, params, grads, s), after) if after is not None else []
     origin = next((f'grad/{r["name"]}' for r in reversed(rows) if not r['ok']), None)
-    first = 'loss' if not loss_row['ok'] else origin
+    first = 'loss' if not loss_row['ok'] else origin or next(
+        (f'updated/{r["name"]}' for r in updated if not r['ok']), None)
     findings = []
     if first:
         for name in grad.applicable(s, 0):
+            if name in ('decay_all', 'eps_inside'):
+                if after is not None and loss_row['ok'] and not origin and all(
+                        r['ok'] for r in _update_rows(cfg, reference_update(cfg, params, grads, s, name), after)):
+                    findings.append(diagnosis.finding('cause', 'optimizer', grad.DEVIATIONS[name], cause=name))
+                continue
             alt_loss, alt_rows = _rows(cfg, reference_step(cfg, params, x, labels, s, name), loss, grads)
             if alt_loss['ok'] and all(r['ok'] for r in alt_rows):
                 findings.append(diagnosis.finding('cause', 'loss', grad.DEVIATIONS[name], cause=name))
         if not findings:
-            missing = [r['name'] for r in rows if r.get('note') == 'not returned']
+            missing = [r['name'] for r in rows + updated if r.get('note') == 'not returned']
             if missing:
-                findings.append(diagnosis.finding('localisation', first, f'no gradient for {", ".join(missing)}'))
+                findings.append(diagnosis.finding('localisation', first, f'not returned: {", ".join(missing)}'))
             elif origin and loss_row['ok']:
                 findings.append(diagnosis.finding('localisation', origin, 'the loss agrees; the backward pass parts '
                                                   f'first (nearest the loss) at {origin[len(GRAD):]}'))
+            elif first.startswith('updated/'):
+                findings.append(diagnosis.finding('unexplained', first, 'the loss and gradients agree and the update '
+                                                  'parts; no known optimizer habit reproduces it'))
             else:
                 findings.append(diagnosis.finding('unexplained', 'loss', 'the loss differs and no known habit '
                                                   '(label smoothing over C - 1) reproduces it'))
-    return {'reference_loss': ref[0], 'candidate_loss': loss, 'loss_row': loss_row, 'rows': rows, 'first': first,
-            'ok': first is None, 'findings': findings, 'label_smoothing': label_smoothing}
+    return {'reference_loss': ref[0], 'candidate_loss': loss, 'loss_row': loss_row, 'rows': rows,
+            'updated': updated, 'first': first, 'ok': first is None, 'findings': findings,
+            'label_smoothing': label_smoothing, 'optimizer': dict(optimizer) if optimizer else None}
+
+
+def reference_update(cfg: ViTConfig, params, grads, s, deviation: Optional[str] = None) -> dict[str, np.ndarray]:
+    """vit_jax's optimizer (`vit_jax.objective.make_optimizer`, as `grad.jax_steps` builds it) applied once to the
+    candidate's own gradients, from a fresh state: the parameters after one update."""
+    from vit_jax.params import params_from_variables, variables_from_params
+
+    tree = variables_from_params({k: np.asarray(v, np.float32) for k, v in params.items()})['params']
+    g = variables_from_params({k: np.asarray(grads.get(k, np.zeros_like(v)), np.float32)
+                               for k, v in params.items()})['params']
+    return params_from_variables({'params': _update(s, deviation)(tree, g)})
+
+
+@functools.lru_cache(maxsize=8)
+def _update(s, deviation: Optional[str]) -> Callable:
+    """One jitted optimizer update of settings `s` (or a `grad.DEVIATIONS` habit), compiled once per process."""
+    import dataclasses
+
+    import jax
+    import optax
+
+    from vit_jax import objective
+
+    tx, _ = objective.make_optimizer(dataclasses.replace(s, weight_decay_on='all') if deviation == 'decay_all' else s,
+                                     eps_root=1e-8 if deviation == 'eps_inside' else 0.0)
+
+    @jax.jit
+    def update(tree, g):
+        updates, _ = tx.update(g, tx.init(tree), tree)
+        return optax.apply_updates(tree, updates)
+
+    return update
+
+
+def _update_rows(cfg: ViTConfig, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> list[dict]:
+    pol = tolerance.policy('fp32')
+    out = []
+    for k in weights.param_shapes(cfg):
+        if k in got and np.shape(got[k]) == np.shape(ref[k]):
+            out.append(tolerance.measure(k, ref[k], got[k], pol.rtol))
+        else:
+            out.append({'name': k, 'shape': list(np.shape(ref[k])), 'max_abs_diff': None, 'rel_diff': None,
+                        'cosine': None, 'bound': 0.0, 'ok': False,
+                        'note': 'not returned' if k not in got else f'shape {np.shape(got[k])}'})
+    return out
 
 
 def lines(result: dict) -> list[str]:
@@ -198,20 +275,26 @@ def lines(result: dict) -> list[str]:
     def num(v, fmt='.2e'):
         return '-' if v is None else format(v, fmt)
 
+    updated = {r['name']: r for r in result.get('updated') or []}
+    if updated:
+        out[-1] += f'  {"update max-abs":>14}'
     for r in result['rows']:
-        mark = 'ok' if r['ok'] else 'FAIL'
-        if result['first'] == f'grad/{r["name"]}':
-            mark += '   <- first divergence (nearest the loss)'
-        mark += f'  ({r["note"]})' if 'note' in r else ''
+        u = updated.get(r['name'])
+        mark = 'ok' if r['ok'] and (u is None or u['ok']) else 'FAIL'
+        if result['first'] in (f'grad/{r["name"]}', f'updated/{r["name"]}'):
+            mark += '   <- first divergence' + (' (nearest the loss)' if result['first'].startswith('grad/') else '')
+        mark += f'  ({r["note"]})' if 'note' in r else f'  (update: {u["note"]})' if u and 'note' in u else ''
+        update = f'  {num(u["max_abs_diff"]):>14}' if u else ''
         out.append(f'{r["name"]:<{width}}  {num(r["max_abs_diff"]):>9}  {num(r["rel_diff"]):>9}  '
-                   f'{num(r["cosine"], ".7f"):>10}  {r["bound"]:>9.1e}  {mark}')
+                   f'{num(r["cosine"], ".7f"):>10}  {r["bound"]:>9.1e}{update}  {mark}')
     return out
 
 
-def split(candidate: dict[str, Any]) -> tuple[dict, dict]:
-    """(forward intermediates, gradients by canonical name) of what the child returned."""
-    return ({k: v for k, v in candidate.items() if not k.startswith(GRAD)},
-            {k[len(GRAD):]: v for k, v in candidate.items() if k.startswith(GRAD)})
+def split(candidate: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """(forward intermediates, gradients, updated parameters by canonical name) of what the child returned."""
+    return ({k: v for k, v in candidate.items() if not k.startswith((GRAD, UPDATED))},
+            {k[len(GRAD):]: v for k, v in candidate.items() if k.startswith(GRAD)},
+            {k[len(UPDATED):]: v for k, v in candidate.items() if k.startswith(UPDATED)})
 
 
 def json_fields(result: dict) -> dict:
@@ -219,4 +302,6 @@ def json_fields(result: dict) -> dict:
     row = result['loss_row']
     return {'loss': {'reference': result['reference_loss'], 'candidate': result['candidate_loss'],
                      'abs_diff': row['max_abs_diff'], 'ok': row['ok']},
-            'gradients': result['rows'], 'label_smoothing': result['label_smoothing']}
+            'gradients': result['rows'], 'label_smoothing': result['label_smoothing'],
+            **({'updated_params': result['updated'], 'optimizer': result['optimizer']}
+               if result.get('updated') else {})}

@@ -28,6 +28,8 @@ from parity.data import images, preprocess
 from parity.harness import automap, child, counterparts, grad, pixels, stepcheck, verdict
 from parity.harness.verdict import REFERENCE
 
+STEP_FLAGS = ('label_smoothing', 'optimizer', 'lr', 'weight_decay')  # vit_jax.train's declarations, via --grad
+
 HELP = f"""\
 Verifies your own ViT implementation, in any framework, against the reference
 ({REFERENCE}).
@@ -63,6 +65,8 @@ through it; hooks on the blocks give the intermediates and sub-steps.
 --grad: a training step too: with --module your model's cross-entropy gradients read back
 into canonical names; without it FILE.py:STEP(params, images, labels) -> (loss, gradients by
 canonical name). Compared with vit_jax.train's objective under parity grad's tolerance.
+--optimizer sgd|adamw|adam (--lr, --weight-decay), with FILE.py:STEP --grad: STEP returns the
+parameters after one update third; compared with vit_jax's optimizer fed STEP's gradients.
 
 Example: python -m parity verify examples/numpy_vit.py:vit --checkpoint ckpt.npz --input x.npy
          python -m parity verify examples/scratch_vit.py:build --module --checkpoint ckpt.npz
@@ -98,14 +102,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "with vit_jax.train's objective on the same batch, parity grad's tolerance")
     parser.add_argument('--labels', metavar='L.npy', help='with --grad: integer class per image (default: seeded '
                         'random)')
-    settings.add_flags(parser, ('label_smoothing',))
+    settings.add_flags(parser, STEP_FLAGS)
     parser.add_argument('--timeout', type=cli.positive_float, default=child.DEFAULT_TIMEOUT, metavar='SECONDS',
                         help=f'how long your function may take, import included (default {child.DEFAULT_TIMEOUT:g})')
     args = parser.parse_args(argv)
-    settings.check_ranges(args, ('label_smoothing',))
+    settings.check_ranges(args, STEP_FLAGS)
     runtime.strict_float32()
-    if (args.labels or args.label_smoothing is not None) and not args.grad:
-        raise UserError('verify: --labels and --label-smoothing belong to --grad (a training step); add --grad')
+    step_flags = [f for f in STEP_FLAGS if getattr(args, f) is not None]
+    if (args.labels or step_flags) and not args.grad:
+        raise UserError('verify: --labels, --label-smoothing, --optimizer, --lr and --weight-decay belong to --grad '
+                        '(a training step); add --grad')
+    optimizer = {f: getattr(args, f) for f in ('optimizer', 'lr', 'weight_decay')}
+    if any(v is not None for v in optimizer.values()) and args.module:
+        raise UserError('verify --module: --optimizer, --lr and --weight-decay check your own update, which a model '
+                        'does not carry; write FILE.py:STEP(params, images, labels) -> (loss, gradients, updated '
+                        'parameters) and pass it with --grad --optimizer')
 
     user = _user_preprocess(args)
     if args.function is None:
@@ -127,7 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.grad and not cfg.num_classes:
         raise UserError(f'{args.checkpoint}: --grad trains a classifier; this checkpoint has no head')
     if args.grad and not args.module:
-        return step_only(args, cfg, params, x, batch, labels, smoothing)
+        return step_only(args, cfg, params, x, batch, labels, smoothing,
+                         optimizer if any(v is not None for v in optimizer.values()) else None)
     extra, preamble, structural = {}, [], None
     if args.module:
         automap.check_config(cfg)
@@ -135,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.grad:
             job['grad'] = {'labels': labels.tolist(), 'label_smoothing': smoothing}
         candidate, notes, extra = child.run_module_isolated(args.function, params, x, job, args.timeout)
-        candidate, grads = stepcheck.split(candidate)
+        candidate, grads, _ = stepcheck.split(candidate)
         if args.grad:
             extra['training'] = stepcheck.compare(cfg, params, x, labels, smoothing, extra.pop('loss'), grads)
         preamble = ['mapping (canonical <- yours):'] + automap.table_lines(extra['mapping']) + ['']
@@ -212,18 +224,21 @@ def pixels_only(args, user: tuple[str, Callable]) -> int:
     return 0 if row['ok'] else 1
 
 
-def step_only(args, cfg, params, x, batch: str, labels: np.ndarray, smoothing: float) -> int:
-    """`verify FILE.py:STEP --grad`: the user's training step alone (`stepcheck`), its loss and every gradient."""
-    job = {'step': {'labels': labels.tolist()}}
+def step_only(args, cfg, params, x, batch: str, labels: np.ndarray, smoothing: float,
+              optimizer: Optional[dict]) -> int:
+    """`verify FILE.py:STEP --grad`: the user's training step alone (`stepcheck`), its loss and every gradient, and
+    with --optimizer the parameters after its update."""
+    job = {'step': {'labels': labels.tolist(), 'updated': optimizer is not None}}
     got, notes, extra = child.run_module_isolated(args.function, params, x, job, args.timeout)
-    _, grads = stepcheck.split(got)
-    result = stepcheck.compare(cfg, params, x, labels, smoothing, extra['loss'], grads)
+    _, grads, after = stepcheck.split(got)
+    result = stepcheck.compare(cfg, params, x, labels, smoothing, extra['loss'], grads,
+                               after if optimizer is not None else None, optimizer)
     verdict.print_header(f'{args.function} (a training step)', cfg,
                          f'{batch}, label smoothing {smoothing:g}', notes)
     for line in stepcheck.lines(result):
         print(line)
-    print(f'verdict: {"PASS" if result["ok"] else "FAIL: first divergence at " + result["first"]} (loss within '
-          '1e-5, gradients within 1e-4, x max(1, max |reference|))')
+    print(f'verdict: {"PASS" if result["ok"] else "FAIL: first divergence at " + result["first"]} (loss'
+          f'{" and updates" if optimizer else ""} within 1e-5, gradients within 1e-4, x max(1, max |reference|))')
     verdict.print_diagnosis(result['findings'])
     verdict.write_json_report(args.json, {
         'first_divergence': result['first'], 'ok': result['ok'], 'diagnosis': result['findings'],
