@@ -10,18 +10,21 @@ dict of sizes). Here, in verify's child process:
    `nn.MultiheadAttention`) and the MLP are told apart by the order they run in and their
    shapes (`map_block`); around the blocks the patch embedding (a Conv2d, or a Linear over
    flattened patches), the final LayerNorm, the head, and the class token and position
-   embedding (raw parameters, by shape, under any name).
+   embedding (raw parameters, by shape, under any name). Hand-written layers are read by
+   their own parameters' shapes (`norm_params`, `raw_attention`, `raw_mlp`, `raw_linear`:
+   TransformerLens-style W_Q of (H, D, Dh), W_in of (D, M), a LayerNorm's w and b).
 2. Where shapes leave the layout open (the order a Linear patch embedding flattens a patch
    in, the order of a fused qkv's output), every alternative is loaded and the one whose
    output reproduces the reference's, computed on the user's own input to that step, is
    kept (`choose`); when none does, a note says which layer and which layouts were tried.
 3. The checkpoint's weights are written into the user's parameters through the mapping
-   (`Mapping.load`), and hooks on the blocks, their LayerNorms, the attention's
+   (`ParamMapping.load`), and hooks on the blocks, their LayerNorms, the attention's
    out-projection and the MLP's last Linear collect `verify`'s intermediates and sub-steps.
 
 A user parameter nothing maps to, and a canonical parameter with no place, are listed by
-name (`Mapping.unmapped`); a model that is not a ViT of the checkpoint's shape is one
-`UserError` naming what does not fit.
+name (`ParamMapping.unmapped`); a model that is not a ViT of the checkpoint's shape is one
+`UserError` naming what does not fit. A Flax (linen) model goes through `automap_flax`, which
+observes its calls with `nn.intercept_methods` and reuses the roles, choices and reports here.
 
 Shapes: B batch, N tokens, D width, H heads, Dh = D // H, M MLP width, C channels, p patch size.
 """
@@ -111,7 +114,9 @@ def _dense(canonical: str, user: str, kernel_shape: tuple[int, ...], fan_in: int
 
 
 @dataclasses.dataclass
-class Mapping_:
+class ParamMapping:
+    """The canonical parameters placed in the user's model: the table, what is left over, loading, gradients."""
+
     pieces: list[Piece]
     user_params: dict[str, tuple[int, ...]]  # every parameter of the user's model, by name
     canonical: dict[str, tuple[int, ...]]  # every canonical parameter
@@ -886,7 +891,7 @@ def choose(label: str, options: list[str], score: Callable[[str], float], notes:
 class Mapped:
     model: Any
     structure: Structure
-    mapping: Mapping_
+    mapping: ParamMapping
 
 
 def map_model(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, what: str) -> Mapped:
@@ -918,11 +923,11 @@ def map_model(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.nda
     notes: list[str] = []
     fused = parts[0].attention['kind'] == 'fused'
 
-    def mapping_for(patch_order: str, qkv_order: str) -> Mapping_:
+    def mapping_for(patch_order: str, qkv_order: str) -> ParamMapping:
         pieces = outer_pieces(model, outer, cfg, patch_order)
         for i, bp in enumerate(parts):
             pieces += block_pieces(i, bp, model, cfg, qkv_order)
-        return Mapping_(pieces, shapes, canonical, notes)
+        return ParamMapping(pieces, shapes, canonical, notes)
 
     def run(patch_order: str, qkv_order: str) -> dict[str, np.ndarray]:
         mapping_for(patch_order, qkv_order).load(model, params)
@@ -1016,7 +1021,7 @@ def run_job(build: Callable, spec: str, job: Mapping, params: Mapping[str, np.nd
 
 def structural_findings(cfg: ViTConfig, params: Mapping[str, np.ndarray], unmapped: Mapping[str, list],
                         first: str, have: Mapping[str, np.ndarray]) -> list[dict]:
-    """Findings naming the structural differences (`Mapping_.unmapped`) that can explain the first divergence.
+    """Findings naming the structural differences (`ParamMapping.unmapped`) that can explain the first divergence.
 
     A canonical parameter with no place in block i (a bias-free projection) is tested: the
     reference block with those parameters zeroed, fed the candidate's own input, either

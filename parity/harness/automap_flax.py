@@ -351,7 +351,7 @@ def outer_pieces(outer: automap.Outer, calls: Mapping[str, FCall], shapes: Mappi
 
 
 @dataclasses.dataclass
-class FlaxMapping(automap.Mapping_):
+class FlaxMapping(automap.ParamMapping):
     def load_tree(self, variables: Mapping, params: Mapping[str, np.ndarray]) -> dict:
         """A copy of `variables` with the checkpoint written in through the pieces."""
         import copy

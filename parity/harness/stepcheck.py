@@ -5,7 +5,7 @@ Two ways in, both run in verify's child process:
 - `FILE.py:BUILD --module --grad`: the user's model, mapped and loaded by `automap`, computes
   softmax cross-entropy (with `--label-smoothing`, spread as eps / C like optax and torch) on
   its own logits and backpropagates; its gradients are read back through the mapping into
-  canonical names and layouts (`automap.Mapping_.gradients`). Dropout stays off (eval mode).
+  canonical names and layouts (`automap.ParamMapping.gradients`). Dropout stays off (eval mode).
 - `FILE.py:STEP --grad`: STEP(params, images, labels) -> (loss, gradients): `params` the
   canonical dict (as FUNCTION receives it), `images` NHWC float32 in [-1, 1], `labels` int64
   class indices; `gradients` a dict by canonical name (NumPy, torch or JAX arrays).
