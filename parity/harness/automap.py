@@ -902,6 +902,8 @@ def map_model(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.nda
         raise UserError(f'{what} returned {type(model).__name__}, not a torch.nn.Module or a flax.linen.Module; '
                         '--module takes those (for anything else write FUNCTION(params, x), docs/harness.md)')
     model = model.float().cpu().eval()  # verify's child runs on the CPU, in float32
+    if hasattr(torch.backends, 'mha'):  # the fused eval path of nn.TransformerEncoderLayer skips its submodules' hooks
+        torch.backends.mha.set_fastpath_enabled(False)
     x_nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     try:
         calls, traced = trace(model, x_nchw)
