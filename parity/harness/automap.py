@@ -964,6 +964,9 @@ def run_module(build: Callable, spec: str, cfg: ViTConfig, params: Mapping[str, 
     except UserError:
         raise
     except Exception as e:  # the user's BUILD failed
+        if isinstance(e, TypeError) and e.__traceback__.tb_next is None:  # the call itself: another signature
+            raise UserError(f'{spec} cannot be called as BUILD(config) ({e}): --module takes a function of one '
+                            'dict of sizes that returns your model') from None
         raise UserError(f'{spec}: BUILD(config) raised {_where(e, path)}') from None
     from parity.harness import automap_flax
 

@@ -69,6 +69,10 @@ def user_step(fn: Callable, spec: str, params: Mapping[str, np.ndarray], x: np.n
             result = fn({k: np.array(v, np.float32) for k, v in params.items()}, np.array(x, np.float32),
                         np.array(labels, np.int64))
         except Exception as e:  # the step under test failed; say where, in one line
+            if isinstance(e, TypeError) and e.__traceback__.tb_next is None:  # the call itself: another signature
+                raise UserError(f'{spec} cannot be called as STEP(params, images, labels) ({e}): with --grad and no '
+                                '--module, FILE.py:STEP is your training step; a model builder takes --module'
+                                ) from None
             raise UserError(f'{spec} raised {_where(e, path)}') from None
     n = 3 if updated else 2
     if not (isinstance(result, (tuple, list)) and len(result) == n and all(isinstance(r, Mapping)
