@@ -360,6 +360,8 @@ def test_no_layout_reproducing_a_layer_is_said(setup, tmp_path):
 @pytest.mark.parametrize('build,needle', [
     (CNN, 'not a ViT the harness can map: no repeated blocks'),
     (lambda c: UserViT(c, depth=3), 'your model has 3 encoder blocks (layers) where the checkpoint has 2'),
+    (lambda c: 3, 'not a torch.nn.Module or a flax.linen.Module'),
+    (lambda: None, 'cannot be called as BUILD(config)'),
 ])
 def test_what_does_not_fit_is_one_error_line(setup, build, needle):
     params, x, _ = setup
