@@ -447,3 +447,71 @@ def test_a_faithful_step_then_an_update_without_parameter_groups_is_named(setup)
                                {'optimizer': 'adamw', 'lr': 1e-3, 'weight_decay': 0.05})
     assert result['loss_row']['ok'] and all(r['ok'] for r in result['rows'])
     assert result['first'].startswith('updated/') and [f['cause'] for f in result['findings']] == ['decay_all']
+
+
+# --------------------------------------------------------------------------- Flax models
+
+def flax_vit(config, layout='fused3', patch='conv', fault=None):
+    """A user's Flax (linen) ViT: its own names, a fused Dense qkv in either order or flax's own attention, a Conv
+    or a Dense patch embedding."""
+    import flax.linen as fnn
+    import jax.numpy as jnp
+
+    D, H, M, p = config['hidden_size'], config['num_heads'], config['mlp_dim'], config['patch_size']
+    gelu = (lambda v: fnn.gelu(v, approximate=False)) if fault == 'erf_gelu' else fnn.gelu
+
+    class Attention(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            if layout == 'mha':
+                return fnn.MultiHeadDotProductAttention(num_heads=H, qkv_features=D)(x, x)
+            B, N, _ = x.shape
+            qkv = fnn.Dense(3 * D, name='qkv')(x)
+            shape, axes = ((B, N, 3, H, D // H), (2, 0, 3, 1, 4)) if layout == 'fused3' else \
+                ((B, N, H, 3, D // H), (3, 0, 2, 1, 4))
+            q, k, v = jnp.transpose(qkv.reshape(shape), axes)  # each (B, H, N, Dh)
+            w = fnn.softmax((q / jnp.sqrt(D // H)) @ jnp.swapaxes(k, -1, -2))
+            return fnn.Dense(D, name='proj')(jnp.swapaxes(w @ v, 1, 2).reshape(B, N, D))
+
+    class Block(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            x = x + Attention()(fnn.LayerNorm(epsilon=1e-6)(x))
+            y = fnn.LayerNorm(epsilon=1e-6)(x)
+            return x + fnn.Dense(D)(gelu(fnn.Dense(M)(y)))
+
+    class ViT(fnn.Module):
+        @fnn.compact
+        def __call__(self, img):
+            B, h, w, C = img.shape
+            if patch == 'conv':
+                x = fnn.Conv(D, (p, p), strides=(p, p), padding='VALID')(img).reshape(B, -1, D)
+            else:
+                x = img.reshape(B, h // p, p, w // p, p, C).transpose(0, 1, 3, 5, 2, 4)  # (B, gh, gw, c, p1, p2)
+                x = fnn.Dense(D)(x.reshape(B, -1, p * p * C))
+            cls = self.param('cls', fnn.initializers.zeros, (1, 1, D))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, D)), x], 1)
+            x = x + self.param('pos_embedding', fnn.initializers.normal(0.02), (1, x.shape[1], D))
+            for _ in range(config['num_layers']):
+                x = Block()(x)
+            return fnn.Dense(config['num_classes'])(fnn.LayerNorm(epsilon=1e-6)(x)[:, 0])
+
+    return ViT()
+
+
+def test_flax_models_are_mapped_too(setup, tmp_path):
+    """flax's own attention and a Dense patch embedding over (c p1 p2) patches, with erf GELU planted."""
+    code, report = check(setup, tmp_path, build=lambda c: flax_vit(c, 'mha', 'dense', 'erf_gelu'))
+    assert report['unmapped'] == {'user': [], 'canonical': []}
+    assert code == 1 and report['first_divergence'] == 'encoderblock_0' and 'erf_gelu' in causes(report)
+    assert row(report, QUERY)['user'].endswith('MultiHeadDotProductAttention_0/query/kernel')
+    assert '(c p1 p2)' in row(report, 'embedding/kernel')['transform']
+
+
+def test_grad_on_a_flax_model(setup):
+    params, x, _ = setup
+    got, _, extra = automap.run_module(lambda c: flax_vit(c, 'fusedH'), 'user.py:build', CFG, params, x,
+                                       grad={'labels': LABELS.tolist(), 'label_smoothing': 0.1})
+    _, grads, _ = stepcheck.split(got)
+    result = stepcheck.compare(CFG, params, x, LABELS, 0.1, extra['loss'], grads)
+    assert result['ok'] and len(grads) == len(weights.param_shapes(CFG)), result['findings']

@@ -971,10 +971,7 @@ def run_module(build: Callable, spec: str, cfg: ViTConfig, params: Mapping[str, 
     from parity.harness import automap_flax
 
     if automap_flax.is_flax(model):
-        if grad is not None:
-            raise UserError(f'{spec}: --grad takes a torch model; for a Flax one write STEP(params, images, labels) '
-                            '-> (loss, gradients) and pass FILE.py:STEP --grad')
-        out, mapping = automap_flax.map_and_run(model, cfg, params, x, spec)
+        out, mapping, loaded = automap_flax.map_and_run(model, cfg, params, x, spec)
         owners = {}
         mapped = None
     elif 'torch' not in sys.modules:
@@ -999,13 +996,17 @@ def run_module(build: Callable, spec: str, cfg: ViTConfig, params: Mapping[str, 
     if grad is not None:
         from parity.harness import stepcheck
 
-        loss, grads = stepcheck.module_step(mapped, np.asarray(grad['labels'], np.int64),
-                                            float(grad['label_smoothing']), x)
+        labels, smoothing = np.asarray(grad['labels'], np.int64), float(grad['label_smoothing'])
+        if mapped is None:
+            loss, grads = automap_flax.step(*loaded, mapping, x, labels, smoothing)
+        else:
+            loss, grads = stepcheck.module_step(mapped, labels, smoothing, x)
         more, fields = stepcheck.as_outputs(loss, grads)
         out.update(more)
         extra.update(fields)
         notes.append('--grad: cross-entropy on your logits, backpropagated through your model in eval mode '
-                     '(dropout off, as on the reference side)')
+                     '(dropout off, as on the reference side)' if mapped is not None else
+                     '--grad: cross-entropy on your logits, differentiated by jax.value_and_grad with dropout off')
     return out, notes, extra
 
 

@@ -370,6 +370,39 @@ class FlaxMapping(automap.ParamMapping):
         return out
 
 
+    def gradients_tree(self, grads: Mapping) -> dict[str, np.ndarray]:
+        """A gradient tree of the user's parameters read back into canonical names and layouts."""
+        out = {}
+        for p in self.pieces:
+            *path, leaf = p.user.split('/')
+            g = np.asarray(_subtree(grads, tuple(path))[leaf])
+            if p.index is not None:
+                g = g[p.index]
+            out[p.canonical] = np.asarray(p.take(g), np.float64).reshape(self.canonical[p.canonical])
+        return out
+
+
+def step(model, variables: Mapping, kwargs: dict, mapping: FlaxMapping, x: np.ndarray, labels: np.ndarray,
+         label_smoothing: float) -> tuple[float, dict[str, np.ndarray]]:
+    """`--grad` on a Flax model: softmax cross-entropy (labels smoothed as eps / C, like optax and torch) on its
+    logits, differentiated with jax.value_and_grad; (loss, canonical gradients)."""
+    import jax
+    import optax
+
+    def loss_fn(p):
+        logits = model.apply({**variables, 'params': p}, x, **kwargs)
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        target = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+        return optax.softmax_cross_entropy(logits, target).mean()
+
+    try:
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables['params'])
+    except Exception as e:  # the user's forward or backward pass
+        raise UserError(f'--grad: your model\'s forward or backward pass raised {type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else ""}') from None
+    return float(loss), mapping.gradients_tree(_to_dict(grads))
+
+
 def _to_dict(tree) -> dict:
     if isinstance(tree, Mapping):
         return {k: _to_dict(v) for k, v in tree.items()}
@@ -410,8 +443,9 @@ def run_hooked(model, variables, kwargs, s: automap.Structure, cfg: ViTConfig, x
 
 
 def map_and_run(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.ndarray, what: str
-                ) -> tuple[dict[str, np.ndarray], FlaxMapping]:
-    """The Flax counterpart of `automap.map_model` and `run_hooked` together: (intermediates, mapping)."""
+                ) -> tuple[dict[str, np.ndarray], FlaxMapping, tuple]:
+    """The Flax counterpart of `automap.map_model` and `run_hooked` together: (intermediates, mapping, (model,
+    its loaded variables, its apply keywords) for `step`)."""
     import jax
 
     kwargs = _apply_kwargs(model)
@@ -449,4 +483,6 @@ def map_and_run(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.n
         held = {k: (np.zeros_like(v) if k in absent else v) for k, v in params.items()}
         qkv = automap.choose(f'encoderblock_0/{ATTN} (the fused qkv {parts[0].attention["qkv"]})', list(QKV_ORDERS),
                              lambda o: automap._attention_gap(held, run(patch_order, o)), notes)
-    return run(patch_order, qkv), mapping_for(patch_order, qkv)
+    mapping = mapping_for(patch_order, qkv)
+    loaded = mapping.load_tree(variables, params)
+    return run_hooked(model, loaded, kwargs, s, cfg, x), mapping, (model, loaded, kwargs)
