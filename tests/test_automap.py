@@ -237,6 +237,26 @@ class RawViT(nn.Module):
         return self.ln_final(x)[:, 0] @ self.W_H + self.b_H
 
 
+class EncoderViT(nn.Module):
+    """The tutorial that reaches for torch's own nn.TransformerEncoder (pre-norm, GELU: erf)."""
+
+    def __init__(self, c):
+        super().__init__()
+        D, p = c['hidden_size'], c['patch_size']
+        self.patch = nn.Conv2d(3, D, p, p)
+        self.cls = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos = nn.Parameter(torch.zeros(1, (c['image_size'] // p) ** 2 + 1, D))
+        layer = nn.TransformerEncoderLayer(D, c['num_heads'], c['mlp_dim'], dropout=0.0, activation='gelu',
+                                           batch_first=True, norm_first=True, layer_norm_eps=1e-6)
+        self.encoder = nn.TransformerEncoder(layer, c['num_layers'], norm=nn.LayerNorm(D, eps=1e-6),
+                                             enable_nested_tensor=False)
+        self.head = nn.Linear(D, c['num_classes'])
+
+    def forward(self, img):
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        return self.head(self.encoder(torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos)[:, 0])
+
+
 class CNN(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -333,6 +353,13 @@ def test_blocks_that_never_run_as_modules_are_read_around(setup, tmp_path):
                      'logits']
     assert row(report, 'Transformer/posembed_input/pos_embedding')['user'] == 'pos.weight'
     assert row(report, 'head/kernel')['user'] == 'mlp_head.weight'
+
+
+def test_torchs_own_transformer_encoder_is_mapped(setup, tmp_path):
+    code, report = check(setup, tmp_path, build=EncoderViT)
+    assert code == 1 and report['unmapped'] == {'user': [], 'canonical': []}
+    assert report['first_divergence'] == 'encoderblock_0' and 'erf_gelu' in causes(report)
+    assert row(report, QUERY)['user'] == 'encoder.layers.1.self_attn.in_proj_weight[0:32]'
 
 
 def test_hand_written_layers_are_mapped(setup, tmp_path):
