@@ -901,6 +901,9 @@ def map_model(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.nda
     if not isinstance(model, torch.nn.Module):
         raise UserError(f'{what} returned {type(model).__name__}, not a torch.nn.Module or a flax.linen.Module; '
                         '--module takes those (for anything else write FUNCTION(params, x), docs/harness.md)')
+    from vit_torch import runtime
+
+    runtime.strict_float32()  # BUILD may have imported torch only now: no TF32 in the user's model either
     model = model.float().cpu().eval()  # verify's child runs on the CPU, in float32
     if hasattr(torch.backends, 'mha'):  # the fused eval path of nn.TransformerEncoderLayer skips its submodules' hooks
         torch.backends.mha.set_fastpath_enabled(False)

@@ -62,7 +62,8 @@ def run_module_isolated(spec: str, params: Mapping[str, np.ndarray], x: np.ndarr
 def _isolated(spec: str, params: Mapping[str, np.ndarray], x: np.ndarray, timeout: float, job: Optional[dict]
               ) -> tuple[dict[str, Any], dict]:
     check_spec(spec)
-    hint = 'return the model' if job is not None else 'return a dict of intermediates instead'
+    hint = 'return your model (BUILD) or (loss, gradients) (STEP)' if job is not None else \
+        'return a dict of intermediates instead'
     with tempfile.TemporaryDirectory(prefix='parity-verify-') as folder:
         containers.write_npz(os.path.join(folder, 'params.npz'), dict(params))
         np.save(os.path.join(folder, 'x.npy'), x)
@@ -122,12 +123,14 @@ def _child(folder: str, spec: str) -> int:
         files.write_json(os.path.join(folder, 'result.json'), fields)
 
     _die_with_parent()
+    job_path = os.path.join(folder, 'job.json')
+    hint = ('return a dict of intermediates' if not os.path.isfile(job_path) else
+            'return your model (BUILD) or (loss, gradients) (STEP)')
     try:
         params = containers.read_npz(os.path.join(folder, 'params.npz'))
         x = np.load(os.path.join(folder, 'x.npy'))
         fn = counterparts.load_function(spec)
         _strict_float32()
-        job_path = os.path.join(folder, 'job.json')
         extra = {}
         if os.path.isfile(job_path):  # --module: BUILD(config), mapped and hooked here
             from parity.harness import automap
@@ -139,12 +142,11 @@ def _child(folder: str, spec: str) -> int:
         report(error=str(e))
         return 0
     except SystemExit as e:
-        report(error=f'{spec}: your code called sys.exit({e.code!r}) instead of returning a result; return a '
-                     'dict of intermediates')
+        report(error=f'{spec}: your code called sys.exit({e.code!r}) instead of returning a result; {hint}')
         return 0
     except KeyboardInterrupt:  # no Ctrl-C reaches this process (its own session): Python code raised it
         report(error=f'{spec}: your code raised KeyboardInterrupt (an exception raised by Python code: no Ctrl-C '
-                     'reaches the process running it) instead of returning a result; return a dict of intermediates')
+                     f'reaches the process running it) instead of returning a result; {hint}')
         return 0
     keys = list(out)
     if keys:
