@@ -362,6 +362,16 @@ def test_torchs_own_transformer_encoder_is_mapped(setup, tmp_path):
     assert row(report, QUERY)['user'] == 'encoder.layers.1.self_attn.in_proj_weight[0:32]'
 
 
+def test_numbered_blocks_are_found_and_vit_torch_passes(setup, tmp_path):
+    """vit_torch's own model registers its blocks as encoderblock_0, encoderblock_1, ... (add_module)."""
+    from vit_torch.model import VisionTransformer
+
+    code, report = check(setup, tmp_path, build=lambda c: VisionTransformer(CFG))
+    assert code == 0 and report['ok'] and report['unmapped'] == {'user': [], 'canonical': []}
+    torch_name = lambda n: n.replace('/', '.').replace('kernel', 'weight').replace('scale', 'weight')  # noqa: E731
+    assert [r['user'] for r in report['mapping']] == [torch_name(r['canonical']) for r in report['mapping']]
+
+
 def test_hand_written_layers_are_mapped(setup, tmp_path):
     """Raw parameters (W_Q (H, D, Dh), W_in (D, M), LayerNorm w and b) as TransformerLens-style code has them."""
     code, report = check(setup, tmp_path, build=RawViT)

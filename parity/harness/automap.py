@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import sys
 from typing import Any, Callable, Mapping, Optional
 
@@ -338,14 +339,23 @@ def _describe_model(model) -> str:
 
 
 def find_blocks(model, cfg: ViTConfig, what: str) -> tuple[str, list]:
-    """(the container's name, its children): the repeated encoder blocks."""
+    """(where they are, for messages; the blocks): the repeated encoder blocks, the alike children of a
+    ModuleList/Sequential, or alike children numbered name_0, name_1, ... (`add_module`, attributes block0, ...)."""
     import torch.nn as nn
 
-    best = None
+    candidates = []
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.ModuleList, nn.Sequential)):
-            continue
-        kids = list(m.children())
+        if isinstance(m, (nn.ModuleList, nn.Sequential)):
+            candidates.append((name or 'the model', list(m.children())))
+        numbered: dict[tuple, list] = {}
+        for child, c in m.named_children():
+            found = re.match(r'^(.*?)_?(\d+)$', child)
+            if found and not isinstance(m, (nn.ModuleList, nn.Sequential)):
+                numbered.setdefault((found.group(1), type(c)), []).append((int(found.group(2)), c))
+        for (stem, _), members in numbered.items():
+            candidates.append((f'{name + "." if name else ""}{stem}_0, ...', [c for _, c in sorted(members)]))
+    best = None
+    for label, kids in candidates:
         if not kids or len({type(k) for k in kids}) != 1:
             continue
         holds = all(any(norm_params(s, cfg.hidden_size) for s in k.modules()) and
@@ -353,18 +363,18 @@ def find_blocks(model, cfg: ViTConfig, what: str) -> tuple[str, list]:
                     for k in kids)
         if not holds:
             continue
-        size = sum(p.numel() for p in m.parameters())
+        size = sum(p.numel() for k in kids for p in k.parameters())
         if best is None or size > best[2]:
-            best = (name, kids, size)
+            best = (label, kids, size)
     if best is None:
         raise UserError(f'{what}: not a ViT the harness can map: no repeated blocks (a ModuleList or Sequential of '
-                        'alike children, each with LayerNorms and Linear layers) in your model '
-                        f'({_describe_model(model)})')
-    name, kids, _ = best
+                        'alike children, or alike children numbered name_0, name_1, ..., each with LayerNorms and '
+                        f'Linear layers) in your model ({_describe_model(model)})')
+    label, kids, _ = best
     if len(kids) != cfg.num_layers:
-        raise UserError(f'{what}: your model has {len(kids)} encoder blocks ({name or "the model"}) where the '
+        raise UserError(f'{what}: your model has {len(kids)} encoder blocks ({label}) where the '
                         f'checkpoint has {cfg.num_layers} (num_layers); build num_layers blocks from the config')
-    return name, kids
+    return label, kids
 
 
 # --------------------------------------------------------------------------- one block
@@ -649,10 +659,9 @@ class Outer:
     posemb: Optional[str]
 
 
-def map_outer(model, calls: Mapping[str, Call], blocks_name: str, cfg: ViTConfig, what: str, output=None) -> Outer:
+def map_outer(model, calls: Mapping[str, Call], blocks: list[str], cfg: ViTConfig, what: str, output=None) -> Outer:
     D, p = cfg.hidden_size, cfg.patch_size[0]
-    prefix = f'{blocks_name}.' if blocks_name else ''
-    inside = lambda n: n.startswith(prefix) and n != blocks_name  # noqa: E731
+    inside = lambda n: any(n == b or n.startswith(b + '.') for b in blocks)  # noqa: E731
     first_block = min(c.order for n, c in calls.items() if inside(n))
     last_block = max(c.order for n, c in calls.items() if inside(n))
     before = sorted((c for n, c in calls.items() if c.order < first_block and not inside(n)), key=lambda c: c.order)
@@ -917,7 +926,7 @@ def map_model(model, cfg: ViTConfig, params: Mapping[str, np.ndarray], x: np.nda
     names = {id(m): n for n, m in model.named_modules()}
     blocks = [names[id(k)] for k in kids]
     parts = [map_block(i, f'{b}.', calls, cfg, what) for i, b in enumerate(blocks)]
-    outer = map_outer(model, calls, blocks_name, cfg, what, _first_tensor(traced))
+    outer = map_outer(model, calls, blocks, cfg, what, _first_tensor(traced))
     entries = [b if b in calls else min((c for n, c in calls.items() if n.startswith(f'{b}.')),
                                         key=lambda c: c.order).name for b in blocks]
     s = Structure(blocks_name, blocks, parts, outer, entries)
