@@ -5,7 +5,8 @@ dict of sizes). Here, in verify's child process:
 
 1. One forward pass with hooks on every module gives the order the modules run in and the
    shapes they see. The blocks are the children of the `ModuleList`/`Sequential` whose
-   children are alike and hold LayerNorms and Linears (`find_blocks`); inside a block the
+   children are alike and hold LayerNorms and Linears, or alike children numbered name_0,
+   name_1, ... (`find_blocks`); inside a block the
    LayerNorms, the attention projections (fused qkv, separate q/k/v, or
    `nn.MultiheadAttention`) and the MLP are told apart by the order they run in and their
    shapes (`map_block`); around the blocks the patch embedding (a Conv2d, or a Linear over
