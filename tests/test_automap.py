@@ -547,7 +547,7 @@ def test_flax_models_are_mapped_too(setup, tmp_path):
 
 def test_grad_on_a_flax_model(setup):
     params, x, _ = setup
-    got, _, extra = automap.run_module(lambda c: flax_vit(c, 'fusedH'), 'user.py:build', CFG, params, x,
+    got, _, extra = automap.run_module(lambda c: flax_vit(c, 'mha'), 'user.py:build', CFG, params, x,
                                        grad={'labels': LABELS.tolist(), 'label_smoothing': 0.1})
     _, grads, _ = stepcheck.split(got)
     result = stepcheck.compare(CFG, params, x, LABELS, 0.1, extra['loss'], grads)
