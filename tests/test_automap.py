@@ -67,7 +67,9 @@ class UserBlock(nn.Module):
     def __init__(self, D, H, M, layout, fault):
         super().__init__()
         eps = 1e-3 if fault == 'layernorm_eps' else 1e-6
-        self.norm1, self.norm2 = nn.LayerNorm(D, eps=eps), nn.LayerNorm(D, eps=eps)
+        # A hand-written LayerNorm (w, b) beside nn.Linear projections, in the separate-q/k/v layout.
+        norm = (lambda: RawNorm(D, eps)) if layout == 'separate' else (lambda: nn.LayerNorm(D, eps=eps))
+        self.norm1, self.norm2 = norm(), norm()
         self.attn = UserAttention(D, H, layout, fault)
         self.fc1, self.fc2 = nn.Linear(D, M), nn.Linear(M, D)
         self.gelu = 'none' if fault == 'erf_gelu' else 'tanh'

@@ -392,11 +392,6 @@ class BlockParts:
     out_module: Optional[str]  # whose output is the attention branch (before the residual), if one module's is
 
 
-def _executed(calls: Mapping[str, Call], prefix: str, kinds: tuple[str, ...]) -> list[Call]:
-    found = [c for n, c in calls.items() if n.startswith(prefix) and _is(c.module, *kinds)]
-    return sorted(found, key=lambda c: c.order)
-
-
 def _linear_shape(m) -> tuple[int, int]:
     return m.in_features, m.out_features
 
@@ -407,7 +402,8 @@ def map_block(i: int, prefix: str, calls: Mapping[str, Call], cfg: ViTConfig, wh
     raw = _map_raw_block(i, prefix, calls, cfg, what)
     if raw is not None:
         return raw
-    seq = _executed(calls, prefix, ('LayerNorm', 'Linear', 'MultiheadAttention'))
+    seq = sorted((c for n, c in calls.items() if n.startswith(prefix) and (
+        _is(c.module, 'Linear', 'MultiheadAttention') or norm_params(c.module, D))), key=lambda c: c.order)
     # nn.MultiheadAttention's out_proj never runs as a module: its weights are read by the functional call.
     seq = [c for c in seq if not any(_is(o.module, 'MultiheadAttention') and c.name.startswith(o.name + '.')
                                      for o in seq)]
@@ -425,7 +421,7 @@ def map_block(i: int, prefix: str, calls: Mapping[str, Call], cfg: ViTConfig, wh
                 return j
         return -1
 
-    is_ln = lambda m: _is(m, 'LayerNorm') and tuple(m.normalized_shape) == (D,)  # noqa: E731
+    is_ln = lambda m: norm_params(m, D) is not None  # noqa: E731  torch's LayerNorm or a hand-written one
     takes_d = lambda m: (_is(m, 'MultiheadAttention') and m.embed_dim == D) or (  # noqa: E731
         _is(m, 'Linear') and m.in_features == D and m.out_features in (D, 3 * D))
     j = first(takes_d, 0)
