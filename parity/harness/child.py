@@ -47,10 +47,28 @@ def check_spec(spec: str) -> str:
 def run_isolated(spec: str, params: Mapping[str, np.ndarray], x: np.ndarray, timeout: float = DEFAULT_TIMEOUT
                  ) -> tuple[dict[str, Any], list[str]]:
     """FUNCTION(params, x) of `spec` in a child process: (its outputs as float64 arrays, notes on reading them)."""
+    out, result = _isolated(spec, params, x, timeout, None)
+    return out, result['notes']
+
+
+def run_module_isolated(spec: str, params: Mapping[str, np.ndarray], x: np.ndarray, job: dict,
+                        timeout: float = DEFAULT_TIMEOUT) -> tuple[dict[str, Any], list[str], dict]:
+    """`--module`: BUILD(config) of `spec` mapped, loaded and run in a child process (`automap.run_job`; `job`
+    holds the config and what to run): (its intermediates, notes, the rest of what it reported)."""
+    out, result = _isolated(spec, params, x, timeout, job)
+    return out, result.pop('notes'), {k: v for k, v in result.items() if k != 'keys'}
+
+
+def _isolated(spec: str, params: Mapping[str, np.ndarray], x: np.ndarray, timeout: float, job: Optional[dict]
+              ) -> tuple[dict[str, Any], dict]:
     check_spec(spec)
+    hint = 'return your model (BUILD) or (loss, gradients) (STEP)' if job is not None else \
+        'return a dict of intermediates instead'
     with tempfile.TemporaryDirectory(prefix='parity-verify-') as folder:
         containers.write_npz(os.path.join(folder, 'params.npz'), dict(params))
         np.save(os.path.join(folder, 'x.npy'), x)
+        if job is not None:
+            files.write_json(os.path.join(folder, 'job.json'), job)
         child = subprocess.Popen([sys.executable, '-m', 'parity.harness.child', folder, spec],
                                  stdin=subprocess.DEVNULL, stdout=2, start_new_session=True)
         try:
@@ -66,13 +84,12 @@ def run_isolated(spec: str, params: Mapping[str, np.ndarray], x: np.ndarray, tim
             _kill_group(child.pid)  # whatever the function started and left running
         report = os.path.join(folder, 'result.json')
         if not os.path.isfile(report):
-            raise UserError(f'{spec}: {_ending(code)} before your function returned a result; '
-                            'return a dict of intermediates instead')
+            raise UserError(f'{spec}: {_ending(code)} before your function returned a result; {hint}')
         result = files.read_json_object(report, f'{spec}: the result.json its process wrote')
         if result.get('error'):
             raise UserError(result['error'])
         out = containers.read_npz(os.path.join(folder, 'result.npz')) if result['keys'] else {}
-        return {k: np.array(out[f'{i}']) for i, k in enumerate(result['keys'])}, result['notes']
+        return {k: np.array(out[f'{i}']) for i, k in enumerate(result['keys'])}, result
 
 
 def _ending(code: int) -> str:
@@ -106,27 +123,35 @@ def _child(folder: str, spec: str) -> int:
         files.write_json(os.path.join(folder, 'result.json'), fields)
 
     _die_with_parent()
+    job_path = os.path.join(folder, 'job.json')
+    hint = ('return a dict of intermediates' if not os.path.isfile(job_path) else
+            'return your model (BUILD) or (loss, gradients) (STEP)')
     try:
         params = containers.read_npz(os.path.join(folder, 'params.npz'))
         x = np.load(os.path.join(folder, 'x.npy'))
         fn = counterparts.load_function(spec)
         _strict_float32()
-        out, notes = counterparts.run_function(fn, spec, params, x)
+        extra = {}
+        if os.path.isfile(job_path):  # --module: BUILD(config), mapped and hooked here
+            from parity.harness import automap
+
+            out, notes, extra = automap.run_job(fn, spec, files.read_json_object(job_path, 'job.json'), params, x)
+        else:
+            out, notes = counterparts.run_function(fn, spec, params, x)
     except UserError as e:
         report(error=str(e))
         return 0
     except SystemExit as e:
-        report(error=f'{spec}: your code called sys.exit({e.code!r}) instead of returning a result; return a '
-                     'dict of intermediates')
+        report(error=f'{spec}: your code called sys.exit({e.code!r}) instead of returning a result; {hint}')
         return 0
     except KeyboardInterrupt:  # no Ctrl-C reaches this process (its own session): Python code raised it
         report(error=f'{spec}: your code raised KeyboardInterrupt (an exception raised by Python code: no Ctrl-C '
-                     'reaches the process running it) instead of returning a result; return a dict of intermediates')
+                     f'reaches the process running it) instead of returning a result; {hint}')
         return 0
     keys = list(out)
     if keys:
         containers.write_npz(os.path.join(folder, 'result.npz'), {f'{i}': out[k] for i, k in enumerate(keys)})
-    report(keys=keys, notes=notes)
+    report(keys=keys, notes=notes, **extra)
     return 0
 
 

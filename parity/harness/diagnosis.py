@@ -60,6 +60,7 @@ class Numerics:
     query_scale: str = 'sqrt(Dh)'  # 'none', 'sqrt(D)'
     out_proj: str = 'official'  # 'transposed': the (H*Dh, D) out kernel used as (D, H*Dh)
     matmul: str = 'fp32'  # 'tf32': operands rounded to 10 mantissa bits, float32 accumulation
+    qk: str = 'official'  # 'swapped': the key projection used as the queries and the query projection as the keys
 
     def change(self) -> str:
         """What differs from the official numerics, in words."""
@@ -80,6 +81,9 @@ ALTERNATIVES = (
      'queries scaled by 1/sqrt(width) instead of 1/sqrt(head_dim)'),
     (Numerics(out_proj='transposed'), 'MultiHeadDotProductAttention_0', 'out_projection_transposed',
      'the attention out-projection applied transposed ((H*Dh, D) kernel read as (D, H*Dh))'),
+    (Numerics(qk='swapped'), 'MultiHeadDotProductAttention_0', 'swapped_qk',
+     'queries and keys swapped (the key projection used as the queries and the query projection as the keys: '
+     'the attention matrix comes out transposed)'),
 )
 TF32_MESSAGE = ('TF32 matmuls (10-bit mantissa operands: JAX\'s default precision on NVIDIA GPUs, '
                 'torch.backends.*.allow_tf32)')
@@ -122,6 +126,8 @@ def attention(x, p: Mapping[str, np.ndarray], nx: Numerics, kv=None) -> tuple[np
     q = _mm('bnd,dhk->bnhk', x, p['query/kernel'], nx) + p['query/bias']  # (B, Q, H, Dh)
     k = _mm('bnd,dhk->bnhk', kv, p['key/kernel'], nx) + p['key/bias']  # (B, N, H, Dh)
     v = _mm('bnd,dhk->bnhk', kv, p['value/kernel'], nx) + p['value/bias']  # (B, N, H, Dh)
+    if nx.qk == 'swapped':
+        q, k = k, q
     Dh = q.shape[-1]
     q = q / {'sqrt(Dh)': math.sqrt(Dh), 'sqrt(D)': math.sqrt(D), 'none': 1.0}[nx.query_scale]
     logits = _mm('bqhd,bkhd->bhqk', q, k, nx)  # (B, H, Q, N)

@@ -297,6 +297,11 @@ class Comparison:
     raw_posemb: Optional[Callable[[], np.ndarray]] = None
     yardstick: Optional[dict] = None
     pixels: Optional[tuple[dict, list[dict]]] = None  # the `pixels` row and its findings (`parity.harness.pixels`)
+    # `verify --module`: lines printed after the header (the mapping table), findings about the structure for the
+    # first divergent tensor, and more JSON fields (`mapping`, `unmapped`, ...).
+    preamble: list[str] = dataclasses.field(default_factory=list)
+    structural: Optional[Callable[[str, dict], list[dict]]] = None
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 def conclude(run: Comparison, reference: dict, candidate: dict, json_path: Optional[str]) -> int:
@@ -311,11 +316,15 @@ def conclude(run: Comparison, reference: dict, candidate: dict, json_path: Optio
         subs = {k: v for k, v in candidate.items() if k not in reference and k.startswith('Transformer/')}
         raw = run.raw_posemb() if run.raw_posemb and first == 'with_posemb' else None
         findings = diagnosis.diagnose(cfg, run.params, x, reference, {**aligned, **subs}, first, precision, raw)
+        if run.structural:
+            findings += run.structural(first, {**aligned, **subs})
     if run.pixels:
         rows, findings = [run.pixels[0]] + rows, run.pixels[1] + findings
         if not run.pixels[0]['ok']:  # the files were prepared differently: that comes before any layer
             summary.update(ok=False, first_divergence='pixels', first_divergent_tensor='pixels')
     print_header(run.candidate, cfg, run.batch, notes)
+    for line in run.preamble:
+        print(line)
     print_table(rows, summary['first_divergent_tensor'])
     for s in skipped:
         print(f'{s["name"]}: not compared ({s["reason"]})')
@@ -329,7 +338,25 @@ def conclude(run: Comparison, reference: dict, candidate: dict, json_path: Optio
                          + (' (the checkpoint\'s own weights are not all numbers)'
                             if not all(np.isfinite(v).all() for v in run.params.values()) else ''))
             print(f'note       {notes[-1]}')
-    print_verdict(summary, precision, len(x))
+    training = run.extra.pop('training', None)  # verify --module --grad (parity.harness.stepcheck)
+    if training:
+        from parity.harness import stepcheck
+
+        print()
+        for line in stepcheck.lines(training):
+            print(line)
+        if summary['ok'] and not training['ok']:  # the forward pass agrees: the step is the first divergence
+            summary.update(ok=False, first_divergence=training['first'], first_divergent_tensor=training['first'])
+            findings = training['findings']
+            print(f'verdict: FAIL: first divergence at {training["first"]} (the forward pass agrees; loss within '
+                  '1e-5, gradients within 1e-4, x max(1, max |reference|))')
+        else:
+            print_verdict(summary, precision, len(x))
+            if training['ok']:
+                print('training step: PASS (loss within 1e-5, every gradient within 1e-4, x max(1, max |reference|))')
+        run.extra.update(stepcheck.json_fields(training))
+    else:
+        print_verdict(summary, precision, len(x))
     print_diagnosis(findings)
     payload = {
         'first_divergence': summary['first_divergence'],
@@ -352,5 +379,6 @@ def conclude(run: Comparison, reference: dict, candidate: dict, json_path: Optio
     }
     if run.yardstick:
         payload['yardstick'] = run.yardstick
+    payload.update(run.extra)
     write_json_report(json_path, payload)
     return 0 if summary['ok'] else 1

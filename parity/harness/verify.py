@@ -1,5 +1,9 @@
 """`python -m parity verify FILE.py:FUNCTION --checkpoint CKPT`: your own implementation against vit_jax.
 
+`--module` hands over FILE.py:BUILD, a builder of the user's own torch model, which
+`parity.harness.automap` maps, loads and hooks in the child process; `--grad` adds a
+training step (`parity.harness.stepcheck`).
+
 `--preprocess FILE.py:PREPROCESS --images DIR` adds (or, without FILE.py:FUNCTION, is) a
 `pixels` row: your PREPROCESS(path, size) on the files against the reference pipeline
 (`parity.harness.pixels`), run before the model. PREPROCESS is called in this process,
@@ -16,12 +20,16 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+
 from parity import cli
 from parity.cli import remote
 from parity.core.errors import UserError
 from parity.data import images, preprocess
-from parity.harness import child, counterparts, pixels, verdict
+from parity.harness import automap, child, counterparts, grad, pixels, stepcheck, verdict
 from parity.harness.verdict import REFERENCE
+
+STEP_FLAGS = ('label_smoothing', 'optimizer', 'lr', 'weight_decay')  # vit_jax.train's declarations, via --grad
 
 HELP = f"""\
 Verifies your own ViT implementation, in any framework, against the reference
@@ -49,13 +57,26 @@ model (when FILE.py:FUNCTION is given too) runs on the reference's pixels. Witho
 FILE.py:FUNCTION only the pixels are compared, at --checkpoint's resolution or --image-size
 (default 224). --preprocess official|hf|timm instead picks the pipeline --images go through.
 
+--module: FILE.py:BUILD instead, BUILD(config) -> your torch.nn.Module (or flax.linen.Module),
+config a dict of sizes (image_size, patch_size, hidden_size, num_layers, num_heads, mlp_dim,
+num_classes, classifier, representation_size). The mapping from the canonical parameters to yours is found
+by structure and shape (the layouts shapes leave open are chosen by which reproduces the
+reference), printed, written to the JSON (mapping, unmapped) and the checkpoint is loaded
+through it; hooks on the blocks give the intermediates and sub-steps.
+--grad: a training step too: with --module your model's cross-entropy gradients read back
+into canonical names; without it FILE.py:STEP(params, images, labels) -> (loss, gradients by
+canonical name). Compared with vit_jax.train's objective under parity grad's tolerance.
+--optimizer sgd|adamw|adam (--lr, --weight-decay), with FILE.py:STEP --grad: STEP returns the
+parameters after one update third; compared with vit_jax's optimizer fed STEP's gradients.
+
 Example: python -m parity verify examples/numpy_vit.py:vit --checkpoint ckpt.npz --input x.npy
+         python -m parity verify examples/scratch_vit.py:build --module --checkpoint ckpt.npz
 Exit 0 when everything returned is within tolerance, 1 when not, 2 for a user error."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Your own implementation against vit_jax, layer by layer."""
-    from vit_jax import runtime
+    from vit_jax import runtime, settings
 
     parser = verdict.parser('verify', HELP)
     parser.add_argument('function', metavar='FILE.py:FUNCTION', nargs='?',
@@ -73,10 +94,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     verdict.add_common(parser)
     verdict.add_precision(parser, 'the precision your implementation computes in, which picks the tolerance '
                              '(default fp32)')
+    parser.add_argument('--module', action='store_true',
+                        help='FILE.py:BUILD: BUILD(config) returns your own torch.nn.Module or flax.linen.Module; '
+                             'the harness finds the mapping from the checkpoint to its parameters, loads it and hooks '
+                             'its blocks')
+    parser.add_argument('--grad', action='store_true',
+                        help="a training step too: with --module, your model's cross-entropy gradients; without, "
+                             'FILE.py:STEP(params, images, labels) -> (loss, gradients by canonical name); compared '
+                             "with vit_jax.train's objective on the same batch, parity grad's tolerance")
+    parser.add_argument('--labels', metavar='L.npy', help='with --grad: integer class per image (default: seeded '
+                        'random)')
+    settings.add_flags(parser, STEP_FLAGS)
     parser.add_argument('--timeout', type=cli.positive_float, default=child.DEFAULT_TIMEOUT, metavar='SECONDS',
                         help=f'how long your function may take, import included (default {child.DEFAULT_TIMEOUT:g})')
     args = parser.parse_args(argv)
+    settings.check_ranges(args, STEP_FLAGS)
     runtime.strict_float32()
+    step_flags = [f for f in STEP_FLAGS if getattr(args, f) is not None]
+    if (args.labels or step_flags) and not args.grad:
+        raise UserError('verify: --labels, --label-smoothing, --optimizer, --lr and --weight-decay belong to --grad '
+                        '(a training step); add --grad')
+    optimizer = {f: getattr(args, f) for f in ('optimizer', 'lr', 'weight_decay')}
+    if any(v is not None for v in optimizer.values()) and args.module:
+        raise UserError('verify --module: --optimizer, --lr and --weight-decay check your own update, which a model '
+                        'does not carry; write FILE.py:STEP(params, images, labels) -> (loss, gradients, updated '
+                        'parameters) and pass it with --grad --optimizer')
 
     user = _user_preprocess(args)
     if args.function is None:
@@ -93,7 +135,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pipeline = verdict.pipeline_for(args, model, mode) if args.images is not None else None
     pixel_row = _pixels(user, args.images, pipeline, cfg.image_size) if user else None
     x, batch = verdict.load_batch(args, cfg, pipeline=pipeline)
-    candidate, notes = child.run_isolated(args.function, params, x, args.timeout)
+    labels = grad.load_labels(args.labels, len(x), cfg.num_classes, args.seed) if args.grad else None
+    smoothing = args.label_smoothing or 0.0
+    if args.grad and not cfg.num_classes:
+        raise UserError(f'{args.checkpoint}: --grad trains a classifier; this checkpoint has no head')
+    if args.grad and not args.module:
+        return step_only(args, cfg, params, x, batch, labels, smoothing,
+                         optimizer if any(v is not None for v in optimizer.values()) else None)
+    extra, preamble, structural = {}, [], None
+    if args.module:
+        automap.check_config(cfg)
+        job = {'config': {**cfg.to_official_dict(), 'image_size': cfg.image_size}}
+        if args.grad:
+            job['grad'] = {'labels': labels.tolist(), 'label_smoothing': smoothing}
+        candidate, notes, extra = child.run_module_isolated(args.function, params, x, job, args.timeout)
+        candidate, grads, _ = stepcheck.split(candidate)
+        if args.grad:
+            extra['training'] = stepcheck.compare(cfg, params, x, labels, smoothing, extra.pop('loss'), grads)
+        preamble = ['mapping (canonical <- yours):'] + automap.table_lines(extra['mapping']) + ['']
+        structural = lambda first, have: automap.structural_findings(  # noqa: E731
+            cfg, params, extra['unmapped'], first, have)
+    else:
+        candidate, notes = child.run_isolated(args.function, params, x, args.timeout)
     known = set(counterparts.known_names(cfg))
     for name in [k for k in candidate if k not in known]:
         close = difflib.get_close_matches(name, sorted(known), n=1)
@@ -102,7 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         del candidate[name]
     reference = verdict.run_reference(cfg, params, x, attention=any(k.startswith('attention_') for k in candidate))
     run = verdict.Comparison(cfg, params, x, batch, args.function, args.precision, notes,
-                             raw_posemb=verdict.raw_posemb(model), pixels=pixel_row)
+                             raw_posemb=verdict.raw_posemb(model), pixels=pixel_row, preamble=preamble,
+                             structural=structural, extra=extra)
     if user:
         run.notes.append(f'pixels: {user[0]} against the reference {pipeline.describe()}')
     return verdict.conclude(run, reference, candidate, args.json)
@@ -160,3 +224,26 @@ def pixels_only(args, user: tuple[str, Callable]) -> int:
         'reference': pipeline.describe(), 'preprocess': pipeline.as_dict(), 'candidate': user[0],
         'batch': f'{row["shape"][0]} images from {args.images}', 'notes': []})
     return 0 if row['ok'] else 1
+
+
+def step_only(args, cfg, params, x, batch: str, labels: np.ndarray, smoothing: float,
+              optimizer: Optional[dict]) -> int:
+    """`verify FILE.py:STEP --grad`: the user's training step alone (`stepcheck`), its loss and every gradient, and
+    with --optimizer the parameters after its update."""
+    job = {'step': {'labels': labels.tolist(), 'updated': optimizer is not None}}
+    got, notes, extra = child.run_module_isolated(args.function, params, x, job, args.timeout)
+    _, grads, after = stepcheck.split(got)
+    result = stepcheck.compare(cfg, params, x, labels, smoothing, extra['loss'], grads,
+                               after if optimizer is not None else None, optimizer)
+    verdict.print_header(f'{args.function} (a training step)', cfg,
+                         f'{batch}, label smoothing {smoothing:g}', notes)
+    for line in stepcheck.lines(result):
+        print(line)
+    print(f'verdict: {"PASS" if result["ok"] else "FAIL: first divergence at " + result["first"]} (loss'
+          f'{" and updates" if optimizer else ""} within 1e-5, gradients within 1e-4, x max(1, max |reference|))')
+    verdict.print_diagnosis(result['findings'])
+    verdict.write_json_report(args.json, {
+        'first_divergence': result['first'], 'ok': result['ok'], 'diagnosis': result['findings'],
+        **stepcheck.json_fields(result), 'labels': labels.tolist(), 'candidate': args.function,
+        'reference': verdict.REFERENCE, 'config': cli.describe_config(cfg), 'batch': batch, 'notes': notes})
+    return 0 if result['ok'] else 1
