@@ -68,7 +68,7 @@ BATCH = 2  # images per batch in the tiny-config tests
 # collected: the files that take longest go first, so that the two workers finish together rather than one of them
 # starting a long file last while the other sits idle. The other files follow in their usual order.
 LONGEST_FIRST = ('test_docs.py', 'test_sweep.py', 'test_train.py', 'test_recipes.py', 'test_formats.py',
-                 'test_harness.py', 'test_bench.py', 'test_cross_framework.py')
+                 'test_harness.py', 'test_bench.py', 'test_cross_framework.py', 'test_remat.py', 'test_fast_paths.py')
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -3,13 +3,18 @@
 The checkpoint, config and input checks are shared code (`parity.cli`, `parity.core.weights`),
 so most cases run in one framework and one representative case runs in the other. Each
 subprocess costs a few seconds of interpreter and framework start-up, so the cheap
-library-level cases call `parity` directly instead. The positive controls at the end run
+library-level cases call `parity` directly instead, and most command lines run in this
+process through the contract's own `run` (`command`); one case per command (vit_jax
+logits, vit_torch logits, vit_torch convert) runs in a real process. The positive controls at the end run
 the same commands with good inputs, so these tests prove the commands can also succeed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import zipfile
 from pathlib import Path
@@ -19,9 +24,12 @@ import pytest
 
 from conftest import REFERENCE, run_cli
 from parity import cli
+from parity.cli import contract
 from parity.core import weights
 from parity.core.config import load_config
 from parity.core.errors import UserError
+from vit_jax import cli as jax_cli
+from vit_torch import cli as torch_cli
 
 TINY = REFERENCE / 'tiny_token'  # ViT, patch 8, width 64, 4 heads, 2 layers, 10 classes, 32x32
 CKPT, CFG, X = TINY / 'ckpt.npz', TINY / 'model.json', TINY / 'x.npy'
@@ -54,11 +62,35 @@ def assert_nothing_written(out: Path) -> None:
     assert not any(out.iterdir()), f'files left behind: {sorted(p.name for p in out.iterdir())}'
 
 
-def logits(framework: str, ckpt, out: Path, *, config=CFG, x=X, image_size=None) -> subprocess.CompletedProcess:
+def command(*args) -> subprocess.CompletedProcess:
+    """`python -m FRAMEWORK ARGS...` in this process: what `__main__` runs, the contract's `run` around the
+    framework's `main`, its final `os._exit` turned into a SystemExit; the exit code, stdout and stderr."""
+    main = {'vit_jax': jax_cli.main, 'vit_torch': torch_cli.main}[args[0]]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    pid, real_exit = os.getpid(), os._exit
+
+    def exit_here(code):
+        if os.getpid() != pid:  # a forked child exits for real
+            real_exit(code)
+        raise SystemExit(code)
+
+    contract.os._exit = exit_here
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+                pytest.raises(SystemExit) as e:
+            contract.run(main, list(map(str, args[1:])))
+    finally:
+        contract.os._exit = real_exit
+    return subprocess.CompletedProcess(args, e.value.code, stdout.getvalue(), stderr.getvalue())
+
+
+def logits(framework: str, ckpt, out: Path, *, config=CFG, x=X, image_size=None,
+           process: bool = False) -> subprocess.CompletedProcess:
+    """`FRAMEWORK logits`: in this process, or with `process` in a real one."""
     args = [framework, 'logits', ckpt, '--config', config, '--input', x, '--output', out / 'y.npy']
     if image_size is not None:
         args += ['--image-size', image_size]
-    return run_cli(*args)
+    return run_cli(*args) if process else command(*args)
 
 
 def reference_arrays() -> dict[str, np.ndarray]:
@@ -78,7 +110,7 @@ def test_truncated_npz(tmp_path, out):
     bad = tmp_path / 'ckpt.npz'
     data = CKPT.read_bytes()
     bad.write_bytes(data[:len(data) // 2])
-    assert_user_error(logits('vit_jax', bad, out), str(bad), 'truncated or corrupted')
+    assert_user_error(logits('vit_jax', bad, out, process=True), str(bad), 'truncated or corrupted')
     assert_nothing_written(out)
 
 
@@ -138,7 +170,7 @@ def test_npz_with_pickled_objects(tmp_path, out):
 @pytest.mark.slow
 def test_missing_checkpoint_torch(tmp_path, out):
     missing = tmp_path / 'nope.npz'
-    assert_user_error(logits('vit_torch', missing, out), str(missing), 'no such file')
+    assert_user_error(logits('vit_torch', missing, out, process=True), str(missing), 'no such file')
     assert_nothing_written(out)
 
 
@@ -284,7 +316,7 @@ def test_convert_pt_with_pickled_object(tmp_path, out):
 
     bad = tmp_path / 'evil.pt'
     torch.save({'a': object()}, bad)  # torch.load(weights_only=True) must refuse it
-    assert_user_error(run_cli('vit_torch', 'convert', bad, out / 'y.npz'), str(bad), 'tensors-only')
+    assert_user_error(command('vit_torch', 'convert', bad, out / 'y.npz'), str(bad), 'tensors-only')
     assert_nothing_written(out)
 
 
@@ -296,7 +328,7 @@ def test_convert_truncated_safetensors(tmp_path, out):
     save_file({'w': np.ones((64, 64), np.float32)}, str(bad))
     data = bad.read_bytes()
     bad.write_bytes(data[:len(data) // 2])
-    assert_user_error(run_cli('vit_torch', 'convert', bad, out / 'y.npz'), str(bad), '.safetensors')
+    assert_user_error(command('vit_torch', 'convert', bad, out / 'y.npz'), str(bad), '.safetensors')
     assert_nothing_written(out)
 
 
@@ -304,14 +336,14 @@ def test_convert_truncated_safetensors(tmp_path, out):
 def tiny_pt(tmp_path_factory) -> Path:
     """The tiny reference checkpoint as a PyTorch .pt: width 64 has no official head count."""
     pt = tmp_path_factory.mktemp('pt') / 'tiny.pt'
-    proc = run_cli('vit_torch', 'convert', CKPT, pt)
+    proc = command('vit_torch', 'convert', CKPT, pt)
     assert proc.returncode == 0 and pt.is_file(), proc.stderr
     return pt
 
 
 @pytest.mark.slow
 def test_convert_pt_unknown_width_needs_config(tiny_pt, out):
-    assert_user_error(run_cli('vit_torch', 'convert', tiny_pt, out / 'back.npz'), 'width-64', 'pass --config')
+    assert_user_error(command('vit_torch', 'convert', tiny_pt, out / 'back.npz'), 'width-64', 'pass --config')
     assert_nothing_written(out)
 
 
@@ -319,7 +351,7 @@ def test_convert_pt_unknown_width_needs_config(tiny_pt, out):
 def test_convert_pt_with_config_succeeds(tiny_pt, out):
     """Positive control for the case above: with --config the same conversion works and round-trips."""
     back = out / 'back.npz'
-    proc = run_cli('vit_torch', 'convert', tiny_pt, back, '--config', CFG)
+    proc = command('vit_torch', 'convert', tiny_pt, back, '--config', CFG)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ['back.npz']
     with np.load(back) as got:

@@ -35,6 +35,7 @@ import torch
 
 from conftest import REFERENCE, random_params, run_cli, tiny
 from parity import cli
+from parity.cli import contract
 from parity.core import weights
 from parity.core.config import load_config
 from parity.core.errors import UserError
@@ -374,9 +375,33 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, needle: str) -> Non
     assert last.startswith('error: ') and needle in last, proc.stderr
 
 
+def command(monkeypatch, capsys, main, *argv) -> tuple[int, str]:
+    """`python -m PACKAGE ARGV...` in this process: the contract's own `run` around `main`, its `os._exit` a
+    SystemExit; (exit code, stderr). What a real process adds (no traceback, the code the shell sees) is
+    checked by this file's subprocess tests."""
+    pid, real_exit = os.getpid(), os._exit
+
+    def exit_here(code):
+        if os.getpid() != pid:  # a forked child exits for real
+            real_exit(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(contract.os, '_exit', exit_here)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        contract.run(main, list(map(str, argv)))
+    return e.value.code, capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_the_exit_code_contract_from_the_command_line(seeds, tmp_path):
-    """A damaged checkpoint, a declared-size bomb, a full-disk stand-in and sizes past the machine: exit 2, one line."""
+def test_the_exit_code_contract_from_the_command_line(seeds, tmp_path, monkeypatch, capsys):
+    """A damaged checkpoint, a declared-size bomb, a full-disk stand-in and sizes past the machine: exit 2, one line.
+
+    One real process per command family (vit_torch, vit_jax, parity); the other cases run the same `run` in-process.
+    """
+    from vit_jax import cli as jax_cli
+    from vit_torch import cli as torch_cli
+
     damaged = tmp_path / 'damaged.safetensors'
     damaged.write_bytes(seeds['vit_torch.safetensors'].read_bytes()[:5000])
     bomb = npz_of(tmp_path / 'bomb.npz', npy_bytes('(1000000, 1000000)', data=bytes(64)))
@@ -384,14 +409,19 @@ def test_the_exit_code_contract_from_the_command_line(seeds, tmp_path):
     out.mkdir()
     cases = [
         (('vit_torch', 'logits', damaged, '--input', x, '--output', out / 'y.npy'), 'not a readable .safetensors'),
-        (('vit_jax', 'logits', bomb, '--input', x, '--output', out / 'y.npy'), 'declares'),
-        (('vit_torch', 'convert', seeds['released.npz'], '/dev/null', '--to', 'npz'), 'not a regular file'),
         (('parity', 'compare', seeds['released.npz'], '--random', '100000000'), 'VIT_MIRROR_MAX_MEMORY'),
         (('vit_jax', 'predict', PHOTOS / 'chelsea.png', '--checkpoint', seeds['released.npz'], '--image-size',
           '80000'), 'needs about'),
     ]
     for args, needle in cases:
         assert_one_error_line(run_cli(*args), needle)
+    in_process = [
+        ((jax_cli.main, 'logits', bomb, '--input', x, '--output', out / 'y.npy'), 'declares'),
+        ((torch_cli.main, 'convert', seeds['released.npz'], '/dev/null', '--to', 'npz'), 'not a regular file'),
+    ]
+    for args, needle in in_process:
+        code, err = command(monkeypatch, capsys, *args)
+        assert_one_error_line(subprocess.CompletedProcess(args, code, '', err), needle)
     assert not any(out.iterdir())
 
 

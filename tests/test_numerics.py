@@ -7,7 +7,11 @@ weights scaled up so that erf against tanh GELU and eps 1e-12 against 1e-6 show 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +19,39 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_cli, tiny, tolerance
+from conftest import tiny, tolerance
 from parity import cli
+from parity.cli import contract
 from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
-from vit_jax import runtime as jax_runtime
-from vit_torch import runtime as torch_runtime
+from vit_jax import cli as jax_cli, runtime as jax_runtime
+from vit_torch import cli as torch_cli, runtime as torch_runtime
 
 S = 32
 X = np.random.default_rng(3).uniform(-1, 1, (2, S, S, 3)).astype(np.float32)
 FRAMEWORKS = {'vit_jax': jax_runtime.forward, 'vit_torch': torch_runtime.forward}
+
+
+def command(*args) -> subprocess.CompletedProcess:
+    """`python -m FRAMEWORK ARGS...` in this process: the contract's `run` around the framework's `main`, as its
+    `__main__` runs it, the final exit a SystemExit (an `os._exit` too). The same commands' exit codes and
+    single error line from a real process: test_bad_inputs.py and test_recipes.py."""
+    main = {'vit_jax': jax_cli.main, 'vit_torch': torch_cli.main}[args[0]]
+    stdout, stderr, pid, real_exit = io.StringIO(), io.StringIO(), os.getpid(), os._exit
+
+    def exit_here(code):
+        if os.getpid() != pid:  # a forked child exits for real
+            real_exit(code)
+        raise SystemExit(code)
+
+    contract.os._exit = exit_here
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as e:
+            contract.run(main, list(map(str, args[1:])))
+    finally:
+        contract.os._exit = real_exit
+    return subprocess.CompletedProcess(args, e.value.code, stdout.getvalue(), stderr.getvalue())
 
 
 def ours(path, numerics='source', config=None) -> dict[str, np.ndarray]:
@@ -121,7 +147,7 @@ def test_a_tanh_hf_folder_and_an_export_round_trip(tmp_path):
     assert (d['hidden_act'], d['layer_norm_eps']) == ('gelu', 1e-12)
     assert np.abs(transformers_logits(tmp_path / 'out') - erf_want).max() <= tolerance(erf_want)
     # through convert to this project's state dict and back: the metadata keeps them
-    assert run_cli('vit_torch', 'convert', erf_folder, tmp_path / 'm.safetensors').returncode == 0
+    assert command('vit_torch', 'convert', erf_folder, tmp_path / 'm.safetensors').returncode == 0
     assert weights.configure(weights.load(str(tmp_path / 'm.safetensors')), None).gelu == 'erf'
     assert max_diff(ours(tmp_path / 'm.safetensors'), erf_want) <= 1
 
@@ -130,12 +156,12 @@ def test_an_unsupported_activation_is_one_line(tmp_path):
     folder, _ = hf_folder(tmp_path, hidden_act='quick_gelu')
     np.save(tmp_path / 'x.npy', X)
     run = ('vit_torch', 'logits', folder, '--input', tmp_path / 'x.npy', '--output', tmp_path / 'y.npy')
-    proc = run_cli(*run)
+    proc = command(*run)
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "hidden_act 'quick_gelu'" in lines[0] and 'config.json' in lines[0]
     # the official numerics run it regardless
-    assert run_cli(*run, '--numerics', 'official').returncode == 0
+    assert command(*run, '--numerics', 'official').returncode == 0
 
 
 # --------------------------------------------------------------------------- timm
@@ -197,7 +223,7 @@ def test_fine_tuning_a_hf_folder_keeps_its_numerics(tmp_path):
                       image_size=8, patch_size=4, num_labels=10, hidden_act='gelu', layer_norm_eps=1e-12)
     ViTForImageClassification(hf_cfg).save_pretrained(tmp_path / 'hf')
     work = tmp_path / 'run'
-    proc = run_cli('vit_jax', 'train', '--dataset', 'digits', '--checkpoint', tmp_path / 'hf', '--workdir', work,
+    proc = command('vit_jax', 'train', '--dataset', 'digits', '--checkpoint', tmp_path / 'hf', '--workdir', work,
                    '--steps', '1', '--warmup-steps', '0', '--batch-size', '8', '--image-size', '8', '--eval-every', '0')
     assert proc.returncode == 0, proc.stderr
     run = json.loads((work / 'run.json').read_text())

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import random_params, run_cli, tiny
-from parity.cli import predict
+from parity.cli import contract, predict
 from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
@@ -87,13 +88,15 @@ def test_softmax_top_k_and_table():
 # --------------------------------------------------------------------------- both frameworks
 
 @pytest.mark.slow
-def test_same_top5_in_both_frameworks(tmp_path):
+def test_same_top5_in_both_frameworks(tmp_path, capsys):
+    """Each framework's `predict` entry point, in this process."""
     ckpt = checkpoint(tmp_path)
     results = {}
-    for framework in ('vit_jax', 'vit_torch'):
-        proc = run_cli(framework, 'predict', *IMAGES, '--checkpoint', ckpt, check=True)
-        assert f'{framework}: ' in proc.stderr and 'labels: imagenet2012' in proc.stderr
-        results[framework] = parse(proc.stdout)
+    for framework, predict_main in (('vit_jax', jax_cli.predict_main), ('vit_torch', torch_cli.predict_main)):
+        assert predict_main([*map(str, IMAGES), '--checkpoint', str(ckpt)]) == 0
+        out, err = capsys.readouterr()
+        assert f'{framework}: ' in err and 'labels: imagenet2012' in err
+        results[framework] = parse(out)
     jax_rows, torch_rows = results['vit_jax'], results['vit_torch']
     assert [image for image, _ in jax_rows] == [image for image, _ in torch_rows] == [str(p) for p in IMAGES]
     for (image, a), (_, b) in zip(jax_rows, torch_rows):
@@ -212,12 +215,31 @@ def test_predict_json_writes_the_contract(tmp_path, capsys):
             assert abs(top['probability'] - probs[c]) < 1e-9 and abs(top['probability'] - p) < 1e-6
 
 
-def test_predict_json_refused_before_work_and_unreadable_image_exits_2(tmp_path):
+def test_predict_json_refused_before_work_and_unreadable_image_exits_2(tmp_path, monkeypatch, capsys):
     ckpt = checkpoint(tmp_path)
-    proc = run_cli('vit_jax', 'predict', str(IMAGES[0]), '--checkpoint', ckpt, '--json', ckpt)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    code, err = command(monkeypatch, capsys, jax_cli.main, 'predict', IMAGES[0], '--checkpoint', ckpt, '--json', ckpt)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith('error: '), err
     bad = tmp_path / 'bad.png'
     bad.write_text('not a png')
-    proc = run_cli('vit_torch', 'predict', bad, '--checkpoint', ckpt, '--json', tmp_path / 'o.json')
-    assert proc.returncode == 2 and 'not a readable image' in proc.stderr and 'Traceback' not in proc.stderr
+    code, err = command(monkeypatch, capsys, torch_cli.main, 'predict', bad, '--checkpoint', ckpt,
+                        '--json', tmp_path / 'o.json')
+    assert code == 2 and 'not a readable image' in err and 'Traceback' not in err
     assert not (tmp_path / 'o.json').exists()
+
+
+def command(monkeypatch, capsys, main, *argv) -> tuple[int, str]:
+    """`python -m PACKAGE ARGV...` in this process: the contract's own `run` around `main`, its `os._exit` a
+    SystemExit; (exit code, stderr). What a real process adds (no traceback, the code the shell sees) is
+    checked by this file's subprocess tests."""
+    pid, real_exit = os.getpid(), os._exit
+
+    def exit_here(code):
+        if os.getpid() != pid:  # a forked child exits for real
+            real_exit(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(contract.os, '_exit', exit_here)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        contract.run(main, list(map(str, argv)))
+    return e.value.code, capsys.readouterr().err

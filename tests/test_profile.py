@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
 from parity.core import weights
 from parity.core.errors import UserError
+from parity.tools import bench
 from vit_jax import train, train_cli
 
 # One layer of width 16 on 8x8 digits: compiled in a second or two.
@@ -59,10 +59,11 @@ def test_train_profile_into_a_file_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_bench_profile_writes_jax_and_torch_traces_and_device_resident_is_recorded(tmp_path):
+    """`parity bench`'s entry point in this process (the command from a real process: test_bench.py)."""
     out, trace = tmp_path / 'bench.json', tmp_path / 'trace'
-    run_cli('parity', 'bench', '--models', 'testing', '--batch-size', '2', '--repeats', '1', '--warmup', '1',
-            '--impls', 'vit_jax,vit_torch', '--mode', 'train', '--device-resident', '--json', out,
-            '--profile', trace, check=True)
+    assert bench.main(['--models', 'testing', '--batch-size', '2', '--repeats', '1', '--warmup', '1',
+                       '--impls', 'vit_jax,vit_torch', '--mode', 'train', '--device-resident', '--json', str(out),
+                       '--profile', str(trace)]) == 0
     assert json.loads(out.read_text())['device_resident'] is True
     assert list(trace.glob('testing-train-fp32-vit_jax/plugins/profile/*/*.xplane.pb'))
     assert list(trace.glob('testing-train-fp32-vit_torch/*.pt.trace.json'))

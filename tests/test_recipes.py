@@ -24,8 +24,9 @@ import torch
 from conftest import kill_once_written, popen, random_params, run_cli
 from parity.core import weights
 from parity.core.config import ViTConfig
+from parity.core.errors import UserError
 from parity.data import datasets
-from vit_jax import cli as jax_cli, objective, train
+from vit_jax import cli as jax_cli, objective, train, train_cli
 from vit_jax.model import DropPath as JaxDropPath, VisionTransformer
 from vit_jax.settings import TrainSettings
 from vit_torch import cli as torch_cli
@@ -397,13 +398,18 @@ def summary(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def train_main(*args) -> None:
+    """`vit_jax train ARGS...` in this process (a subprocess only where the process itself is tested)."""
+    assert train_cli.main(list(map(str, args))) == 0
+
+
 @pytest.fixture(scope='module')
 def permuted_teacher(tmp_path_factory) -> Path:
     """A digits model trained for real, then its head rows permuted: it predicts PERM[y] for a digit y."""
     tmp = tmp_path_factory.mktemp('teacher')
     workdir = tmp / 'run'
-    run_cli('vit_jax', 'train', '--config', write_tiny(tmp, 64, 2), '--dataset', 'digits', '--steps', '300',
-            '--warmup-steps', '20', '--eval-every', '0', '--workdir', workdir, check=True)
+    train_main('--config', write_tiny(tmp, 64, 2), '--dataset', 'digits', '--steps', '300',
+               '--warmup-steps', '20', '--eval-every', '0', '--workdir', workdir)
     ckpt = weights.load(str(workdir / 'final.npz'))
     cfg = weights.configure(ckpt, str(workdir / 'config.json'))
     params = dict(ckpt.params(cfg))
@@ -419,11 +425,11 @@ PERM_INVERSE = np.argsort(PERM)
 
 
 @pytest.mark.slow
-def test_a_student_taught_by_a_permuted_teacher_alone_follows_the_permutation(permuted_teacher, tmp_path):
-    proc = run_cli('vit_jax', 'train', '--config', write_tiny(tmp_path), '--dataset', 'digits', '--steps', '300',
-                   '--warmup-steps', '20', '--eval-every', '0', '--teacher', permuted_teacher, '--distill', 'hard',
-                   '--distill-alpha', '1', '--workdir', tmp_path / 'student', check=True)
-    result = summary(proc.stdout)
+def test_a_student_taught_by_a_permuted_teacher_alone_follows_the_permutation(permuted_teacher, tmp_path, capsys):
+    train_main('--config', write_tiny(tmp_path), '--dataset', 'digits', '--steps', '300',
+               '--warmup-steps', '20', '--eval-every', '0', '--teacher', permuted_teacher, '--distill', 'hard',
+               '--distill-alpha', '1', '--workdir', tmp_path / 'student')
+    result = summary(capsys.readouterr().out)
     assert result['teacher_agreement'][0] > 0.8, result  # it learned the teacher's labels ...
     assert result['accuracy'] < 0.2, result  # ... not the dataset's
     lines = [json.loads(line) for line in (tmp_path / 'student' / 'metrics.jsonl').read_text().splitlines()]
@@ -439,10 +445,10 @@ def test_a_deit_student_with_a_distillation_token_trains_and_is_read_back(permut
     config = tmp_path / 'distilled.json'
     config.write_text(json.dumps(dict(TINY, classifier='token_distilled')))
     workdir = tmp_path / 'deit'
-    proc = run_cli('vit_jax', 'train', '--config', config, '--dataset', 'digits', '--steps', '200',
-                   '--warmup-steps', '20', '--eval-every', '0', '--teacher', permuted_teacher, '--distill', 'hard',
-                   '--workdir', workdir, check=True)
-    result = summary(proc.stdout)
+    train_main('--config', config, '--dataset', 'digits', '--steps', '200',
+               '--warmup-steps', '20', '--eval-every', '0', '--teacher', permuted_teacher, '--distill', 'hard',
+               '--workdir', workdir)
+    result = summary(capsys.readouterr().out)
     ckpt = weights.load(str(workdir / 'final.npz'))
     cfg = weights.configure(ckpt, None)
     assert cfg.classifier == 'token_distilled' and 'head_dist/kernel' in ckpt.shapes
@@ -479,34 +485,38 @@ def test_the_trainer_fine_tunes_a_plain_vit_into_a_distilled_student(permuted_te
     tiny_config = json.loads(write_tiny(tmp_path, 64, 2).read_text())
     config.write_text(json.dumps(dict(tiny_config, classifier='token_distilled')))
     workdir = tmp_path / 'run'
-    run_cli('vit_jax', 'train', '--checkpoint', permuted_teacher, '--config', config, '--dataset', 'digits',
-            '--steps', '10', '--warmup-steps', '1', '--eval-every', '0', '--teacher', permuted_teacher,
-            '--workdir', workdir, check=True)
+    train_main('--checkpoint', permuted_teacher, '--config', config, '--dataset', 'digits',
+               '--steps', '10', '--warmup-steps', '1', '--eval-every', '0', '--teacher', permuted_teacher,
+               '--workdir', workdir)
     assert 'dist_token' in weights.load_npz(str(workdir / 'final.npz'))
     small = tmp_path / 'distilled-small.json'
     small.write_text(json.dumps(dict(TINY, classifier='token_distilled')))  # width 32: another trunk
-    other = run_cli('vit_jax', 'train', '--checkpoint', permuted_teacher, '--config', small, '--dataset', 'digits',
-                    '--teacher', permuted_teacher, '--workdir', tmp_path / 'other')
-    assert other.returncode == 2 and 'grows a distillation token from a class token' in other.stderr, other.stderr
+    # A UserError: one `error:` line and exit 2 from the command line (the contract's subprocess test below).
+    with pytest.raises(UserError, match='grows a distillation token from a class token'):
+        train_main('--checkpoint', permuted_teacher, '--config', small, '--dataset', 'digits',
+                   '--teacher', permuted_teacher, '--workdir', tmp_path / 'other')
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bit_identical_with_a_teacher_and_mixup(permuted_teacher, tmp_path):
+def test_resume_after_sigkill_is_bit_identical_with_a_teacher_and_mixup(permuted_teacher, tmp_path, capsys):
+    """Only the killed run is a process of its own; the reference, the resumed and the refused run are in-process."""
     args = ('--config', write_tiny(tmp_path), '--dataset', 'digits', '--steps', '60', '--warmup-steps', '5',
             '--batch-size', '32', '--eval-every', '0', '--checkpoint-every', '10', '--teacher', permuted_teacher,
             '--mixup', '0.4', '--optimizer', 'adamw', '--lr', '0.003', '--weight-decay', '0.05',
             '--label-smoothing', '0.1', '--stochastic-depth', '0.1')
-    reference = run_cli('vit_jax', 'train', *args, '--workdir', tmp_path / 'reference', check=True)
+    train_main(*args, '--workdir', tmp_path / 'reference')
+    reference = capsys.readouterr().out
     workdir = tmp_path / 'killed'
     proc = popen('vit_jax', 'train', *args, '--workdir', workdir, out=tmp_path / 'killed')
     kill_once_written(proc, workdir / 'checkpoints' / 'ckpt-0000020.npz', tmp_path / 'killed')
     assert not (workdir / 'final.npz').exists(), 'the run ended before it was killed'
-    resumed = run_cli('vit_jax', 'train', *args, '--workdir', workdir, check=True)
-    assert 'resuming at step' in resumed.stderr
-    assert summary(resumed.stdout)['params_sha256'] == summary(reference.stdout)['params_sha256']
-    # A restart with another recipe value is refused, naming the field.
-    other = run_cli('vit_jax', 'train', *args[:-2], '--stochastic-depth', '0.2', '--workdir', workdir)
-    assert other.returncode == 2 and 'config' in other.stderr
+    train_main(*args, '--workdir', workdir)
+    resumed = capsys.readouterr()
+    assert 'resuming at step' in resumed.err
+    assert summary(resumed.out)['params_sha256'] == summary(reference)['params_sha256']
+    # A restart with another recipe value is refused (a UserError: one line, exit 2), naming the field.
+    with pytest.raises(UserError, match='config'):
+        train_main(*args[:-2], '--stochastic-depth', '0.2', '--workdir', workdir)
 
 
 BAD = [
@@ -765,15 +775,10 @@ def grad_teacher(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_grad_adamw_five_steps_pass_from_the_command_line(tmp_path):
-    from conftest import REFERENCE
-
-    out = tmp_path / 'grad.json'
-    proc = run_cli('parity', 'grad', REFERENCE / 'tiny_token' / 'ckpt.npz', '--config',
-                   REFERENCE / 'tiny_token' / 'model.json', '--optimizer', 'adamw', '--weight-decay', '0.05',
-                   '--lr', '0.001', '--label-smoothing', '0.1', '--steps', '5', '--json', out)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(out.read_text())
+def test_grad_adamw_five_steps_pass_from_the_command_line(monkeypatch, tmp_path):
+    """`parity grad`'s entry point in-process (its exit codes from a real process: test_harness.py)."""
+    result = grad_main(monkeypatch, tmp_path, '--optimizer', 'adamw', '--weight-decay', '0.05',
+                       '--lr', '0.001', '--label-smoothing', '0.1', '--steps', '5')
     assert result['ok'] and [s['step'] for s in result['steps']] == [1, 2, 3, 4, 5]
     assert all(s['gradients_ok'] and s['updated_params_ok'] and s['loss']['ok'] for s in result['steps'])
     losses = [s['loss']['reference'] for s in result['steps']]

@@ -9,18 +9,20 @@ training setting the trainer honours, not architecture.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import random_params, run_cli
+from conftest import random_params
+from parity.cli import contract
 from parity.core import limits, weights
 from parity.core.config import OFFICIAL_CONFIGS, ViTConfig, big_vision_remat, load_config
 from parity.core.errors import UserError
 from parity.data import datasets
-from vit_jax import objective, settings, train, train_cli
+from vit_jax import cli as jax_cli, objective, settings, train, train_cli
 from vit_jax.model import VisionTransformer
 from vit_jax.settings import TrainSettings
 
@@ -61,7 +63,8 @@ def test_a_training_steps_gradients_are_the_same_with_and_without_remat():
 def test_remat_keeps_the_parameter_tree_and_is_in_the_traced_step():
     cfg = tiny_config()
     x = np.zeros((1, 8, 8, 3), np.float32)
-    trees = {mode: VisionTransformer(cfg, remat=mode).init(jax.random.PRNGKey(0), x) for mode in MODES}
+    # The trees' shapes, traced without computing them: names are what is compared, and the jaxpr needs no values.
+    trees = {mode: jax.eval_shape(VisionTransformer(cfg, remat=mode).init, jax.random.PRNGKey(0), x) for mode in MODES}
     names = {mode: sorted('/'.join(p.key for p in path) for path, _ in jax.tree_util.tree_leaves_with_path(t))
              for mode, t in trees.items()}
     assert names['block'] == names['dots'] == names['none']
@@ -72,7 +75,8 @@ def test_remat_keeps_the_parameter_tree_and_is_in_the_traced_step():
         loss = lambda p: model.apply(p, x, train=True, rngs={'dropout': jax.random.PRNGKey(1)}).sum()  # noqa: E731
         return str(jax.make_jaxpr(jax.grad(loss))(trees['none']))
 
-    assert 'remat' not in jaxpr('none') and 'checkpoint' not in jaxpr('none')
+    plain = jaxpr('none')
+    assert 'remat' not in plain and 'checkpoint' not in plain
     assert 'remat' in jaxpr('block') or 'checkpoint' in jaxpr('block')
 
 
@@ -131,12 +135,32 @@ def test_a_big_vision_remat_policy_is_honoured_and_the_flag_wins(tmp_path):
         assert settings.resolve(settings.apply_recipe(args, 10), cfg).remat == want, argv
 
 
-def test_an_unknown_remat_is_one_error_line(tmp_path):
+def vit_jax_command(monkeypatch, capsys, *argv) -> tuple[int, str]:
+    """`python -m vit_jax ARGV...` in this process: the contract's own `run`, its final `os._exit` a SystemExit.
+
+    (The same line and exit code from a real process: test_recipes.py's bad-teacher test.)"""
+    pid, real_exit = os.getpid(), os._exit
+
+    def exit_here(code):
+        if os.getpid() != pid:  # a forked child exits for real
+            real_exit(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(contract.os, '_exit', exit_here)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        contract.run(jax_cli.main, list(map(str, argv)))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_an_unknown_remat_is_one_error_line(tmp_path, monkeypatch, capsys):
     path = big_vision_json(tmp_path, 'everything_saveable')
     with pytest.raises(UserError, match="remat_policy 'everything_saveable': expected one of none, nothing_saveable"):
         big_vision_remat(str(path))
-    out = run_cli('vit_jax', 'train', '--dataset', 'digits', '--config', path, '--workdir', tmp_path / 'w')
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert 'remat_policy' in out.stderr and not (tmp_path / 'w').exists()
-    out = run_cli('vit_jax', 'train', '--dataset', 'digits', '--workdir', tmp_path / 'w', '--remat', 'all')
-    assert out.returncode == 2 and "invalid choice: 'all'" in out.stderr, out.stderr
+    code, err = vit_jax_command(monkeypatch, capsys, 'train', '--dataset', 'digits', '--config', path,
+                                '--workdir', tmp_path / 'w')
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith('error: ') and 'remat_policy' in err and not (tmp_path / 'w').exists()
+    code, err = vit_jax_command(monkeypatch, capsys, 'train', '--dataset', 'digits', '--workdir', tmp_path / 'w',
+                                '--remat', 'all')
+    assert code == 2 and "invalid choice: 'all'" in err, err

@@ -10,7 +10,9 @@ simulated CPU devices runs in a subprocess, since XLA_FLAGS must be set before J
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import os
 import socket
@@ -79,8 +81,10 @@ def final_params(workdir: Path) -> dict[str, np.ndarray]:
 def reference(tmp_path_factory, run_args) -> Path:
     """One uninterrupted run with `run_args`."""
     workdir = tmp_path_factory.mktemp('reference') / 'run'
-    proc = run_cli('vit_jax', 'train', *run_args, '--workdir', workdir, check=True)
-    result = summary(proc.stdout)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):  # in this process: the killed and the resumed runs are compared with it
+        assert train_cli.main([*map(str, run_args), '--workdir', str(workdir)]) == 0
+    result = summary(stdout.getvalue())
     assert result['step'] == STEPS and result['examples'] == 360
     assert result['accuracy'] > 0.5, result  # it learned something in 100 small steps
     assert result['params_sha256'] == train.params_digest(final_params(workdir))
@@ -111,7 +115,8 @@ def test_workdir_holds_metrics_checkpoints_and_the_released_files(reference):
     assert last.keys() == final.keys() and all(np.array_equal(last[k], final[k]) for k in final)
 
 
-def test_kill_and_restart_ends_with_the_same_parameters(reference, run_args, tmp_path):
+def test_kill_and_restart_ends_with_the_same_parameters(reference, run_args, tmp_path, capsys):
+    """The killed run is a process of its own, SIGKILLed; the restart runs the train entry point in this process."""
     workdir = tmp_path / 'run'
     proc = popen('vit_jax', 'train', *run_args, '--workdir', workdir, out=tmp_path / 'killed')
     kill_once_written(proc, workdir / 'checkpoints' / 'ckpt-0000010.npz', tmp_path / 'killed')
@@ -122,8 +127,9 @@ def test_kill_and_restart_ends_with_the_same_parameters(reference, run_args, tmp
     with open(workdir / 'metrics.jsonl', 'a') as f:
         f.write('{"step": 9')
 
-    resumed = run_cli('vit_jax', 'train', *run_args, '--workdir', workdir, check=True)
-    assert f'resuming at step {killed_at}' in resumed.stderr
+    capsys.readouterr()
+    assert train_cli.main([*map(str, run_args), '--workdir', str(workdir)]) == 0
+    assert f'resuming at step {killed_at}' in capsys.readouterr().err
     want, got = final_params(reference), final_params(workdir)
     assert want.keys() == got.keys()
     assert all(np.array_equal(want[k], got[k]) for k in want), 'the resumed run ended elsewhere'
@@ -135,6 +141,8 @@ def test_kill_and_restart_ends_with_the_same_parameters(reference, run_args, tmp
 
 
 def test_a_second_trainer_on_the_workdir_is_refused_by_the_lock(run_args, tmp_path):
+    """The first trainer is another process; the second, refused, is this one (a UserError: the one `error:` line
+    and exit 2 of test_train_errors_are_one_line_from_the_command_line)."""
     workdir = tmp_path / 'run'
     first = popen('vit_jax', 'train', *run_args, '--workdir', workdir, out=tmp_path / 'first')
     deadline = time.time() + 300
@@ -142,10 +150,10 @@ def test_a_second_trainer_on_the_workdir_is_refused_by_the_lock(run_args, tmp_pa
         assert first.poll() is None, (tmp_path / 'first.err').read_text()
         assert time.time() < deadline
         time.sleep(0.01)
-    second = run_cli('vit_jax', 'train', *run_args, '--workdir', workdir)
-    assert second.returncode == 2 and 'Traceback' not in second.stderr, second.stderr
-    line = second.stderr.strip().splitlines()[-1]
-    assert line.startswith(f'error: --workdir {workdir} is in use by PID {first.pid} on '), line
+    with pytest.raises(UserError) as e:
+        train_cli.main([*map(str, run_args), '--workdir', str(workdir)])
+    line = str(e.value)
+    assert '\n' not in line and line.startswith(f'--workdir {workdir} is in use by PID {first.pid} on '), line
     assert 'python -m vit_jax train' in line
     assert first.wait() == 0, (tmp_path / 'first.err').read_text()  # the first run never noticed
     assert summary((tmp_path / 'first.out').read_text())['step'] == STEPS and not (workdir / '.lock').exists()
