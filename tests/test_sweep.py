@@ -188,7 +188,7 @@ def _values(workdir: Path) -> list:
 
 
 @pytest.mark.slow
-def test_a_sweep_killed_and_restarted_ends_with_the_runs_of_list_and_run_one(tmp_path):
+def test_a_sweep_killed_and_restarted_ends_with_the_runs_of_list_and_run_one(tmp_path, capsys, monkeypatch):
     """Two ways to the same runs: `--list` piped to `xargs -P 2 ... --run-one` (each run alone, on the whole
     machine; the lr=0.1 cell's two), and the whole sweep two at a time (each on its own core), SIGKILLed
     mid-grid and started again. The runs made both ways must end with the same parameters, bit for bit."""
@@ -200,14 +200,21 @@ def test_a_sweep_killed_and_restarted_ends_with_the_runs_of_list_and_run_one(tmp
 
     # 1. Fanned out by xargs over --list, one --run-one per index (the last two: the runs the kill below hits).
     fanned = tmp_path / 'fanned'
-    listed = run_cli('vit_jax', 'sweep', '--workdir', fanned, *grid, '--list', '--', *train, check=True).stdout
+    monkeypatch.chdir(REPO)  # where the runs start (the sweep goes to the folder it was declared in); restored after
+
+    def in_process(*argv) -> str:  # --list and --report train nothing: this process, not one more interpreter
+        capsys.readouterr()
+        assert sweep.main(list(map(str, argv))) == 0
+        return capsys.readouterr().out
+
+    listed = in_process('--workdir', fanned, *grid, '--list', '--', *train)
     assert [line.split('\t')[0] for line in listed.splitlines()] == [str(i) for i in range(4)]
     assert '--lr 0.1 --seed 1 --workdir ' in listed.splitlines()[3]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     subprocess.run(f'cut -f1 | tail -n 2 | xargs -P 2 -I{{}} {sys.executable} -m vit_jax sweep --workdir {fanned} '
                    '--run-one {}', shell=True, input=listed, text=True, env=env, cwd=REPO, check=True,
                    capture_output=True)
-    left = run_cli('vit_jax', 'sweep', '--workdir', fanned, '--list', check=True).stdout
+    left = in_process('--workdir', fanned, '--list')
     assert [line.split('\t')[0] for line in left.splitlines()] == ['0', '1']
 
     # 2. The sweep, two at a time, SIGKILLed once the last run has its first checkpoint, then started again.
@@ -248,12 +255,11 @@ def test_a_sweep_killed_and_restarted_ends_with_the_runs_of_list_and_run_one(tmp
         assert (killed / png).stat().st_size > 20_000
     recorded = json.loads((killed / last_run / 'run.json').read_text())
     assert (recorded['lr'], recorded['seed'], recorded['augment']) == (0.1, 1, 'shift=1')
-    run_cli('vit_jax', 'sweep', '--workdir', fanned, '--report', '--metric', 'final-loss', check=True)
+    in_process('--workdir', fanned, '--report', '--metric', 'final-loss')
     assert 'test loss of the last evaluation' in (fanned / 'results.md').read_text()
     # Another grid on the same workdir is refused.
-    other = run_cli('vit_jax', 'sweep', '--workdir', fanned, '--grid', 'lr=0.2', '--', *train)
-    assert other.returncode == 2 and other.stderr.strip().splitlines()[-1].startswith('error: --workdir')
-    assert 'holds another sweep (grid, trials differ)' in other.stderr
+    with pytest.raises(UserError, match=r'^--workdir .*holds another sweep \(grid, trials differ\)'):
+        sweep.main(['--workdir', str(fanned), '--grid', 'lr=0.2', '--', *train])
 
 
 def test_a_report_says_what_is_missing(tmp_path):
