@@ -133,6 +133,43 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return proc
 
 
+# parity/__main__.py's commands and their modules
+PARITY_COMMANDS = {'compare': 'parity.harness.compare', 'verify': 'parity.harness.verify',
+                   'grad': 'parity.harness.grad', 'bench': 'parity.tools.bench', 'explain': 'parity.tools.explain'}
+
+
+def in_process(*args) -> subprocess.CompletedProcess:
+    """`python -m PACKAGE ARGS...` in this process, as its `__main__` runs it: the contract's `run` around the
+    package's command dispatch, its final exit a SystemExit (an `os._exit` too, but a forked child's exits for
+    real); the exit code, stdout and stderr, as `run_cli` gives them. For the tests whose subject is the command,
+    not a fresh interpreter (which `run_cli` keeps for what only a real process shows)."""
+    import contextlib
+    import importlib
+    import io
+
+    from parity.cli import contract
+
+    if args[0] == 'parity':  # parity's __main__ runs on import: its commands' own mains, as it dispatches them
+        main, argv = importlib.import_module(PARITY_COMMANDS[args[1]]).main, args[2:]
+    else:
+        main, argv = importlib.import_module(f'{args[0]}.cli').main, args[1:]
+    stdout, stderr, pid, real_exit = io.StringIO(), io.StringIO(), os.getpid(), os._exit
+
+    def exit_here(code):
+        if os.getpid() != pid:
+            real_exit(code)
+        raise SystemExit(code)
+
+    contract.os._exit = exit_here
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+                pytest.raises(SystemExit) as e:
+            contract.run(main, list(map(str, argv)))
+    finally:
+        contract.os._exit = real_exit
+    return subprocess.CompletedProcess(args, e.value.code, stdout.getvalue(), stderr.getvalue())
+
+
 def random_params(shapes: dict[str, tuple[int, ...]], seed: int = 0, scale: float = 0.2) -> dict[str, np.ndarray]:
     """Random float32 params for a shape spec: nothing zero, so every parameter matters."""
     rng = np.random.default_rng(seed)

@@ -11,10 +11,7 @@ the same commands with good inputs, so these tests prove the commands can also s
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import subprocess
 import zipfile
 from pathlib import Path
@@ -22,14 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REFERENCE, run_cli
+from conftest import REFERENCE, in_process, run_cli
 from parity import cli
-from parity.cli import contract
 from parity.core import weights
 from parity.core.config import load_config
 from parity.core.errors import UserError
-from vit_jax import cli as jax_cli
-from vit_torch import cli as torch_cli
 
 TINY = REFERENCE / 'tiny_token'  # ViT, patch 8, width 64, 4 heads, 2 layers, 10 classes, 32x32
 CKPT, CFG, X = TINY / 'ckpt.npz', TINY / 'model.json', TINY / 'x.npy'
@@ -63,25 +57,8 @@ def assert_nothing_written(out: Path) -> None:
 
 
 def command(*args) -> subprocess.CompletedProcess:
-    """`python -m FRAMEWORK ARGS...` in this process: what `__main__` runs, the contract's `run` around the
-    framework's `main`, its final `os._exit` turned into a SystemExit; the exit code, stdout and stderr."""
-    main = {'vit_jax': jax_cli.main, 'vit_torch': torch_cli.main}[args[0]]
-    stdout, stderr = io.StringIO(), io.StringIO()
-    pid, real_exit = os.getpid(), os._exit
-
-    def exit_here(code):
-        if os.getpid() != pid:  # a forked child exits for real
-            real_exit(code)
-        raise SystemExit(code)
-
-    contract.os._exit = exit_here
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
-                pytest.raises(SystemExit) as e:
-            contract.run(main, list(map(str, args[1:])))
-    finally:
-        contract.os._exit = real_exit
-    return subprocess.CompletedProcess(args, e.value.code, stdout.getvalue(), stderr.getvalue())
+    """`python -m FRAMEWORK ARGS...` in this process (conftest's `in_process`): exit code, stdout and stderr."""
+    return in_process(*args)
 
 
 def logits(framework: str, ckpt, out: Path, *, config=CFG, x=X, image_size=None,

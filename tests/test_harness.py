@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REFERENCE, REPO, kill_once_written, popen, random_params, run_cli, tolerance
+from conftest import REFERENCE, REPO, in_process, kill_once_written, popen, random_params, run_cli, tolerance
 from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
@@ -244,11 +244,12 @@ def test_verify_runs_nothing_of_the_users_file_in_its_own_process(tmp_path):
 def test_verify_command_line(tmp_path):
     out = tmp_path / 'v.json'
     ckpt, *rest = case_args(TINY)
-    proc = run_cli('parity', 'verify', f'{EXAMPLE}:vit', '--checkpoint', ckpt, *rest, '--json', out)
+    proc = in_process('parity', 'verify', f'{EXAMPLE}:vit', '--checkpoint', ckpt, *rest, '--json', out)
     assert proc.returncode == 0, proc.stderr
     assert 'verdict: PASS' in proc.stdout
     assert json.loads(out.read_text())['first_divergence'] is None
-    proc = run_cli('parity', 'verify', f'{faulty(tmp_path, "erf_gelu")}', '--checkpoint', ckpt, *rest, '--json', out)
+    proc = in_process('parity', 'verify', f'{faulty(tmp_path, "erf_gelu")}', '--checkpoint', ckpt, *rest, '--json',
+                      out)
     assert proc.returncode == 1 and 'first divergence at encoderblock_1' in proc.stdout
     report = json.loads(out.read_text())
     assert set(report) >= {'first_divergence', 'activations', 'max_abs_logit_diff', 'top1_agreement', 'diagnosis'}
@@ -326,7 +327,7 @@ def test_compare_reads_an_image_folder(tmp_path):
 @pytest.mark.slow
 def test_compare_command_line(tmp_path):
     out = tmp_path / 'c.json'
-    proc = run_cli('parity', 'compare', *case_args(HYBRID), '--json', out)
+    proc = in_process('parity', 'compare', *case_args(HYBRID), '--json', out)
     assert proc.returncode == 0, proc.stderr
     assert 'verdict: PASS' in proc.stdout and 'stem' in proc.stdout
     report = json.loads(out.read_text())
@@ -423,7 +424,7 @@ def test_grad_parity_on_a_hybrid(tmp_path):
 def test_grad_command_line_on_a_tiny_vit(tmp_path):
     out, labels = tmp_path / 'g.json', tmp_path / 'labels.npy'
     np.save(labels, np.array([3, 7]))
-    proc = run_cli('parity', 'grad', *case_args(TINY), '--labels', labels, '--json', out)
+    proc = in_process('parity', 'grad', *case_args(TINY), '--labels', labels, '--json', out)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report['first_divergence'] is None and report['labels'] == [3, 7] and report['momentum'] == 0.9

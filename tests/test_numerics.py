@@ -7,10 +7,7 @@ weights scaled up so that erf against tanh GELU and eps 1e-12 against 1e-6 show 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,9 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny, tolerance
+from conftest import in_process, tiny, tolerance
 from parity import cli
-from parity.cli import contract
 from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
@@ -34,24 +30,8 @@ FRAMEWORKS = {'vit_jax': jax_runtime.forward, 'vit_torch': torch_runtime.forward
 
 
 def command(*args) -> subprocess.CompletedProcess:
-    """`python -m FRAMEWORK ARGS...` in this process: the contract's `run` around the framework's `main`, as its
-    `__main__` runs it, the final exit a SystemExit (an `os._exit` too). The same commands' exit codes and
-    single error line from a real process: test_bad_inputs.py and test_recipes.py."""
-    main = {'vit_jax': jax_cli.main, 'vit_torch': torch_cli.main}[args[0]]
-    stdout, stderr, pid, real_exit = io.StringIO(), io.StringIO(), os.getpid(), os._exit
-
-    def exit_here(code):
-        if os.getpid() != pid:  # a forked child exits for real
-            real_exit(code)
-        raise SystemExit(code)
-
-    contract.os._exit = exit_here
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as e:
-            contract.run(main, list(map(str, args[1:])))
-    finally:
-        contract.os._exit = real_exit
-    return subprocess.CompletedProcess(args, e.value.code, stdout.getvalue(), stderr.getvalue())
+    """`python -m FRAMEWORK ARGS...` in this process (conftest's `in_process`): exit code, stdout and stderr."""
+    return in_process(*args)
 
 
 def ours(path, numerics='source', config=None) -> dict[str, np.ndarray]:
@@ -251,8 +231,6 @@ PHOTO = str(Path(__import__('skimage.data').data.__file__).parent / 'chelsea.png
 
 def predicted_logits(tmp_path, *args) -> dict[str, np.ndarray]:
     """`predict --json` of the photo in both frameworks: each one's raw logits."""
-    from vit_jax import cli as jax_cli
-    from vit_torch import cli as torch_cli
 
     got = {}
     for fw, main in (('vit_jax', jax_cli.predict_main), ('vit_torch', torch_cli.predict_main)):

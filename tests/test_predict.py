@@ -204,7 +204,7 @@ def test_predict_json_writes_the_contract(tmp_path, capsys):
     table = parse(capsys.readouterr().out)
     d = json.loads(out.read_text())
     assert set(d) == {'checkpoint', 'numerics', 'preprocess', 'images'}
-    assert d['checkpoint'] == str(ckpt) and d['numerics'] == 'tanh GELU, LayerNorm eps 1e-06'
+    assert d['checkpoint'] == str(ckpt) and d['numerics'] == 'tanh GELU, LayerNorm eps 1e-6'
     assert d['preprocess']['mode'] == 'official' and d['preprocess']['size'] == [32, 32]
     assert [im['file'] for im in d['images']] == images
     for im, (_, rows) in zip(d['images'], table):

@@ -1,22 +1,16 @@
 """Tier 3: both frameworks reproduce the official model's logits (tests/reference, made by the official code)."""
 
-import contextlib
 import hashlib
-import io
-import os
 import re
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_cli
-from parity.cli import contract
+from conftest import REPO, in_process, run_cli
 from parity.core import weights
-from vit_jax import cli as jax_cli
 from vit_jax.model import VisionTransformer as FlaxViT
 from vit_jax.params import variables_from_params
-from vit_torch import cli as torch_cli
 from vit_torch.params import build_model
 
 # (case, input, official logits, image size to build at: None is the checkpoint's own grid)
@@ -52,24 +46,9 @@ def test_torch_reproduces_official_logits(reference, case, x, y, size, fast):
 
 
 def logits_command(*args) -> tuple[int, str]:
-    """`python -m FRAMEWORK ARGS...` in this process: the contract's `run` around the framework's `main`, as its
-    `__main__` runs it, with the final exit a SystemExit (an `os._exit` too); (exit code, stderr)."""
-    main = {'vit_jax': jax_cli.main, 'vit_torch': torch_cli.main}[args[0]]
-    stderr, pid, real_exit = io.StringIO(), os.getpid(), os._exit
-
-    def exit_here(code):
-        if os.getpid() != pid:  # a forked child exits for real
-            real_exit(code)
-        raise SystemExit(code)
-
-    contract.os._exit = exit_here
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr), \
-                pytest.raises(SystemExit) as e:
-            contract.run(main, list(map(str, args[1:])))
-    finally:
-        contract.os._exit = real_exit
-    return e.value.code, stderr.getvalue()
+    """`python -m FRAMEWORK ARGS...` in this process (conftest's `in_process`): (exit code, stderr)."""
+    proc = in_process(*args)
+    return proc.returncode, proc.stderr
 
 
 @pytest.mark.slow

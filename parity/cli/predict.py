@@ -17,7 +17,7 @@ import numpy as np
 
 from parity import cli
 from parity.core import files, limits
-from parity.core.config import ViTConfig
+from parity.core.config import ViTConfig, format_eps
 from parity.core.errors import UserError
 from parity.data import preprocess
 from parity.data.class_names import labels_for
@@ -120,8 +120,9 @@ def pipeline_for(args: argparse.Namespace, model: cli.LoadedCheckpoint, cfg: ViT
 
 
 def describe_numerics(cfg: ViTConfig) -> str:
-    """The numerics a forward pass uses, in one phrase: `tanh GELU, LayerNorm eps 1e-06`."""
-    return f'{cfg.gelu} GELU, LayerNorm eps {cfg.layer_norm_eps:g}'
+    """The numerics a forward pass uses, in one phrase, as the config line writes them: `tanh GELU, LayerNorm eps
+    1e-6`."""
+    return f'{cfg.gelu} GELU, LayerNorm eps {format_eps(cfg.layer_norm_eps)}'
 
 
 def predict(forward: cli.Forward, images: np.ndarray) -> np.ndarray:
