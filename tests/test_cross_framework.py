@@ -44,12 +44,13 @@ def test_flax_and_torch_agree_on_random_weights(name):
 def test_fresh_inits_share_the_canonical_tree(name):
     """A fresh model in either framework exports to the same names and shapes, and runs in the other."""
     cfg = CONFIGS[name]
-    flax_params = params_from_variables(FlaxViT(cfg).init(jax.random.PRNGKey(0), images(cfg)))
+    # Jitted: one compile, not an op-by-op dispatch of every layer (the hybrid's ResNet has hundreds).
+    flax_params = params_from_variables(jax.jit(FlaxViT(cfg).init)(jax.random.PRNGKey(0), images(cfg)))
     torch_params = params_from_state_dict(TorchViT(cfg).state_dict(), cfg)
     assert {k: v.shape for k, v in flax_params.items()} == {k: v.shape for k, v in torch_params.items()}
     x = images(cfg)
     ref = torch_forward(build_model(cfg, flax_params), x)
-    got = np.asarray(FlaxViT(cfg).apply(variables_from_params(flax_params), x))
+    got = np.asarray(jax.jit(FlaxViT(cfg).apply)(variables_from_params(flax_params), x))
     assert np.abs(got - ref).max() <= tolerance(ref)
 
 
