@@ -10,7 +10,11 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # --no-compile: pip would byte-compile all ~20,000 .py files of the dependencies (about 45 s of CPU); Python
-# compiles and caches the ones that are imported, on first import, instead.
+# compiles and caches the ones that are imported, on first import, instead. That needs bytecode writing on:
+# an environment with PYTHONDONTWRITEBYTECODE set (some containers set it) would have every process of the
+# suite compile jax, torch and tensorflow from source again (about 10 s of CPU each), so the targets below
+# run without it.
+unexport PYTHONDONTWRITEBYTECODE
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
