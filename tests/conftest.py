@@ -139,20 +139,24 @@ PARITY_COMMANDS = {'compare': 'parity.harness.compare', 'verify': 'parity.harnes
 
 
 def in_process(*args) -> subprocess.CompletedProcess:
-    """`python -m PACKAGE ARGS...` in this process, as its `__main__` runs it: the contract's `run` around the
-    package's command dispatch, its final exit a SystemExit (an `os._exit` too, but a forked child's exits for
-    real); the exit code, stdout and stderr, as `run_cli` gives them. For the tests whose subject is the command,
-    not a fresh interpreter (which `run_cli` keeps for what only a real process shows)."""
-    import contextlib
+    """`python -m PACKAGE ARGS...` in this process, as its `__main__` runs it (see `run_main`)."""
     import importlib
+
+    if args[0] == 'parity':  # parity's __main__ runs on import: its commands' own mains, as it dispatches them
+        return run_main(importlib.import_module(PARITY_COMMANDS[args[1]]).main, *args[2:])
+    return run_main(importlib.import_module(f'{args[0]}.cli').main, *args[1:])
+
+
+def run_main(main, *argv) -> subprocess.CompletedProcess:
+    """A command's `main` run by the contract's `run`, as `__main__` runs it, with its final exit a SystemExit
+    (an `os._exit` too, but a forked child's exits for real): the exit code, stdout and stderr, as `run_cli`
+    gives them. For the tests whose subject is the command, not a fresh interpreter (which `run_cli` keeps for
+    what only a real process shows: no traceback, the code the shell sees)."""
+    import contextlib
     import io
 
     from parity.cli import contract
 
-    if args[0] == 'parity':  # parity's __main__ runs on import: its commands' own mains, as it dispatches them
-        main, argv = importlib.import_module(PARITY_COMMANDS[args[1]]).main, args[2:]
-    else:
-        main, argv = importlib.import_module(f'{args[0]}.cli').main, args[1:]
     stdout, stderr, pid, real_exit = io.StringIO(), io.StringIO(), os.getpid(), os._exit
 
     def exit_here(code):
@@ -167,7 +171,7 @@ def in_process(*args) -> subprocess.CompletedProcess:
             contract.run(main, list(map(str, argv)))
     finally:
         contract.os._exit = real_exit
-    return subprocess.CompletedProcess(args, e.value.code, stdout.getvalue(), stderr.getvalue())
+    return subprocess.CompletedProcess(argv, e.value.code, stdout.getvalue(), stderr.getvalue())
 
 
 def random_params(shapes: dict[str, tuple[int, ...]], seed: int = 0, scale: float = 0.2) -> dict[str, np.ndarray]:

@@ -33,9 +33,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REFERENCE, random_params, run_cli, tiny
+from conftest import REFERENCE, random_params, run_cli, run_main, tiny
 from parity import cli
-from parity.cli import contract
 from parity.core import weights
 from parity.core.config import load_config
 from parity.core.errors import UserError
@@ -376,21 +375,10 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, needle: str) -> Non
 
 
 def command(monkeypatch, capsys, main, *argv) -> tuple[int, str]:
-    """`python -m PACKAGE ARGV...` in this process: the contract's own `run` around `main`, its `os._exit` a
-    SystemExit; (exit code, stderr). What a real process adds (no traceback, the code the shell sees) is
-    checked by this file's subprocess tests."""
-    pid, real_exit = os.getpid(), os._exit
-
-    def exit_here(code):
-        if os.getpid() != pid:  # a forked child exits for real
-            real_exit(code)
-        raise SystemExit(code)
-
-    monkeypatch.setattr(contract.os, '_exit', exit_here)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        contract.run(main, list(map(str, argv)))
-    return e.value.code, capsys.readouterr().err
+    """`python -m PACKAGE ARGV...` in this process (conftest's `run_main`): (exit code, stderr). What a real
+    process adds (no traceback, the code the shell sees) is checked by this file's subprocess tests."""
+    proc = run_main(main, *argv)
+    return proc.returncode, proc.stderr
 
 
 @pytest.mark.slow

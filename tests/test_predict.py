@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import random_params, run_cli, tiny
-from parity.cli import contract, predict
+from conftest import random_params, run_cli, run_main, tiny
+from parity.cli import predict
 from parity.core import weights
 from parity.core.config import ViTConfig
 from parity.core.errors import UserError
@@ -228,18 +227,6 @@ def test_predict_json_refused_before_work_and_unreadable_image_exits_2(tmp_path,
 
 
 def command(monkeypatch, capsys, main, *argv) -> tuple[int, str]:
-    """`python -m PACKAGE ARGV...` in this process: the contract's own `run` around `main`, its `os._exit` a
-    SystemExit; (exit code, stderr). What a real process adds (no traceback, the code the shell sees) is
-    checked by this file's subprocess tests."""
-    pid, real_exit = os.getpid(), os._exit
-
-    def exit_here(code):
-        if os.getpid() != pid:  # a forked child exits for real
-            real_exit(code)
-        raise SystemExit(code)
-
-    monkeypatch.setattr(contract.os, '_exit', exit_here)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        contract.run(main, list(map(str, argv)))
-    return e.value.code, capsys.readouterr().err
+    """`python -m PACKAGE ARGV...` in this process (conftest's `run_main`): (exit code, stderr)."""
+    proc = run_main(main, *argv)
+    return proc.returncode, proc.stderr

@@ -9,20 +9,18 @@ training setting the trainer honours, not architecture.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import random_params
-from parity.cli import contract
+from conftest import in_process, random_params
 from parity.core import limits, weights
 from parity.core.config import OFFICIAL_CONFIGS, ViTConfig, big_vision_remat, load_config
 from parity.core.errors import UserError
 from parity.data import datasets
-from vit_jax import cli as jax_cli, objective, settings, train, train_cli
+from vit_jax import objective, settings, train, train_cli
 from vit_jax.model import VisionTransformer
 from vit_jax.settings import TrainSettings
 
@@ -136,21 +134,10 @@ def test_a_big_vision_remat_policy_is_honoured_and_the_flag_wins(tmp_path):
 
 
 def vit_jax_command(monkeypatch, capsys, *argv) -> tuple[int, str]:
-    """`python -m vit_jax ARGV...` in this process: the contract's own `run`, its final `os._exit` a SystemExit.
-
-    (The same line and exit code from a real process: test_recipes.py's bad-teacher test.)"""
-    pid, real_exit = os.getpid(), os._exit
-
-    def exit_here(code):
-        if os.getpid() != pid:  # a forked child exits for real
-            real_exit(code)
-        raise SystemExit(code)
-
-    monkeypatch.setattr(contract.os, '_exit', exit_here)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        contract.run(jax_cli.main, list(map(str, argv)))
-    return e.value.code, capsys.readouterr().err
+    """`python -m vit_jax ARGV...` in this process (conftest's `in_process`): (exit code, stderr). (The same line
+    and exit code from a real process: test_recipes.py's bad-teacher test.)"""
+    proc = in_process('vit_jax', *argv)
+    return proc.returncode, proc.stderr
 
 
 def test_an_unknown_remat_is_one_error_line(tmp_path, monkeypatch, capsys):
