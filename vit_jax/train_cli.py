@@ -38,7 +38,6 @@ from vit_jax.settings import TrainSettings
 
 RUN_JSON = 'run.json'
 METRICS = 'metrics.jsonl'
-LABELS = 'labels.txt'  # the class names in logit order, one per line (`predict` reads them for the run's files)
 SKIPPED = 'skipped.txt'  # with --skip-bad-images: each file left out, `PATH<TAB>REASON`
 PROFILE_STEPS = 3  # traced after the first (compiling) step: enough to see a steady step and the gaps between
 
@@ -216,7 +215,8 @@ def _record_run(workdir: str, s: TrainSettings, dataset: datasets.Dataset) -> No
     if not os.path.exists(path):
         files.write_json(path, s.record())
     if s.class_names is not None:
-        files.write_text(os.path.join(workdir, LABELS), ''.join(f'{name}\n' for name in s.class_names))
+        labels = os.path.join(workdir, weights.checkpoints.RUN_LABELS)  # the name `weights.load` reads it by
+        files.write_text(labels, ''.join(f'{name}\n' for name in s.class_names))
     if dataset.skipped:  # a file name that is not UTF-8 is written with its undecodable bytes escaped
         lines = ''.join(f'{p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")}\t{why}\n'
                         for p, why in dataset.skipped)
